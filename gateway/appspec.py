@@ -1,8 +1,8 @@
 """The app spec: what an operator says about an app, validated once, on the way in.
 
-The same keys arrive as JSON on `PUT /v1/apps/{app}`, as `[apps.NAME]` tables in dorm.toml and (later)
-as bundle manifests, so validation lives here, in one place. Every error names the offending field
-with a dotted path (`limits.memory`) so an API client can point at it.
+The same keys arrive as JSON on `PUT /v1/apps/{app}`, as `[apps.NAME]` tables in dorm.toml and
+(later) as bundle manifests, so validation lives here, in one place. Every error names the
+offending field with a dotted path (`limits.memory`) so an API client can point at it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Parsing of human-friendly durations and sizes used by the config and the app spec.
 
 Operators write `"5m"` or `"256MiB"`; machines send plain numbers. Both are accepted, and anything
-else is refused with a message that says what was expected, so a typo never becomes a silent default.
+else is refused with a message that says what was expected, so a typo never becomes a silent
+default.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class UnitError(ValueError):
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number of seconds or a string such as "300", "1.5s", "5m", "1h30m", "250ms"."""
+    """Seconds from a number or a string such as "300", "1.5s", "5m", "1h30m", "250ms"."""
     if isinstance(value, bool):
         raise UnitError('expected a duration such as 30, "30s" or "5m", got a boolean')
     if isinstance(value, int | float):
