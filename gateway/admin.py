@@ -1,0 +1,686 @@
+"""The admin API: apps, branches, instances and logs over HTTP/1.1 + JSON, behind a bearer token.
+
+This is the control plane, so it favours obviously-correct over fast: h11 parses (the data plane
+uses httptools), one asyncio task serves each connection, and every read and write has a deadline.
+Anything a client sends wrong gets a JSON error naming the offending field — never a traceback —
+and nothing but `GET /v1/health` answers without the token. The token is checked before a request
+body is read, so an anonymous client cannot make the server buffer anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
+import orjson
+
+from gateway.appspec import SpecError, parse_app_spec, parse_branch_spec
+from gateway.auth import check_bearer
+from gateway.config import GatewayConfig, split_host_port
+from gateway.logs import follow, log_path, read_tail
+from gateway.names import InvalidName, check_app_name, check_branch_name
+from gateway.registry import DEFAULT_BRANCH, Registry
+
+log = logging.getLogger("dorm.admin")
+
+MAX_BODY = 1024 * 1024
+MAX_HEAD = 16 * 1024
+MAX_TAIL_LINES = 10_000
+DEFAULT_TAIL_LINES = 100
+MAX_CONNECTIONS = 256
+_READ_SIZE = 64 * 1024
+# Idle waits are cut into slices this long so connections notice the server closing.
+_IDLE_SLICE = 0.5
+
+
+class InstanceManager(Protocol):
+    """What the admin API needs from the instance manager (gateway/instances.py implements it)."""
+
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+    async def stop(self, app: str, branch: str | None) -> int: ...
+
+    async def app_changed(self, app: str) -> None: ...
+
+    async def app_removed(self, app: str) -> None: ...
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus the field at fault (None when no single field is)."""
+
+    def __init__(
+        self,
+        status: int,
+        field: str | None,
+        message: str,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.message = message
+        self.headers = list(headers)
+
+
+@dataclass(slots=True)
+class Request:
+    """A fully-read admin request. `params` are the validated `{placeholders}` of the route."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    params: dict[str, str]
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def json(self, *, optional: bool = False) -> Any:
+        """The body as JSON; an empty body is None if `optional`, else a 400 naming `body`."""
+        if not self.body.strip():
+            if optional:
+                return None
+            raise ApiError(400, "body", "expected a JSON object in the request body")
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "body", f"not valid JSON: {exc}") from None
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete response body (JSON unless `content_type` says otherwise)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StreamResponse:
+    """A response streamed until `chunks` ends or the client goes away (then it is closed)."""
+
+    status: int
+    chunks: AsyncGenerator[bytes, None]
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One endpoint. `pattern` segments in braces are captured; `{app}` and `{branch}` are
+    validated as names before the handler runs. `query` lists the accepted query parameters."""
+
+    method: str
+    pattern: str
+    handler: Handler
+    auth: bool = True
+    max_body: int = MAX_BODY
+    query: frozenset[str] = frozenset()
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.pattern.strip("/").split("/"))
+
+
+def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, orjson.dumps(obj) + b"\n", headers=list(headers))
+
+
+def error_body(field: str | None, message: str) -> bytes:
+    return orjson.dumps({"error": {"field": field, "message": message}}) + b"\n"
+
+
+def _match(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
+    if len(segments) != len(parts):
+        return None
+    params: dict[str, str] = {}
+    for seg, part in zip(segments, parts, strict=True):
+        if seg.startswith("{") and seg.endswith("}"):
+            params[seg[1:-1]] = part
+        elif seg != part:
+            return None
+    return params
+
+
+def _validate_params(params: dict[str, str]) -> None:
+    for name, check in (("app", check_app_name), ("branch", check_branch_name)):
+        if name in params:
+            try:
+                check(params[name])
+            except InvalidName as exc:
+                raise ApiError(400, name, str(exc)) from None
+
+
+class _Closed(Exception):
+    """The connection is finished (EOF, timeout already answered, or unrecoverable)."""
+
+
+class AdminServer:
+    """Routes and per-connection HTTP handling; one instance per admin listener."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        registry: Registry,
+        instances: InstanceManager,
+        token: str,
+        extra_routes: Iterable[Route] = (),
+    ) -> None:
+        if not token:
+            raise ValueError("the admin API needs a token")
+        self.cfg = cfg
+        self.registry = registry
+        self.instances = instances
+        self.token = token
+        self.server: asyncio.base_events.Server | None = None
+        self.connections = 0
+        self.routes: list[Route] = [*self._builtin_routes(), *extra_routes]
+
+    def _builtin_routes(self) -> list[Route]:
+        logs_query = frozenset({"branch", "tail", "follow"})
+        return [
+            Route("GET", "/v1/health", self.health, auth=False),
+            Route("GET", "/v1/apps", self.list_apps),
+            Route("GET", "/v1/apps/{app}", self.get_app),
+            Route("PUT", "/v1/apps/{app}", self.put_app),
+            Route("DELETE", "/v1/apps/{app}", self.delete_app),
+            Route("GET", "/v1/apps/{app}/branches", self.list_branches),
+            Route("GET", "/v1/apps/{app}/branches/{branch}", self.get_branch),
+            Route("PUT", "/v1/apps/{app}/branches/{branch}", self.put_branch),
+            Route("DELETE", "/v1/apps/{app}/branches/{branch}", self.delete_branch),
+            Route("POST", "/v1/apps/{app}/branches/{branch}/stop", self.stop_branch),
+            Route("POST", "/v1/apps/{app}/stop", self.stop_app),
+            Route("GET", "/v1/apps/{app}/logs", self.logs, query=logs_query),
+            Route("GET", "/v1/instances", self.list_instances, query=frozenset({"app"})),
+        ]
+
+    # -- handlers --------------------------------------------------------------------------------
+    def _app(self, req: Request) -> str:
+        app = req.params["app"]
+        if self.registry.get_app(app) is None:
+            raise ApiError(404, "app", f"no app named {app!r}")
+        return app
+
+    async def health(self, req: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def list_apps(self, req: Request) -> Response:
+        apps = self.registry.apps
+        return json_response(200, {"apps": [apps[name].to_json() for name in sorted(apps)]})
+
+    async def get_app(self, req: Request) -> Response:
+        spec = self.registry.get_app(self._app(req))
+        assert spec is not None
+        return json_response(200, spec.to_json())
+
+    async def put_app(self, req: Request) -> Response:
+        app = req.params["app"]
+        try:
+            spec = parse_app_spec(app, req.json())
+        except SpecError as exc:
+            raise ApiError(400, exc.field, exc.message) from None
+        created = await self.registry.put_app(spec)
+        await self.instances.app_changed(app)
+        return json_response(201 if created else 200, spec.to_json())
+
+    async def delete_app(self, req: Request) -> Response:
+        app = self._app(req)
+        # Forget it first so no new request is routed to it, then stop what is running.
+        await self.registry.delete_app(app)
+        await self.instances.app_removed(app)
+        return json_response(200, {"deleted": app})
+
+    async def list_branches(self, req: Request) -> Response:
+        app = self._app(req)
+        return json_response(
+            200, {"branches": [b.to_json() for b in self.registry.branches_of(app)]}
+        )
+
+    def _branch(self, req: Request) -> tuple[str, str]:
+        app = self._app(req)
+        branch = req.params["branch"]
+        if self.registry.get_branch(app, branch) is None:
+            raise ApiError(404, "branch", f"app {app!r} has no branch {branch!r}")
+        return app, branch
+
+    async def get_branch(self, req: Request) -> Response:
+        app, branch = self._branch(req)
+        spec = self.registry.get_branch(app, branch)
+        assert spec is not None
+        return json_response(200, spec.to_json())
+
+    async def put_branch(self, req: Request) -> Response:
+        app = self._app(req)
+        branch = req.params["branch"]
+        try:
+            spec = parse_branch_spec(app, branch, req.json(optional=True))
+        except SpecError as exc:
+            raise ApiError(400, exc.field, exc.message) from None
+        existed = (app, branch) in self.registry.branches
+        await self.registry.put_branch(spec)
+        # A running instance has the old environment: drain it; the next request starts afresh.
+        await self.instances.stop(app, branch)
+        return json_response(200 if existed else 201, spec.to_json())
+
+    async def delete_branch(self, req: Request) -> Response:
+        app = self._app(req)
+        branch = req.params["branch"]
+        if (app, branch) not in self.registry.branches:
+            what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
+            raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
+        await self.registry.delete_branch(app, branch)
+        stopped = await self.instances.stop(app, branch)
+        return json_response(200, {"deleted": f"{app}/{branch}", "stopped": stopped})
+
+    async def stop_branch(self, req: Request) -> Response:
+        app, branch = self._branch(req)
+        return json_response(200, {"stopped": await self.instances.stop(app, branch)})
+
+    async def stop_app(self, req: Request) -> Response:
+        app = self._app(req)
+        return json_response(200, {"stopped": await self.instances.stop(app, None)})
+
+    async def list_instances(self, req: Request) -> Response:
+        items = self.instances.snapshot()
+        if "app" in req.query:
+            app = req.query["app"]
+            try:
+                check_app_name(app)
+            except InvalidName as exc:
+                raise ApiError(400, "app", str(exc)) from None
+            items = [item for item in items if item.get("app") == app]
+        return json_response(200, {"instances": items})
+
+    async def logs(self, req: Request) -> Response | StreamResponse:
+        app = self._app(req)
+        branch = req.query.get("branch", DEFAULT_BRANCH)
+        try:
+            check_branch_name(branch)
+        except InvalidName as exc:
+            raise ApiError(400, "branch", str(exc)) from None
+        tail_text = req.query.get("tail", str(DEFAULT_TAIL_LINES))
+        if not tail_text.isdigit() or int(tail_text) > MAX_TAIL_LINES:
+            raise ApiError(400, "tail", f"expected a whole number from 0 to {MAX_TAIL_LINES}")
+        tail = int(tail_text)
+        follow_text = req.query.get("follow", "0").lower()
+        if follow_text not in ("0", "1", "true", "false", "yes", "no"):
+            raise ApiError(400, "follow", "expected 1 or 0")
+        path = log_path(self.cfg.data_dir, app, branch)
+        if follow_text in ("1", "true", "yes"):
+            return StreamResponse(200, follow(path, start_lines=tail))
+        data = await asyncio.to_thread(read_tail, path, tail)
+        return Response(200, data, content_type="text/plain; charset=utf-8")
+
+    # -- routing ---------------------------------------------------------------------------------
+    def _resolve(self, method: str, target: bytes) -> tuple[Route | None, Request]:
+        """Find the route for a request head. Returns (route, request) or raises ApiError.
+
+        A route that does not need auth is returned with its request; for every other outcome
+        (including 404/405) the caller must check the token first, so unauthenticated clients
+        learn nothing about which paths exist.
+        """
+        try:
+            text = target.decode("ascii")
+        except UnicodeDecodeError:
+            raise ApiError(400, "path", "the request target must be ASCII") from None
+        split = urlsplit(text)
+        if not split.path.startswith("/"):
+            raise ApiError(400, "path", "expected an absolute path")
+        parts = [unquote(p) for p in split.path.strip("/").split("/")]
+        request = Request(method, split.path, {}, {}, [])
+        allowed: list[str] = []
+        for route in self.routes:
+            params = _match(route.segments, parts)
+            if params is None:
+                continue
+            if route.method != method:
+                allowed.append(route.method)
+                continue
+            request.params = params
+            return route, request
+        if allowed:
+            raise ApiError(
+                405,
+                "method",
+                f"{method} is not allowed here (allowed: {', '.join(allowed)})",
+                headers=[("allow", ", ".join(allowed))],
+            )
+        raise ApiError(404, "path", f"no such endpoint: {split.path}")
+
+    @staticmethod
+    def _parse_query(route: Route, target: bytes) -> dict[str, str]:
+        query: dict[str, str] = {}
+        pairs = parse_qsl(urlsplit(target.decode("ascii")).query, keep_blank_values=True)
+        for key, value in pairs:
+            if key not in route.query:
+                known = ", ".join(sorted(route.query)) or "none"
+                raise ApiError(400, key, f"unknown query parameter (known: {known})")
+            if key in query:
+                raise ApiError(400, key, "given more than once")
+            query[key] = value
+        return query
+
+    # -- connection handling ---------------------------------------------------------------------
+    def _serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    async def handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve requests on one connection until it closes, times out or errs."""
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            if self.connections > MAX_CONNECTIONS:
+                await self._raw_error(writer, 503, None, "too many admin connections")
+                return
+            first = True
+            while await self._exchange(conn, reader, writer, first):
+                first = False
+                conn.start_next_cycle()
+        except (_Closed, ConnectionError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("admin connection failed")
+        finally:
+            self.connections -= 1
+            if conn.their_state in (h11.SEND_BODY, h11.ERROR):
+                await self._linger(reader, writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close and discard what the client is still sending, briefly.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy the
+        error response (413, 400) before the client reads it.
+        """
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = time.monotonic() + 1.0
+            discarded = 0
+            while discarded < 4 * MAX_BODY and time.monotonic() < deadline:
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), deadline - time.monotonic())
+                if not data:
+                    break
+                discarded += len(data)
+
+    async def _raw_error(
+        self, writer: asyncio.StreamWriter, status: int, fld: str | None, message: str
+    ) -> None:
+        """An error written without h11, for when the exchange is beyond saving; then close."""
+        body = error_body(fld, message)
+        reason = HTTPStatus(status).phrase
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(Exception):
+            writer.write(head.encode() + body)
+            await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+        raise _Closed
+
+    async def _receive(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
+    ) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        data = await asyncio.wait_for(reader.read(_READ_SIZE), remaining)
+        conn.receive_data(data)
+
+    async def _wait_idle(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, first: bool
+    ) -> bool:
+        """Wait for the first byte of the next request. False: close quietly (EOF, idle, stop)."""
+        if conn.trailing_data[0]:
+            return True
+        timeout = self.cfg.header_timeout if first else self.cfg.keepalive_timeout
+        deadline = time.monotonic() + timeout
+        while self._serving():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), min(remaining, _IDLE_SLICE))
+            except TimeoutError:
+                continue
+            conn.receive_data(data)
+            return bool(data)
+        return False
+
+    async def _next_event(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
+    ) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive(conn, reader, deadline)
+
+    async def _exchange(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: bool,
+    ) -> bool:
+        """One request and its response. Returns True if the connection can be reused."""
+        if not await self._wait_idle(conn, reader, first):
+            return False
+        try:
+            event = await self._next_event(conn, reader, time.monotonic() + self.cfg.header_timeout)
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            await self._raw_error(writer, status, "request", f"malformed request: {exc}")
+        except TimeoutError:
+            await self._raw_error(writer, 408, None, "timed out reading the request head")
+        if isinstance(event, h11.ConnectionClosed):
+            return False
+        assert isinstance(event, h11.Request), event
+        try:
+            response = await self._dispatch(conn, reader, writer, event)
+        except ApiError as exc:
+            response = Response(exc.status, error_body(exc.field, exc.message), headers=exc.headers)
+        except (_Closed, ConnectionError, TimeoutError):
+            raise
+        except Exception:
+            log.exception("admin request %s %r failed", event.method, event.target)
+            response = Response(500, error_body(None, "internal error; see the gateway log"))
+        if isinstance(response, StreamResponse):
+            await self._stream(conn, reader, writer, response)
+            return False
+        await self._send(conn, writer, response)
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE and self._serving()
+
+    async def _dispatch(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        event: h11.Request,
+    ) -> Response | StreamResponse:
+        method = event.method.decode("ascii", "replace")
+        headers = list(event.headers)
+        route: Route | None = None
+        request = Request(method, "", {}, {}, [])
+        try:
+            route, request = self._resolve(method, event.target)
+        except ApiError as exc:
+            if exc.status >= 500 or self._authorized(headers):
+                raise
+        if (route is None or route.auth) and not self._authorized(headers):
+            auth = next((v for k, v in headers if k == b"authorization"), None)
+            message = "missing bearer token" if auth is None else "invalid bearer token"
+            raise ApiError(
+                401,
+                "authorization",
+                message,
+                headers=[("www-authenticate", 'Bearer realm="dorm"')],
+            )
+        if route is None:  # authorized, so the ApiError above was re-raised
+            raise AssertionError("unreachable")
+        request.headers = headers
+        request.query = self._parse_query(route, event.target)
+        _validate_params(request.params)
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if length is not None and int(length) > route.max_body:
+            raise ApiError(413, "body", f"request body larger than {route.max_body} bytes")
+        request.body = await self._read_body(conn, reader, writer, route.max_body)
+        return await route.handler(request)
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        auth = next((v for k, v in headers if k == b"authorization"), None)
+        return check_bearer(auth, self.token)
+
+    async def _read_body(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limit: int,
+    ) -> bytes:
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.cfg.body_timeout
+        while True:
+            try:
+                event = await self._next_event(conn, reader, deadline)
+            except h11.RemoteProtocolError as exc:
+                await self._raw_error(writer, 400, "body", f"malformed request body: {exc}")
+            except TimeoutError:
+                await self._raw_error(writer, 408, "body", "timed out reading the request body")
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise ApiError(413, "body", f"request body larger than {limit} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise _Closed
+
+    async def _send(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, resp: Response
+    ) -> None:
+        headers = [
+            ("content-type", resp.content_type),
+            ("content-length", str(len(resp.body))),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            *resp.headers,
+        ]
+        # A request whose body we did not read cannot be followed by another on this connection.
+        if conn.their_state is not h11.DONE or not self._serving():
+            headers.append(("connection", "close"))
+        writer.write(
+            conn.send(
+                h11.Response(
+                    status_code=resp.status,
+                    headers=headers,
+                    reason=HTTPStatus(resp.status).phrase,
+                )
+            )
+        )
+        if resp.body:
+            writer.write(conn.send(h11.Data(data=resp.body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+
+    async def _stream(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        resp: StreamResponse,
+    ) -> None:
+        """Send `resp.chunks` until they end, the client leaves, or the server stops serving."""
+        headers = [
+            ("content-type", resp.content_type),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            ("connection", "close"),
+        ]
+
+        async def pump() -> None:
+            writer.write(
+                conn.send(
+                    h11.Response(
+                        status_code=resp.status,
+                        headers=headers,
+                        reason=HTTPStatus(resp.status).phrase,
+                    )
+                )
+            )
+            await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+            async for chunk in resp.chunks:
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)))
+                    await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+            writer.write(conn.send(h11.EndOfMessage()))
+            await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+
+        async def client_gone() -> None:
+            while await reader.read(_READ_SIZE):
+                pass  # nothing more is expected; anything sent is ignored until EOF
+
+        async def server_stopped() -> None:
+            while self._serving():
+                await asyncio.sleep(_IDLE_SLICE)
+
+        tasks = [asyncio.create_task(c) for c in (pump(), client_gone(), server_stopped())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if not isinstance(exc, ConnectionError | TimeoutError):
+                        log.error("admin stream failed", exc_info=exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await resp.chunks.aclose()
+
+
+async def start_admin_server(
+    cfg: GatewayConfig,
+    registry: Registry,
+    instances: InstanceManager,
+    token: str,
+    *,
+    extra_routes: Iterable[Route] = (),
+) -> asyncio.base_events.Server:
+    """Listen on `cfg.admin_listen` and serve the admin API until the returned server closes.
+
+    `extra_routes` lets later subsystems (bundles, tokens, metrics) add endpoints with the same
+    auth, limits and error format. Closing the server also ends open log streams and idle
+    keep-alive connections within about half a second.
+    """
+    host, port = split_host_port(cfg.admin_listen, "admin_listen")
+    admin = AdminServer(cfg, registry, instances, token, extra_routes)
+    server = await asyncio.start_server(
+        admin.handle_connection, host, port, reuse_address=True, limit=_READ_SIZE
+    )
+    admin.server = server
+    return server
