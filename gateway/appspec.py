@@ -241,7 +241,7 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
         startup_timeout=_duration(obj, "startup_timeout", 10.0, minimum=0.1),
         stop_timeout=_duration(obj, "stop_timeout", 10.0),
         max_body=_size(obj.get("max_body", 10 * 1024**2), "max_body"),
-        max_queue=_int(obj.get("max_queue", 100), "max_queue", minimum=0, maximum=100_000),
+        max_queue=_int(obj.get("max_queue", 100), "max_queue", minimum=1, maximum=100_000),
         health=health,
         isolation=isolation,
         limits=_limits(obj.get("limits", {})),

@@ -1,0 +1,594 @@
+"""Instances: one per (app, branch), moving COLD → STARTING → READY → DRAINING → COLD, or FAILED.
+
+The data plane calls `Instance.acquire(exchange)` for every request; everything else here is the
+control path (starting, readiness, eviction, crash handling), which may use tasks and await.
+
+Rules the design follows, each from a complaint users have about other scale-to-zero systems:
+  * Concurrent first requests share one start: they wait in a bounded per-instance queue.
+  * Idleness is measured by in-flight requests and open upgraded connections, not arrivals, so a
+    long stream or an open WebSocket is never evicted mid-way.
+  * A crash is restarted by the next request after an exponential backoff; a crash loop is FAILED
+    for a cool-down and answered 503 with the reason, rather than fork-bombing the host.
+  * A cap on warm instances evicts the least recently used idle instance first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import math
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.appspec import AppSpec, BranchSpec
+from gateway.config import GatewayConfig
+from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
+from gateway.logs import log_path
+from gateway.registry import Registry
+
+if TYPE_CHECKING:
+    from gateway.upstream import UpstreamConnection
+
+log = logging.getLogger("dorm.instances")
+
+MAX_UPSTREAM_CONNECTIONS = 256  # per instance; requests beyond wait in the queue
+CRASH_LOOP_FAILURES = 5
+CRASH_LOOP_COOLDOWN = 60.0
+BACKOFF_BASE = 0.25
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 10.0  # an instance ready this long before it died resets the failure count
+KILL_WAIT = 5.0
+LOST_REASON_WAIT = 0.5
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+class Waiter(Protocol):
+    """What an instance needs from a request waiting for it (gateway.proxy.Exchange)."""
+
+    queued_at: float
+
+    def attach(self, conn: UpstreamConnection) -> None: ...
+    def fail(self, status: int, message: str, retry_after: int | None = None) -> None: ...
+
+
+class State(enum.Enum):
+    COLD = "cold"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+WARM = (State.STARTING, State.READY, State.DRAINING)
+
+
+class Instance:
+    """One (app, branch) and the process serving it, if any."""
+
+    def __init__(self, manager: InstanceManager, app: AppSpec, branch: BranchSpec) -> None:
+        self.manager = manager
+        self.app = app
+        self.branch = branch
+        self.state = State.COLD
+        self.id: str | None = None
+        self.pid: int | None = None
+        self.socket_path = ""
+        self.idle: list[UpstreamConnection] = []
+        self.connections = 0
+        self.waiters: deque[Waiter] = deque()
+        self.in_flight = 0
+        self.upgraded = 0
+        self.last_activity = time.monotonic()
+        self.last_request: float | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.starts = 0
+        self.failures = 0
+        self.next_start_at = 0.0
+        self.failed_until = 0.0
+        self.last_error: str | None = None
+        self.exited: asyncio.Future[ExitInfo] | None = None
+        self.lost: list[Callable[[str], None]] = []
+        self.stopping = False
+
+    # -- hot path ---------------------------------------------------------------------------------
+    def acquire(self, waiter: Waiter) -> None:
+        """Give `waiter` an upstream connection now, or queue it (waking the instance if cold)."""
+        now = time.monotonic()
+        self.last_activity = now
+        self.last_request = now
+        if self.state is State.READY and not self.waiters:
+            if self.idle:
+                self.in_flight += 1
+                waiter.attach(self.idle.pop())
+                return
+            if self.connections < MAX_UPSTREAM_CONNECTIONS:
+                self.in_flight += 1
+                self.connections += 1
+                self.manager.connect(self, waiter)
+                return
+        if self.state is State.FAILED and now < self.failed_until:
+            waiter.fail(
+                503,
+                f"app {self.app.name!r} is failing: {self.last_error}; retrying after a cool-down",
+                math.ceil(self.failed_until - now),
+            )
+            return
+        if len(self.waiters) >= self.app.max_queue:
+            waiter.fail(
+                503,
+                f"app {self.app.name!r} is busy: {len(self.waiters)} requests already queued",
+                1,
+            )
+            return
+        waiter.queued_at = now
+        self.waiters.append(waiter)
+        if self.state in (State.COLD, State.FAILED):
+            self.manager.wake(self)
+
+    def cancel(self, waiter: Waiter) -> None:
+        """The client of a queued request went away."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """A request finished with `conn`: reuse it for the next waiter, pool it or close it."""
+        self.in_flight -= 1
+        self.last_activity = time.monotonic()
+        if reusable and self.state is State.READY and not conn.closed:
+            if self.waiters:
+                self.in_flight += 1
+                self.waiters.popleft().attach(conn)
+                return
+            self.idle.append(conn)
+            return
+        conn.close()
+        self.dispatch_waiters()
+
+    def connection_closed(self, conn: UpstreamConnection) -> None:
+        self.connections -= 1
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def dispatch_waiters(self) -> None:
+        """Hand queued requests to connections, opening new ones up to the cap."""
+        while self.waiters and self.state is State.READY:
+            if self.idle:
+                self.in_flight += 1
+                self.waiters.popleft().attach(self.idle.pop())
+            elif self.connections < MAX_UPSTREAM_CONNECTIONS:
+                self.in_flight += 1
+                self.connections += 1
+                self.manager.connect(self, self.waiters.popleft())
+            else:
+                return
+
+    def fail_waiters(self, status: int, message: str, retry_after: int | None = None) -> None:
+        waiters, self.waiters = self.waiters, deque()
+        for waiter in waiters:
+            waiter.fail(status, message, retry_after)
+
+    def upstream_lost(self, report: Callable[[str], None]) -> None:
+        """An upstream connection died mid-request: report why once the exit is known.
+
+        The connection usually drops a moment before the fork server reports the exit; waiting
+        briefly lets the client see "ran out of memory" instead of a bare "connection lost".
+        """
+        if self.pid is None:
+            report(self.last_error or "the app closed the connection")
+            return
+        self.lost.append(report)
+        asyncio.get_running_loop().call_later(LOST_REASON_WAIT, self._flush_lost, None)
+
+    def _flush_lost(self, reason: str | None) -> None:
+        lost, self.lost = self.lost, []
+        for report in lost:
+            report(reason or "the app closed the connection mid-response")
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_activity
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.upgraded > 0 or bool(self.waiters)
+
+    def snapshot(self) -> dict[str, Any]:
+        wall = time.time() - time.monotonic()
+
+        def at(t: float | None) -> float | None:
+            return None if t is None else round(wall + t, 3)
+
+        return {
+            "app": self.app.name,
+            "branch": self.branch.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "in_flight": self.in_flight,
+            "upgraded": self.upgraded,
+            "queued": len(self.waiters),
+            "connections": self.connections,
+            "started_at": at(self.started_at),
+            "ready_at": at(self.ready_at),
+            "last_request": at(self.last_request),
+            "starts": self.starts,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+class InstanceManager:
+    """Owns every Instance: creation, starts, readiness, exits, eviction and shutdown."""
+
+    def __init__(self, cfg: GatewayConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.instances: dict[tuple[str, str], Instance] = {}
+        self.running: dict[str, Instance] = {}
+        self.launcher = Launcher(self._on_exit)
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.on_change: Callable[[], None] = lambda: None
+        self.upstream_factory: Callable[[Instance], UpstreamConnection] | None = None
+
+    async def start(self) -> None:
+        await self.launcher.start()
+        self._schedule_sweep()
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def get(self, app_name: str, branch_name: str) -> Instance | None:
+        """The instance for (app, branch) if the registry knows both; created on first use."""
+        key = (app_name, branch_name)
+        inst = self.instances.get(key)
+        if inst is not None:
+            return inst
+        app = self.registry.get_app(app_name)
+        branch = self.registry.get_branch(app_name, branch_name)
+        if app is None or branch is None:
+            return None
+        inst = self.instances[key] = Instance(self, app, branch)
+        return inst
+
+    def warm_count(self) -> int:
+        return sum(1 for i in self.instances.values() if i.state in WARM)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [
+            i.snapshot()
+            for i in sorted(self.instances.values(), key=lambda i: (i.app.name, i.branch.name))
+        ]
+
+    # -- connections ------------------------------------------------------------------------------
+    def connect(self, inst: Instance, waiter: Waiter) -> None:
+        self._spawn_task(self._connect(inst, waiter))
+
+    async def _connect(self, inst: Instance, waiter: Waiter) -> None:
+        try:
+            conn = await self._open(inst)
+        except OSError as exc:
+            inst.connections -= 1
+            inst.in_flight -= 1
+            waiter.fail(502, f"cannot connect to app {inst.app.name!r}: {exc.strerror or exc}")
+            return
+        waiter.attach(conn)
+
+    async def _open(self, inst: Instance) -> UpstreamConnection:
+        assert self.upstream_factory is not None
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_unix_connection(
+            lambda: self.upstream_factory(inst),
+            inst.socket_path,  # type: ignore[misc]
+        )
+        return conn
+
+    # -- starting ---------------------------------------------------------------------------------
+    def wake(self, inst: Instance) -> None:
+        if inst.state in (State.COLD, State.FAILED):
+            inst.state = State.STARTING
+            self._spawn_task(self._start(inst))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_room(self, inst: Instance) -> bool:
+        """Keep warm instances under the cap by evicting the least recently used idle one."""
+        warm = [i for i in self.instances.values() if i.state in WARM and i is not inst]
+        if len(warm) < self.cfg.max_warm_instances:
+            return True
+        idle = [i for i in warm if i.state is State.READY and not i.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda i: i.last_activity)
+        log.info(
+            "evicting %s/%s (least recently used) to stay under %d warm instances",
+            victim.app.name,
+            victim.branch.name,
+            self.cfg.max_warm_instances,
+        )
+        self._spawn_task(self.stop_instance(victim, "evicted: least recently used"))
+        return True
+
+    async def _start(self, inst: Instance) -> None:
+        try:
+            await self._start_inner(inst)
+        except Exception as exc:  # a bug here must not leave requests hanging
+            log.exception("starting %s/%s failed", inst.app.name, inst.branch.name)
+            self._start_failed(inst, 502, f"internal error starting the app: {exc}")
+
+    async def _start_inner(self, inst: Instance) -> None:
+        now = time.monotonic()
+        if not self._make_room(inst):
+            inst.state = State.COLD
+            inst.fail_waiters(
+                503, f"at capacity: {self.cfg.max_warm_instances} warm instances, none idle", 1
+            )
+            return
+        delay = inst.next_start_at - now
+        if delay > 0:
+            if delay > inst.app.startup_timeout:
+                inst.state = State.COLD
+                inst.fail_waiters(
+                    503,
+                    f"app {inst.app.name!r} crashed ({inst.last_error}); "
+                    f"restarting in {delay:.0f}s",
+                    math.ceil(delay),
+                )
+                return
+            await asyncio.sleep(delay)
+        app, branch = inst.app, inst.branch
+        instance_id = f"i{next(self._ids):x}"
+        run_dir = self.cfg.run_path / instance_id
+        inst.id = instance_id
+        inst.socket_path = str(run_dir / "http.sock")
+        inst.started_at = time.monotonic()
+        inst.ready_at = None
+        inst.starts += 1
+        inst.exited = asyncio.get_running_loop().create_future()
+        env = {
+            **BASE_ENV,
+            "HOME": str(run_dir),
+            **app.env,
+            **branch.env,
+            "DORM_SOCKET": inst.socket_path,
+            "DORM_APP": app.name,
+            "DORM_BRANCH": branch.name,
+        }
+        spec = LaunchSpec(
+            id=instance_id,
+            argv=list(app.command),
+            env=env,
+            run_dir=str(run_dir),
+            log_path=str(log_path(self.cfg.data_dir, app.name, branch.name)),
+            log_max_bytes=self.cfg.log_max_bytes,
+            log_keep=self.cfg.log_keep,
+        )
+        self.running[instance_id] = inst
+        try:
+            inst.pid = await self.launcher.spawn(spec)
+        except LaunchError as exc:
+            self.running.pop(instance_id, None)
+            inst.id = None
+            self._record_failure(inst, f"could not start: {exc}")
+            self._start_failed(inst, 502, f"app {app.name!r} could not start: {exc}")
+            return
+        deadline = inst.started_at + app.startup_timeout
+        conn = await self._wait_ready(inst, deadline)
+        if conn is None:
+            if inst.exited.done():
+                return  # _on_exit already failed the waiters with the reason
+            self._record_failure(inst, f"not ready within {app.startup_timeout:g}s")
+            inst.fail_waiters(
+                504,
+                f"app {app.name!r} did not become ready within "
+                f"{app.startup_timeout:g}s; see `dorm logs {app.name}`",
+            )
+            await self._terminate(inst, grace=0.0)
+            return
+        inst.state = State.READY
+        inst.ready_at = time.monotonic()
+        inst.last_activity = inst.ready_at
+        inst.idle.append(conn)
+        log.info(
+            "%s/%s ready in %.1f ms (pid %s)",
+            app.name,
+            branch.name,
+            (inst.ready_at - inst.started_at) * 1000,
+            inst.pid,
+        )
+        inst.dispatch_waiters()
+
+    async def _wait_ready(self, inst: Instance, deadline: float) -> UpstreamConnection | None:
+        """Poll the instance's socket until it accepts (and the health path answers)."""
+        assert inst.exited is not None
+        pause = 0.0005
+        while not inst.exited.done():
+            try:
+                conn = await self._open(inst)
+            except OSError:
+                pass
+            else:
+                inst.connections += 1
+                if inst.app.health is None or await self._healthy(inst):
+                    return conn
+                conn.close()
+            if time.monotonic() + pause > deadline:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(inst.exited), pause)
+            pause = min(pause * 1.5, 0.05)
+        return None
+
+    async def _healthy(self, inst: Instance) -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(inst.socket_path), 2.0
+            )
+        except (OSError, TimeoutError):
+            return False
+        try:
+            writer.write(
+                f"GET {inst.app.health} HTTP/1.1\r\nHost: localhost\r\n"
+                "Connection: close\r\nUser-Agent: dorm-health\r\n\r\n".encode()
+            )
+            line = await asyncio.wait_for(reader.readline(), 2.0)
+            parts = line.split()
+            return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    def _record_failure(self, inst: Instance, reason: str) -> None:
+        now = time.monotonic()
+        inst.failures += 1
+        inst.last_error = reason
+        inst.next_start_at = now + min(BACKOFF_BASE * 2 ** (inst.failures - 1), BACKOFF_MAX)
+        if inst.failures >= CRASH_LOOP_FAILURES:
+            inst.failed_until = now + CRASH_LOOP_COOLDOWN
+            inst.next_start_at = inst.failed_until
+            log.warning(
+                "%s/%s is crash-looping (%s); cooling down for %ds",
+                inst.app.name,
+                inst.branch.name,
+                reason,
+                CRASH_LOOP_COOLDOWN,
+            )
+
+    def _start_failed(self, inst: Instance, status: int, message: str) -> None:
+        inst.state = State.FAILED if inst.failures >= CRASH_LOOP_FAILURES else State.COLD
+        inst.fail_waiters(status, message)
+
+    # -- exits ------------------------------------------------------------------------------------
+    def _on_exit(self, instance_id: str, info: ExitInfo) -> None:
+        inst = self.running.pop(instance_id, None)
+        if inst is None or inst.id != instance_id:
+            return
+        was = inst.state
+        reason = info.describe()
+        inst.id = None
+        inst.pid = None
+        for conn in list(inst.idle):
+            conn.close()
+        if was is State.DRAINING or inst.stopping:
+            inst.state = State.COLD
+            if inst.ready_at is not None and time.monotonic() - inst.ready_at >= STABLE_AFTER:
+                inst.failures = 0
+        else:
+            if inst.ready_at is not None and time.monotonic() - inst.ready_at >= STABLE_AFTER:
+                inst.failures = 0
+            self._record_failure(inst, f"the app {reason}")
+            inst.state = State.FAILED if inst.failures >= CRASH_LOOP_FAILURES else State.COLD
+            if was is State.STARTING:
+                inst.fail_waiters(
+                    502,
+                    f"app {inst.app.name!r} {reason} during startup; "
+                    f"see `dorm logs {inst.app.name}`",
+                )
+        inst._flush_lost(f"the app {reason}")
+        if inst.exited is not None and not inst.exited.done():
+            inst.exited.set_result(info)
+        if inst.waiters and inst.state in (State.COLD, State.FAILED):
+            self.wake(inst)
+
+    # -- stopping ---------------------------------------------------------------------------------
+    async def stop_instance(self, inst: Instance, why: str, *, drain: float | None = None) -> None:
+        """Drain (wait for in-flight work up to `drain` seconds), then SIGTERM, grace, SIGKILL."""
+        if inst.state not in (State.READY, State.STARTING) or inst.stopping:
+            return
+        inst.stopping = True
+        try:
+            if inst.state is State.STARTING:
+                while inst.state is State.STARTING and inst.id is None:
+                    await asyncio.sleep(0.01)
+            inst.state = State.DRAINING
+            log.info("stopping %s/%s: %s", inst.app.name, inst.branch.name, why)
+            for conn in list(inst.idle):
+                conn.close()
+            limit = time.monotonic() + (inst.app.stop_timeout if drain is None else drain)
+            while (inst.in_flight or inst.upgraded) and time.monotonic() < limit:
+                await asyncio.sleep(0.02)
+            await self._terminate(inst, grace=inst.app.stop_timeout)
+        finally:
+            inst.stopping = False
+
+    async def _terminate(self, inst: Instance, grace: float) -> None:
+        if inst.id is None or inst.exited is None:
+            inst.state = State.COLD if inst.state is not State.FAILED else inst.state
+            return
+        inst.state = State.DRAINING if inst.state is not State.FAILED else inst.state
+        instance_id = inst.id
+        exited = inst.exited
+        if grace > 0:
+            self.launcher.signal(instance_id, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), grace)
+        if not exited.done():
+            self.launcher.signal(instance_id, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), KILL_WAIT)
+
+    async def stop(self, app: str, branch: str | None) -> int:
+        targets = [
+            i
+            for (a, b), i in self.instances.items()
+            if a == app and (branch is None or b == branch) and i.state in WARM
+        ]
+        await asyncio.gather(*(self.stop_instance(i, "stopped by the admin API") for i in targets))
+        return len(targets)
+
+    async def app_changed(self, app: str) -> None:
+        """New spec: drop cached instances; running ones drain and the next request restarts."""
+        old = [i for (a, _), i in list(self.instances.items()) if a == app]
+        for inst in old:
+            del self.instances[(inst.app.name, inst.branch.name)]
+        self.on_change()
+        await asyncio.gather(*(self.stop_instance(i, "app spec changed") for i in old))
+        for inst in old:
+            inst.fail_waiters(503, f"app {app!r} was reconfigured; retry", 1)
+
+    async def app_removed(self, app: str) -> None:
+        await self.app_changed(app)
+
+    # -- periodic housekeeping --------------------------------------------------------------------
+    def _schedule_sweep(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(0.25, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for inst in list(self.instances.values()):
+            while inst.waiters and now - inst.waiters[0].queued_at > inst.app.startup_timeout:
+                inst.waiters.popleft().fail(
+                    504,
+                    f"app {inst.app.name!r} did not answer within "
+                    f"{inst.app.startup_timeout:g}s of queueing",
+                )
+            if (
+                inst.state is State.READY
+                and not inst.busy
+                and not inst.stopping
+                and now - inst.last_activity >= inst.app.idle_timeout
+            ):
+                self._spawn_task(self.stop_instance(inst, "idle"))
+        self._schedule_sweep()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop every instance (draining up to `timeout`), then the fork server."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        warm = [i for i in self.instances.values() if i.state in WARM]
+        await asyncio.gather(
+            *(self.stop_instance(i, "gateway shutdown", drain=timeout) for i in warm)
+        )
+        for inst in self.instances.values():
+            inst.fail_waiters(503, "the gateway is shutting down", 5)
+        await self.launcher.close()

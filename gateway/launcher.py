@@ -1,0 +1,176 @@
+"""The gateway's side of the fork server: start it at boot, ask it to spawn and signal instances.
+
+All instance processes are children of the fork server, never of the uvloop process (see
+forkserver.py for why). This module owns that process: it starts it with a scrubbed environment,
+restarts it if it dies (its instances died with it, and are reported as exited), and turns its
+length-prefixed JSON frames into awaitable results and exit callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.forkserver import FRAME, MAX_FRAME, encode_frame
+
+log = logging.getLogger("dorm.launcher")
+
+SPAWN_TIMEOUT = 30.0
+# The only variables the fork server (and so every instance) inherits from the gateway.
+FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    code: int | None
+    signal: int | None
+    oom: bool = False
+    lost: bool = False  # the fork server died; the instance died with it
+
+    def describe(self) -> str:
+        if self.lost:
+            return "the fork server died"
+        if self.oom:
+            return "ran out of memory and was killed"
+        if self.signal is not None:
+            return f"was killed by signal {self.signal}"
+        return f"exited with code {self.code}"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    id: str
+    argv: list[str]
+    env: dict[str, str]
+    run_dir: str
+    log_path: str
+    log_max_bytes: int
+    log_keep: int
+    cwd: str | None = None
+    sandbox: dict[str, Any] | None = field(default=None)
+
+
+class LaunchError(RuntimeError):
+    """The fork server could not start an instance; the message says why."""
+
+
+class Launcher:
+    def __init__(self, on_exit: Callable[[str, ExitInfo], None]) -> None:
+        self._on_exit = on_exit
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._running: set[str] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {k: os.environ[k] for k in FORKSERVER_ENV if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        # Popen without preexec_fn uses vfork/exec, which is safe from a threaded process.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.forkserver", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name="dorm-forkserver")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def spawn(self, spec: LaunchSpec) -> int:
+        """Start an instance; returns its pid once it has exec'd, or raises LaunchError."""
+        if self._writer is None:
+            raise LaunchError("the fork server is not running")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[spec.id] = future
+        message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
+        self._writer.write(encode_frame(message))
+        try:
+            return await asyncio.wait_for(future, SPAWN_TIMEOUT)
+        except TimeoutError:
+            raise LaunchError("the fork server did not answer in time") from None
+        finally:
+            self._pending.pop(spec.id, None)
+
+    def signal(self, instance_id: str, sig: int) -> None:
+        if self._writer is not None and instance_id in self._running:
+            self._writer.write(encode_frame({"op": "signal", "id": instance_id, "sig": sig}))
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(FRAME.size)
+                (size,) = FRAME.unpack(header)
+                self._dispatch(orjson.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if not self._closing:
+            log.error("the fork server died; its instances are gone; restarting it")
+        self._fail_all()
+        if not self._closing:
+            await self._reap_proc()
+            await self.start()
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        ev = message.get("ev")
+        instance_id = message["id"]
+        if ev == "spawned":
+            self._running.add(instance_id)
+            future = self._pending.get(instance_id)
+            if future is not None and not future.done():
+                future.set_result(int(message["pid"]))
+        elif ev == "spawn_failed":
+            future = self._pending.get(instance_id)
+            if future is not None and not future.done():
+                future.set_exception(LaunchError(message["error"]))
+        elif ev == "exited":
+            self._running.discard(instance_id)
+            self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
+
+    def _fail_all(self) -> None:
+        self._writer = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LaunchError("the fork server died"))
+        running, self._running = self._running, set()
+        for instance_id in running:
+            self._on_exit(instance_id, ExitInfo(None, None, lost=True))
+
+    async def _reap_proc(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 5.0)
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 5.0)
+
+    async def close(self) -> None:
+        """Stop the fork server; it kills whatever instances are still running."""
+        self._closing = True
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(encode_frame({"op": "shutdown"}))
+                self._writer.close()
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._reader_task, 10.0)
+        await self._reap_proc()

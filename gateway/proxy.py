@@ -1,0 +1,668 @@
+"""The data plane: one asyncio Protocol per client connection, parsing requests with httptools.
+
+Hot path: accept → parse head → route → acquire an upstream connection → forward → relay. No task
+per request and no per-request timer: deadlines are plain floats checked by one sweep per second
+(`DataPlane.sweep`), and flow control is pause_reading/resume_reading on both sides.
+
+Request smuggling defences come from llhttp's strict mode (both Content-Length and
+Transfer-Encoding, duplicate or invalid Content-Length, bad chunk sizes, obs-fold, bare CR or LF are
+parse errors); any parse error is answered 400 and the connection is closed, so a desynchronised
+stream is never read further. Pipelined requests are parsed ahead but answered strictly in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from gateway.config import GatewayConfig
+from gateway.http11 import CONTINUE_100, FORWARDED, HOP_BY_HOP, LAST_CHUNK, error_response
+from gateway.routing import HostCache, parse_host
+
+if TYPE_CHECKING:
+    from gateway.instances import Instance, InstanceManager
+    from gateway.upstream import UpstreamConnection
+
+log = logging.getLogger("dorm.proxy")
+
+_REQ_SPECIAL = HOP_BY_HOP | FORWARDED | {b"host", b"content-length", b"expect"}
+BUFFER_LIMIT = 64 * 1024  # request body bytes held while a request waits for its upstream
+# Deadline kinds.
+IDLE, HEAD, BODY, RESPONSE = range(4)
+# Reasons reading from the client is paused (a bit mask: resume only when none is left).
+PAUSED_BY_UPSTREAM, PAUSED_BUFFERING = 1, 2
+_NOT_FOUND = object()
+
+
+class DataPlane:
+    """State shared by every client connection: config, routing and the connection set."""
+
+    def __init__(self, cfg: GatewayConfig, manager: InstanceManager) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.suffixes = tuple(sorted(("." + d for d in cfg.domains), key=len, reverse=True))
+        self.hosts = HostCache()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        manager.on_change = self.hosts.clear
+
+    def route(self, host: bytes) -> Instance | None:
+        """The instance a Host header names (cached per Host value)."""
+        found = self.hosts.get(host)
+        if found is None:
+            route = parse_host(host.decode("latin-1"), self.suffixes)
+            inst = None if route is None else self.manager.get(route.app, route.branch)
+            found = _NOT_FOUND if inst is None else inst
+            self.hosts.put(host, found)
+        return None if found is _NOT_FOUND else found  # type: ignore[return-value]
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self.sweep)
+
+    def sweep(self) -> None:
+        """Enforce every client-side deadline; one pass a second over all connections."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.deadline and now > conn.deadline:
+                conn.timed_out()
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self.sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if c.active is not None or c.tunnel is not None)
+
+    def close_idle(self) -> None:
+        """For shutdown: close connections between requests; busy ones close after answering."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.active is None and conn.parsing is None and conn.tunnel is None:
+                conn.transport.close()
+
+
+class Exchange:
+    """One request and its response, from the head being parsed to the last byte relayed."""
+
+    __slots__ = (
+        "body_received",
+        "buffer",
+        "buffered",
+        "chunked",
+        "client",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "forwarded_given",
+        "head_sent",
+        "head_size",
+        "host",
+        "http10",
+        "instance",
+        "keep_alive",
+        "keep_client",
+        "method",
+        "parts",
+        "queued_at",
+        "reject",
+        "request_done",
+        "upgrade",
+        "upgrade_value",
+        "upstream",
+        "url",
+        "xff",
+    )
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.url = b""
+        self.method = b""
+        self.parts: list[bytes] = []
+        self.head_size = 0
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.connection_tokens = b""
+        self.upgrade_value = b""
+        self.xff = b""
+        self.forwarded_given: set[bytes] = set()
+        self.http10 = False
+        self.keep_alive = True
+        self.keep_client = False
+        self.upgrade = False
+        self.instance: Instance | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.body_received = 0
+        self.request_done = False
+        self.head_sent = False
+        self.queued_at = 0.0
+        self.reject: tuple[int, str] | None = None
+
+    # -- called by the instance -------------------------------------------------------------------
+    def attach(self, conn: UpstreamConnection) -> None:
+        """An upstream connection is ours: send the head and whatever body we buffered."""
+        client = self.client
+        if client.active is not self or client.closed:  # the client went away meanwhile
+            conn.inst.release(conn, True)
+            return
+        self.upstream = conn
+        conn.exchange = self
+        if self.expect_continue and not self.request_done and not self.body_received:
+            client.transport.write(CONTINUE_100)
+        head = self.request_head()
+        if self.buffer:
+            conn.send(head + b"".join(self.buffer))
+            self.buffer = []
+            self.buffered = 0
+            client.resume(PAUSED_BUFFERING)
+        else:
+            conn.send(head)
+        if client.write_paused:
+            conn.pause()
+        if conn.write_paused:
+            client.pause(PAUSED_BY_UPSTREAM)
+
+    def fail(self, status: int, message: str, retry_after: int | None = None) -> None:
+        """The instance cannot serve this request: answer with an error (if still ours)."""
+        if self.client.active is self and not self.client.closed:
+            self.client.send_error(status, message, retry_after=retry_after)
+
+    def request_head(self) -> bytes:
+        client = self.client
+        xff = self.xff + b", " + client.peer if self.xff else client.peer
+        extra = [b"X-Forwarded-For: " + xff + b"\r\n"]
+        given = self.forwarded_given
+        if b"x-forwarded-host" not in given:
+            extra.append(b"X-Forwarded-Host: " + (self.host or b"") + b"\r\n")
+        if b"x-forwarded-proto" not in given:
+            extra.append(b"X-Forwarded-Proto: http\r\n")
+        if self.chunked:
+            extra.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade:
+            extra.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade_value + b"\r\n")
+        return b"".join(
+            [self.method, b" ", self.url, b" HTTP/1.1\r\n", *self.parts, *extra, b"\r\n"]
+        )
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client TCP connection; a uvicorn-style Protocol with no task per request."""
+
+    __slots__ = (
+        "active",
+        "closed",
+        "deadline",
+        "deadline_kind",
+        "eof",
+        "head_bytes",
+        "parser",
+        "parsing",
+        "paused",
+        "peer",
+        "pending",
+        "plane",
+        "transport",
+        "tunnel",
+        "tunnel_tail",
+        "upgrade_pending",
+        "write_paused",
+    )
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.pending: deque[Exchange] = deque()
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_tail = b""
+        self.upgrade_pending = False
+        self.peer = b"unknown"
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.eof = False
+        self.head_bytes = 0
+        self.deadline = 0.0
+        self.deadline_kind = IDLE
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = peer[0].encode()
+        plane = self.plane
+        if len(plane.connections) >= plane.cfg.max_connections:
+            self.transport.write(error_response(503, "too many connections", retry_after=1))
+            transport.close()
+            self.closed = True
+            return
+        plane.connections.add(self)
+        self.deadline = time.monotonic() + plane.cfg.header_timeout
+        self.deadline_kind = IDLE
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.closed:
+            return
+        if self.upgrade_pending:  # bytes after an Upgrade request, before the app answered
+            self.tunnel_tail += data
+            if len(self.tunnel_tail) > BUFFER_LIMIT:
+                self.pause(PAUSED_BUFFERING)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.tunnel_tail = data[exc.args[0] :]
+            self.upgrade_pending = True
+            return
+        except HttpParserError as exc:
+            self.protocol_error(400, f"malformed request: {exc}")
+            return
+        if self.parsing is not None and self.deadline_kind == HEAD:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.plane.cfg.max_header_size:
+                self.protocol_error(
+                    431, f"request head larger than {self.plane.cfg.max_header_size} bytes"
+                )
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.tunnel.transport.write_eof()
+            return True  # keep our write side open: the app may still answer
+        if self.active is not None and self.parsing is None:
+            self.eof = True
+            return True  # half-close after a full request: still deliver the response
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.plane.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel_closed_by_client()
+            return
+        ex = self.active
+        self.active = None
+        self.pending.clear()
+        if ex is None:
+            return
+        if ex.upstream is not None:
+            conn = ex.upstream
+            ex.upstream = None
+            conn.exchange = None
+            conn.close()
+            conn.inst.release(conn, False)
+        elif ex.instance is not None:
+            ex.instance.cancel(ex)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self.tunnel or (self.active.upstream if self.active else None)
+        if up is not None:
+            up.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.tunnel or (self.active.upstream if self.active else None)
+        if up is not None:
+            up.resume()
+
+    # -- flow control -----------------------------------------------------------------------------
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+            if self.deadline_kind == BODY:
+                self.deadline = 0.0  # we stopped reading; the client is not slow
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
+            if self.deadline_kind == BODY:
+                self.deadline = time.monotonic() + self.plane.cfg.body_timeout
+
+    # -- httptools callbacks (request) ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange(self)
+        self.head_bytes = 0
+        self.deadline = time.monotonic() + self.plane.cfg.header_timeout
+        self.deadline_kind = HEAD
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        ex.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.head_size += len(name) + len(value) + 4
+        lname = name.lower()
+        if lname not in _REQ_SPECIAL:
+            ex.parts.append(name + b": " + value + b"\r\n")
+            return
+        if lname == b"host":
+            if ex.host is not None:
+                ex.reject = (400, "more than one Host header")
+            ex.host = value
+            ex.parts.append(name + b": " + value + b"\r\n")
+        elif lname == b"content-length":
+            ex.content_length = int(value)  # llhttp has checked it is digits, and only one
+            ex.parts.append(name + b": " + value + b"\r\n")
+        elif lname == b"transfer-encoding":
+            ex.chunked = True  # llhttp refuses any request coding but a final "chunked"
+        elif lname == b"connection":
+            ex.connection_tokens += value.lower() + b","
+        elif lname == b"upgrade":
+            ex.upgrade_value = value
+        elif lname == b"expect":
+            if value.lower() == b"100-continue":
+                ex.expect_continue = True
+            else:
+                ex.reject = (417, f"unsupported expectation {value[:100]!r}")
+        elif lname in FORWARDED and self.plane.cfg.trust_forwarded:
+            if lname == b"x-forwarded-for":
+                ex.xff = ex.xff + b", " + value if ex.xff else value
+            else:
+                ex.parts.append(name + b": " + value + b"\r\n")
+                ex.forwarded_given.add(lname)
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        cfg = self.plane.cfg
+        ex.method = parser.get_method()
+        version = parser.get_http_version()
+        ex.http10 = version == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.upgrade = parser.should_upgrade()
+        has_body = ex.chunked or bool(ex.content_length)
+        self.deadline_kind = BODY if has_body else RESPONSE
+        self.deadline = time.monotonic() + (cfg.body_timeout if has_body else cfg.upstream_timeout)
+        if ex.reject is None:
+            ex.reject = self._check_head(ex, version)
+        if ex.reject is None and ex.upgrade:
+            self._check_upgrade(ex)
+        if ex.reject is None and ex.connection_tokens:
+            self._drop_connection_listed(ex)
+        if ex.reject is not None:
+            ex.keep_alive = False
+        self.pending.append(ex)
+        if self.active is None:
+            self.next_exchange()
+
+    def _check_head(self, ex: Exchange, version: str) -> tuple[int, str] | None:
+        """Everything that makes a parsed head unacceptable, as (status, message)."""
+        cfg = self.plane.cfg
+        if version not in ("1.1", "1.0"):
+            return (505, f"HTTP/{version} is not supported")
+        if ex.head_size > cfg.max_header_size:
+            return (431, f"request head larger than {cfg.max_header_size} bytes")
+        if ex.method == b"CONNECT":
+            return (405, "CONNECT is not supported: this is not a forward proxy")
+        if ex.url[:1] != b"/":
+            if ex.url == b"*" and ex.method == b"OPTIONS":
+                pass
+            elif ex.url[:7].lower() == b"http://" or ex.url[:8].lower() == b"https://":
+                # absolute-form: the URL's authority wins over Host (RFC 9112 §3.2.2)
+                rest = ex.url.split(b"://", 1)[1]
+                authority, slash, path = rest.partition(b"/")
+                ex.host = authority
+                ex.url = slash + path or b"/"
+            else:
+                return (400, "request target must be an absolute path")
+        if not ex.host:
+            return (400, "missing Host header")
+        inst = self.plane.route(ex.host)
+        if inst is None:
+            host = ex.host[:253].decode("latin-1")
+            return (404, f"no app is served at host {host!r}")
+        ex.instance = inst
+        limit = inst.app.max_body
+        if ex.content_length is not None and ex.content_length > limit:
+            return (
+                413,
+                f"request body of {ex.content_length} bytes exceeds this app's "
+                f"limit of {limit} bytes",
+            )
+        return None
+
+    @staticmethod
+    def _check_upgrade(ex: Exchange) -> None:
+        if ex.method != b"GET" or not ex.upgrade_value or b"upgrade" not in ex.connection_tokens:
+            ex.reject = (400, "malformed Upgrade request")
+
+    @staticmethod
+    def _drop_connection_listed(ex: Exchange) -> None:
+        """Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
+        listed = {t.strip() for t in ex.connection_tokens.split(b",")}
+        listed -= {b"", b"close", b"keep-alive", b"upgrade"}
+        if listed:
+            ex.parts = [p for p in ex.parts if p.split(b":", 1)[0].lower() not in listed]
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.body_received += len(body)
+        if ex.instance is not None and ex.body_received > ex.instance.app.max_body:
+            if ex.reject is None:
+                ex.reject = (
+                    413,
+                    f"request body exceeds this app's limit of {ex.instance.app.max_body} bytes",
+                )
+                if self.active is ex:
+                    self._reject_active(ex)
+            return
+        if ex.reject is not None:
+            return  # the request is refused; its body goes nowhere
+        if ex.chunked:
+            body = b"%x\r\n%s\r\n" % (len(body), body)
+        up = ex.upstream
+        if up is not None:
+            up.send(body)
+        else:
+            ex.buffer.append(body)
+            ex.buffered += len(body)
+            if ex.buffered > BUFFER_LIMIT:
+                self.pause(PAUSED_BUFFERING)
+        if not self.paused:
+            self.deadline = time.monotonic() + self.plane.cfg.body_timeout
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        ex.request_done = True
+        if ex.chunked and ex.reject is None:
+            if ex.upstream is not None:
+                ex.upstream.send(LAST_CHUNK)
+            else:
+                ex.buffer.append(LAST_CHUNK)
+        if self.active is None and not self.pending:  # answered already (refused early)
+            self.deadline_kind = IDLE
+            self.deadline = time.monotonic() + self.plane.cfg.keepalive_timeout
+        elif self.deadline_kind == BODY:
+            self.deadline_kind = RESPONSE
+            self.deadline = time.monotonic() + self.plane.cfg.upstream_timeout
+
+    # -- exchanges --------------------------------------------------------------------------------
+    def next_exchange(self) -> None:
+        """Start answering the oldest parsed request, if no response is in progress."""
+        while self.active is None and self.pending and not self.closed:
+            ex = self.active = self.pending.popleft()
+            if ex.reject is not None:
+                self._reject_active(ex)
+                return
+            assert ex.instance is not None
+            ex.instance.acquire(ex)
+
+    def _reject_active(self, ex: Exchange) -> None:
+        status, message = ex.reject  # type: ignore[misc]
+        if ex.upstream is not None:
+            conn = ex.upstream
+            ex.upstream = None
+            conn.exchange = None
+            conn.close()
+            conn.inst.release(conn, False)
+        elif ex.instance is not None:
+            ex.instance.cancel(ex)
+        if ex.head_sent:
+            self.abort()
+            return
+        # A 404 for a request without a body leaves the stream in sync: keep the connection.
+        keep = (
+            status == 404
+            and ex.request_done
+            and ex.keep_alive
+            and not ex.upgrade
+            and not self.plane.draining
+        )
+        self.send_error(status, message, keep=keep)
+
+    def send_error(
+        self, status: int, message: str, *, keep: bool = False, retry_after: int | None = None
+    ) -> None:
+        ex = self.active
+        head_only = ex is not None and ex.method == b"HEAD"
+        self.transport.write(
+            error_response(
+                status, message, close=not keep, retry_after=retry_after, head_only=head_only
+            )
+        )
+        if ex is not None:
+            ex.head_sent = True
+            ex.keep_client = keep
+        if keep and ex is not None:
+            self.response_done(ex)
+        else:
+            self.close()
+
+    def upstream_failed(self, ex: Exchange, reason: str) -> None:
+        if self.active is ex and not self.closed:
+            name = ex.instance.app.name if ex.instance else "?"
+            self.send_error(502, f"app {name!r} failed: {reason}")
+
+    def response_done(self, ex: Exchange) -> None:
+        """The response to `ex` is fully written: keep the connection for the next request?"""
+        if self.active is not ex:
+            return
+        self.active = None
+        if not ex.keep_client or ex.upgrade or self.eof:
+            self.close()
+            return
+        if self.pending:
+            self.next_exchange()
+        elif self.parsing is None:
+            if self.plane.draining:
+                self.close()
+                return
+            self.deadline_kind = IDLE
+            self.deadline = time.monotonic() + self.plane.cfg.keepalive_timeout
+
+    def start_tunnel(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The app switched protocols: splice the two connections together."""
+        ex = self.active
+        assert ex is not None and ex.instance is not None
+        self.active = None
+        self.tunnel = conn
+        conn.tunnel = self
+        conn.exchange = None
+        inst = ex.instance
+        inst.in_flight -= 1
+        inst.upgraded += 1
+        self.upgrade_pending = False
+        self.deadline = 0.0
+        if rest:
+            self.transport.write(rest)
+        if self.tunnel_tail:
+            conn.send(self.tunnel_tail)
+            self.tunnel_tail = b""
+        self.resume(PAUSED_BUFFERING)
+
+    def tunnel_closed(self) -> None:
+        """The app's side of a tunnel closed."""
+        if self.tunnel is not None:
+            self.tunnel.inst.upgraded -= 1
+            self.tunnel.inst.last_activity = time.monotonic()
+            self.tunnel = None
+        self.close()
+
+    # -- ending -----------------------------------------------------------------------------------
+    def protocol_error(self, status: int, message: str) -> None:
+        """The byte stream is broken: answer if no response is under way, then close."""
+        self.pending.clear()
+        self.parsing = None
+        ex = self.active
+        if ex is None or (not ex.head_sent and ex.upstream is None):
+            self.active = None
+            self.transport.write(error_response(status, message))
+            self.close()
+        else:
+            # A response is being relayed; it is finished, then the connection closes.
+            ex.keep_alive = False
+            ex.keep_client = False
+            self.closed = True
+
+    def timed_out(self) -> None:
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        ex = self.active
+        if kind == IDLE:
+            self.close()
+        elif kind == HEAD:
+            self.protocol_error(408, "timed out reading the request head")
+        elif kind == BODY:
+            if ex is not None and ex is self.parsing and not ex.head_sent:
+                ex.reject = (408, "timed out reading the request body")
+                self._reject_active(ex)
+            else:
+                self.protocol_error(408, "timed out reading the request body")
+        elif ex is not None and not ex.head_sent:
+            ex.reject = (504, "the app did not answer in time")
+            self._reject_active(ex)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Cut the connection: a response was started and cannot be finished."""
+        self.closed = True
+        self.transport.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.transport.close()
+        if self.tunnel is not None:
+            self.tunnel_closed_by_client()
+
+    def tunnel_closed_by_client(self) -> None:
+        conn = self.tunnel
+        if conn is not None:
+            self.tunnel = None
+            conn.tunnel = None
+            conn.inst.upgraded -= 1
+            conn.inst.last_activity = time.monotonic()
+            conn.close()

@@ -1,0 +1,277 @@
+"""The upstream side of the proxy: one keep-alive HTTP/1.1 connection to an instance's Unix socket.
+
+It parses the app's response with httptools and re-frames it for the client: Content-Length
+bodies pass through, chunked bodies are re-chunked, close-delimited bodies become chunked for
+HTTP/1.1 clients (so their connection survives) and stay close-delimited for HTTP/1.0 clients.
+Writes to the client are batched per upstream read (one syscall instead of head + body), and
+flushed before a response completes so pipelined responses can never be reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
+
+if TYPE_CHECKING:
+    from gateway.instances import Instance
+    from gateway.proxy import ClientConnection, Exchange
+
+# Body framing towards the client.
+NONE, LENGTH, CHUNKED, CLOSE = range(4)
+_RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_1xx",
+        "_close_delimited",
+        "_framing",
+        "_keep_alive",
+        "_parts",
+        "_reason",
+        "_reset_parser",
+        "_switching",
+        "_upgrade_value",
+        "_wbuf",
+        "closed",
+        "exchange",
+        "inst",
+        "parser",
+        "reading_paused",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.tunnel: ClientConnection | None = None
+        self.reading_paused = False
+        self.write_paused = False
+        self._wbuf: list[bytes] = []
+        self._parts: list[bytes] = []
+        self._reason = b""
+        self._framing = NONE
+        self._keep_alive = True
+        self._close_delimited = False
+        self._reset_parser = False
+        self._1xx = False
+        self._switching = False
+        self._upgrade_value = b""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        ex = self.exchange
+        if ex is None:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted any more
+            return
+        ex.client.deadline = time.monotonic() + ex.client.plane.cfg.upstream_timeout
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._flush()
+            if self.exchange is not None:
+                self.exchange.client.start_tunnel(self, data[exc.args[0] :])
+            return
+        except HttpParserError as exc:
+            self._flush()
+            self.fail(f"the app sent an invalid response: {exc}")
+            return
+        if self._wbuf:
+            self._flush()
+        if self._switching and self.exchange is not None:
+            self.exchange.client.start_tunnel(self, b"")
+        if self._reset_parser:
+            self._reset_parser = False
+            self.parser = HttpResponseParser(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.inst.connection_closed(self)
+        if self.tunnel is not None:
+            self.tunnel.tunnel_closed()
+            return
+        ex = self.exchange
+        if ex is None:
+            return
+        if ex.head_sent and self._close_delimited:
+            self._complete(reusable=False)  # EOF is how this response ends
+        else:
+            self.fail("")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        peer = self.tunnel or (self.exchange.client if self.exchange else None)
+        if peer is not None:
+            peer.pause(1)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        peer = self.tunnel or (self.exchange.client if self.exchange else None)
+        if peer is not None:
+            peer.resume(1)
+
+    # -- flow control from the client side --------------------------------------------------------
+    def pause(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    # -- sending ----------------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    # -- httptools callbacks (response) -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._parts = []
+        self._reason = b""
+        self._upgrade_value = b""
+        self._framing = NONE
+        self._close_delimited = False
+        self._1xx = False
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in _RESP_SPECIAL:
+            if lname == b"content-length":
+                self._framing = LENGTH
+                self._parts.append(name + b": " + value + b"\r\n")
+            elif lname == b"transfer-encoding":
+                self._framing = CHUNKED
+            elif lname == b"upgrade":
+                self._upgrade_value = value
+            return
+        self._parts.append(name + b": " + value + b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            self._1xx = True  # 100 Continue and friends: the gateway answers Expect itself
+            return
+        client = ex.client
+        self._keep_alive = self.parser.should_keep_alive()
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"Status"), *self._parts]
+        if status == 101:
+            if not ex.upgrade:
+                raise HttpParserError("101 Switching Protocols to a request that asked for none")
+            self._switching = True
+            head.append(b"Connection: upgrade\r\nUpgrade: " + self._upgrade_value + b"\r\n\r\n")
+            self._wbuf.append(b"".join(head))
+            ex.head_sent = True
+            return
+        if ex.method == b"HEAD" or status in (204, 304):
+            framing = NONE
+        elif self._framing == LENGTH:
+            framing = LENGTH
+        else:
+            self._close_delimited = self._framing == NONE
+            framing = CLOSE if ex.http10 else CHUNKED
+            if framing == CHUNKED:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+        self._framing = framing
+        ex.keep_client = (
+            ex.keep_alive
+            and ex.request_done
+            and framing != CLOSE
+            and not ex.upgrade
+            and not client.plane.draining
+        )
+        if not ex.keep_client:
+            head.append(b"Connection: close\r\n")
+        elif ex.http10:
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        self._wbuf.append(b"".join(head))
+        ex.head_sent = True
+        if ex.method == b"HEAD":
+            # httptools cannot be told a response has no body, so it would wait for
+            # Content-Length bytes; finish here and give the next response a fresh parser.
+            self._reset_parser = True
+            self._complete(reusable=self._keep_alive)
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is None:
+            return
+        if self._framing == CHUNKED:
+            self._wbuf.append(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self._wbuf.append(data)
+
+    def on_message_complete(self) -> None:
+        if self._1xx:
+            self._1xx = False
+            return
+        if self.exchange is None or self._switching:
+            return  # after a 101 the tunnel starts where httptools raises HttpParserUpgrade
+        self._complete(reusable=self._keep_alive)
+
+    # -- ending a response ------------------------------------------------------------------------
+    def _flush(self) -> None:
+        ex = self.exchange
+        if self._wbuf and ex is not None:
+            ex.client.transport.write(b"".join(self._wbuf))
+        self._wbuf.clear()
+
+    def _complete(self, reusable: bool) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if self._framing == CHUNKED:
+            self._wbuf.append(LAST_CHUNK)
+        self._flush()
+        self.exchange = None
+        if self.write_paused:
+            ex.client.resume(1)
+        if ex.client.write_paused:
+            self.resume()
+        ex.upstream = None
+        self.inst.release(self, reusable and ex.request_done)
+        ex.client.response_done(ex)
+
+    def fail(self, message: str) -> None:
+        """The response cannot be completed: tell the client if we still can, else cut it off."""
+        ex = self.exchange
+        self.exchange = None
+        self._wbuf.clear()
+        self.close()
+        if ex is None:
+            return
+        ex.upstream = None
+        self.inst.release(self, False)
+        if ex.head_sent:
+            ex.client.abort()
+        elif message:
+            ex.client.upstream_failed(ex, message)
+        else:
+            self.inst.upstream_lost(lambda reason: ex.client.upstream_failed(ex, reason))
