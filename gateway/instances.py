@@ -281,12 +281,10 @@ class InstanceManager:
         waiter.attach(conn)
 
     async def _open(self, inst: Instance) -> UpstreamConnection:
-        assert self.upstream_factory is not None
+        factory = self.upstream_factory
+        assert factory is not None
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_unix_connection(
-            lambda: self.upstream_factory(inst),
-            inst.socket_path,  # type: ignore[misc]
-        )
+        _, conn = await loop.create_unix_connection(lambda: factory(inst), inst.socket_path)
         return conn
 
     # -- starting ---------------------------------------------------------------------------------

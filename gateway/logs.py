@@ -232,7 +232,9 @@ def _poll(fh: BinaryIO | None, path: Path) -> tuple[BinaryIO | None, bytes]:
     return fresh, fresh.read(_BLOCK)
 
 
-async def follow(path: Path, *, start_lines: int, poll: float = 0.25) -> AsyncGenerator[bytes, None]:
+async def follow(
+    path: Path, *, start_lines: int, poll: float = 0.25
+) -> AsyncGenerator[bytes, None]:
     """Yield the last `start_lines` lines, then new data as it is written, across rotations.
 
     Runs until the consumer stops iterating (closing the generator closes the file). Every file

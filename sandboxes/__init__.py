@@ -1,0 +1,26 @@
+"""dorm sandboxes: how one tenant process is confined (namespaces, cgroups, mounts, uid, caps,
+no_new_privs, seccomp, rlimits, network). Imports nothing from ``gateway`` or ``runtimes``.
+
+See docs/sandboxes.md for the confinement order, the filesystem layout and the measured costs.
+"""
+
+from .doctor import detect_isolation, host_report
+from .errors import CgroupUnavailable, SandboxError
+from .recovery import cleanup_stale
+from .spawn import STEPS, Sandbox, prepare_socket_dir, spawn
+from .spec import Rlimits, SandboxSpec, SandboxSpecError
+
+__all__ = [
+    "STEPS",
+    "CgroupUnavailable",
+    "Rlimits",
+    "Sandbox",
+    "SandboxError",
+    "SandboxSpec",
+    "SandboxSpecError",
+    "cleanup_stale",
+    "detect_isolation",
+    "host_report",
+    "prepare_socket_dir",
+    "spawn",
+]
