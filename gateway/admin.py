@@ -663,6 +663,11 @@ class AdminServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await resp.chunks.aclose()
+        if tasks[2] in done and conn.our_state is h11.SEND_BODY:
+            # Shutting down: end the stream cleanly so the client sees a complete response.
+            with contextlib.suppress(Exception):
+                writer.write(conn.send(h11.EndOfMessage()))
+                await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
 
 
 async def start_admin_server(

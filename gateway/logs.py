@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
@@ -189,47 +190,98 @@ def read_tail(path: Path, lines: int, *, max_bytes: int = MAX_TAIL_BYTES) -> byt
         return _tail_sync(path, lines, fh, os.fstat(fh.fileno()).st_size, max_bytes)
 
 
-def _open_at_end(path: Path, lines: int) -> tuple[BinaryIO | None, bytes]:
-    """Open the current file and read the tail up to its present end in one consistent view."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - owned by follow(), closed there
-    except FileNotFoundError:
-        return None, _tail_sync(path, lines, None, 0, MAX_TAIL_BYTES)
-    end = os.fstat(fh.fileno()).st_size
-    tail = _tail_sync(path, lines, fh, end, MAX_TAIL_BYTES)
-    fh.seek(end)
-    return fh, tail
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
-def _same_file(fh: BinaryIO, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    own = os.fstat(fh.fileno())
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+class _Follower:
+    """The synchronous state of one `follow`: the files still to read, oldest first.
 
-
-def _poll(fh: BinaryIO | None, path: Path) -> tuple[BinaryIO | None, bytes]:
-    """One step of `tail -F`: new bytes from the open file, or switch to a new file at `path`.
-
-    Before switching after a rotation the old file is read to its end, so nothing written just
-    before the rename is lost.
+    The last file in `files` is the one believed to be current. When a rotation is noticed, the
+    new current file is opened first (pinning its content), then every rotated file written
+    after the one just finished is opened too, so rotations faster than the poll interval lose
+    nothing as long as the files still exist (unlike `tail -F`, which skips them).
     """
-    if fh is not None:
-        data = fh.read(_BLOCK)
-        if data:
-            return fh, data
-        if _same_file(fh, path):
-            if os.fstat(fh.fileno()).st_size < fh.tell():
-                fh.seek(0)  # truncated in place: start over, as tail -F does
-            return fh, b""
-        fh.close()
-    try:
-        fresh = open(path, "rb")  # noqa: SIM115 - owned by follow()
-    except FileNotFoundError:
-        return None, b""
-    return fresh, fresh.read(_BLOCK)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: deque[BinaryIO] = deque()
+
+    def start(self, lines: int) -> bytes:
+        """Open the current file and read the tail up to its present end, in one view."""
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - owned by self.files, closed in close()
+        except FileNotFoundError:
+            return _tail_sync(self.path, lines, None, 0, MAX_TAIL_BYTES)
+        self.files.append(fh)
+        end = os.fstat(fh.fileno()).st_size
+        tail = _tail_sync(self.path, lines, fh, end, MAX_TAIL_BYTES)
+        fh.seek(end)
+        return tail
+
+    def _newer_rotations(
+        self, old: os.stat_result, current: tuple[int, int] | None
+    ) -> list[BinaryIO]:
+        """Rotated files written after `old` (excluding the pinned current one), oldest first."""
+        found: list[BinaryIO] = []
+        index = 1
+        while True:
+            try:
+                fh = open(rotated_path(self.path, index), "rb")  # noqa: SIM115 - returned
+            except FileNotFoundError:
+                break
+            index += 1
+            st = os.fstat(fh.fileno())
+            if _identity(st) == _identity(old):
+                fh.close()
+                break  # everything older than this was read already
+            if _identity(st) == current or st.st_mtime_ns < old.st_mtime_ns:
+                fh.close()  # the pinned current file, or one older than ours (ours was deleted)
+                continue
+            found.append(fh)
+        found.reverse()
+        return found
+
+    def poll(self) -> bytes:
+        """New bytes if there are any, else b"" (the caller sleeps before asking again)."""
+        while self.files:
+            fh = self.files[0]
+            data = fh.read(_BLOCK)
+            if data:
+                return data
+            if len(self.files) > 1:
+                self.files.popleft().close()
+                continue
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            own = os.fstat(fh.fileno())
+            if st is not None and _identity(st) == _identity(own):
+                if own.st_size < fh.tell():
+                    fh.seek(0)  # truncated in place: start over, as tail -F does
+                return b""
+            # Rotated away (or removed): pin the new current file, then collect what came between.
+            self.files.popleft().close()
+            try:
+                current = open(self.path, "rb")  # noqa: SIM115 - owned by self.files
+            except FileNotFoundError:
+                current = None
+            cur_id = None if current is None else _identity(os.fstat(current.fileno()))
+            self.files.extend(self._newer_rotations(own, cur_id))
+            if current is not None:
+                self.files.append(current)
+            if not self.files:
+                return b""
+        try:
+            self.files.append(open(self.path, "rb"))  # noqa: SIM115 - owned by self.files
+        except FileNotFoundError:
+            return b""
+        return self.poll()
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popleft().close()
 
 
 async def follow(
@@ -237,20 +289,20 @@ async def follow(
 ) -> AsyncGenerator[bytes, None]:
     """Yield the last `start_lines` lines, then new data as it is written, across rotations.
 
-    Runs until the consumer stops iterating (closing the generator closes the file). Every file
+    Runs until the consumer stops iterating (closing the generator closes the files). Every file
     operation runs in a worker thread so a slow disk never stalls the event loop.
     """
-    fh, tail = await asyncio.to_thread(_open_at_end, path, start_lines)
+    follower = _Follower(path)
     try:
+        tail = await asyncio.to_thread(follower.start, start_lines)
         if tail:
             yield tail
         while True:
-            fh, data = await asyncio.to_thread(_poll, fh, path)
+            data = await asyncio.to_thread(follower.poll)
             if data:
                 yield data
             else:
                 await asyncio.sleep(poll)
     finally:
-        if fh is not None:
-            # Run the close in a thread too; if we are being cancelled it still completes there.
-            await asyncio.shield(asyncio.to_thread(fh.close))
+        # Close in a thread too; if we are being cancelled it still completes there.
+        await asyncio.shield(asyncio.to_thread(follower.close))
