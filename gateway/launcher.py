@@ -146,7 +146,9 @@ class Launcher:
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
 
     def _fail_all(self) -> None:
-        self._writer = None
+        if self._writer is not None and not self._closing:
+            self._writer.close()
+            self._writer = None
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(LaunchError("the fork server died"))
@@ -164,13 +166,18 @@ class Launcher:
                 await asyncio.to_thread(proc.wait, 5.0)
 
     async def close(self) -> None:
-        """Stop the fork server; it kills whatever instances are still running."""
+        """Stop the fork server; it kills whatever instances are still running.
+
+        The socket stays open until the fork server has reported every exit and closed its end,
+        so instances are accounted for to the last one.
+        """
         self._closing = True
         if self._writer is not None:
             with contextlib.suppress(ConnectionError):
                 self._writer.write(encode_frame({"op": "shutdown"}))
-                self._writer.close()
         if self._reader_task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._reader_task, 10.0)
+        if self._writer is not None:
+            self._writer.close()
         await self._reap_proc()
