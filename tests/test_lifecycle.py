@@ -216,3 +216,55 @@ def test_restart_keeps_apps(gateway: Gateway) -> None:
     status, body = gateway.admin("GET", "/v1/apps/kept")
     assert status == 200 and body["idle_timeout"] == 420
     assert gateway.request("/", host="kept.localhost").body == b"hello from kept/main\n"
+
+
+def test_stop_escalates_to_sigkill_after_grace(gateway: Gateway) -> None:
+    gateway.put_app("stubborn", echo_spec(env={"ECHO_IGNORE_TERM": "1"}, stop_timeout="0.5s"))
+    pid = int(gateway.request("/pid", host="stubborn.localhost").body)
+    started = time.monotonic()
+    status, _ = gateway.admin("POST", "/v1/apps/stubborn/stop")
+    assert status == 200
+    gateway.wait_state("stubborn", "cold")
+    assert 0.4 < time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    log = (gateway.data_dir / "logs" / "stubborn" / "main" / "instance.log").read_text()
+    assert "killed by signal SIGKILL" in log
+
+
+def test_instance_output_reaches_logs_api(gateway: Gateway) -> None:
+    assert gateway.request("/").status == 200
+    conn_status, _ = gateway.admin("GET", "/v1/apps/echo")
+    assert conn_status == 200
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=10)
+    conn.request("GET", "/v1/apps/echo/logs?branch=main&tail=10",
+                 headers={"Authorization": f"Bearer {gateway.token}"})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    assert resp.status == 200
+    assert "[dorm] started pid" in text and "echo app listening on" in text
+
+
+def test_dead_fork_server_is_restarted(gateway: Gateway) -> None:
+    pid = int(gateway.request("/pid").body)
+    assert gateway.proc is not None
+    children = Path(f"/proc/{gateway.proc.pid}/task/{gateway.proc.pid}/children").read_text().split()
+    forkservers = [int(c) for c in children
+                   if b"gateway.forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(forkservers) == 1
+    os.kill(forkservers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("instance outlived its fork server")
+    gateway.wait_state("echo", "cold")
+    resp = gateway.request("/pid")
+    assert resp.status == 200 and int(resp.body) != pid

@@ -11,7 +11,8 @@ Routes (each exists to exercise one gateway behaviour):
   /half             sends a head with Content-Length 100 and 10 bytes, then exits
   /ws               a WebSocket-ish upgrade: answers 101 then echoes raw bytes
   /pid              the process id
-Env: ECHO_STARTUP_DELAY (seconds before listening), ECHO_EXIT_AT_START=code.
+Env: ECHO_STARTUP_DELAY (seconds before listening), ECHO_EXIT_AT_START=code,
+ECHO_IGNORE_TERM=1 (ignore SIGTERM, so only SIGKILL stops it).
 """
 
 import asyncio
@@ -127,6 +128,10 @@ async def main():
     if "ECHO_EXIT_AT_START" in os.environ:
         print("exiting at start as asked", flush=True)
         sys.exit(int(os.environ["ECHO_EXIT_AT_START"]))
+    if os.environ.get("ECHO_IGNORE_TERM"):
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(float(os.environ.get("ECHO_STARTUP_DELAY", "0")))
     server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
     print(f"echo app listening on {os.environ['DORM_SOCKET']}", flush=True)
