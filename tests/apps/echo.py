@@ -11,11 +11,18 @@ Routes (each exists to exercise one gateway behaviour):
   /half             sends a head with Content-Length 100 and 10 bytes, then exits
   /ws               a WebSocket-ish upgrade: answers 101 then echoes raw bytes
   /pid              the process id
+  /env?name=        the value of an environment variable ("" when unset)
+  /status?code=     an empty response with that status (no Content-Length for 1xx/204/304)
+  /garbage          bytes that are not HTTP, then close
+  /mark/<name>      records <name> in this process; /marks returns the recorded names as JSON
+  /wsecho           a real RFC 6455 WebSocket echo (text, binary, ping → pong, close)
 Env: ECHO_STARTUP_DELAY (seconds before listening), ECHO_EXIT_AT_START=code,
 ECHO_IGNORE_TERM=1 (ignore SIGTERM, so only SIGKILL stops it).
 """
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import sys
@@ -48,6 +55,46 @@ async def read_body(reader, headers):
             body += await reader.readexactly(size)
             await reader.readline()
     return b""
+
+
+MARKS: list[str] = []
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(first: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes([first, n]) + payload
+    if n < 65536:
+        return bytes([first, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([first, 127]) + n.to_bytes(8, "big") + payload
+
+
+async def websocket_echo(reader, writer, headers):
+    key = headers["sec-websocket-key"][0]
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    writer.write(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    while True:
+        first, second = await reader.readexactly(2)
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
+        data = bytes(c ^ mask[i % 4] for i, c in enumerate(await reader.readexactly(n)))
+        opcode = first & 0x0F
+        if opcode == 8:  # close: echo it and end
+            writer.write(ws_frame(0x88, data[:2]))
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(ws_frame(0x8A if opcode == 9 else first, data))
+        await writer.drain()
 
 
 def respond(writer, status, body, ctype="text/plain", extra=""):
@@ -111,6 +158,27 @@ async def handle(reader, writer):
                     writer.write(data)
                     await writer.drain()
                 writer.close()
+                return
+            elif path == "/env":
+                respond(writer, 200, os.environ.get(args.get("name", ""), "").encode())
+            elif path == "/status":
+                code = int(args.get("code", "204"))
+                if code < 200 or code in (204, 304):
+                    writer.write(b"HTTP/1.1 %d X\r\nX-Status: %d\r\n\r\n" % (code, code))
+                else:
+                    respond(writer, code, b"")
+            elif path == "/garbage":
+                writer.write(b"THIS IS NOT HTTP\x00\x01\r\n\r\nat all\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            elif path.startswith("/mark/"):
+                MARKS.append(path[len("/mark/"):])
+                respond(writer, 200, b"marked")
+            elif path == "/marks":
+                respond(writer, 200, json.dumps(MARKS).encode(), "application/json")
+            elif path == "/wsecho":
+                await websocket_echo(reader, writer, headers)
                 return
             else:
                 app = os.environ.get("DORM_APP", "?")
