@@ -136,6 +136,9 @@ def _validate(cfg: GatewayConfig) -> None:
         raise ConfigError("max_header_size: must be at least 1KiB")
     if cfg.max_warm_instances < 1:
         raise ConfigError("max_warm_instances: must be at least 1")
+    if cfg.log_max_bytes < 4096:
+        # RotatingLog needs room for at least a few lines; 0 would make every write rotate.
+        raise ConfigError("log_max_bytes: must be at least 4KiB")
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -9,6 +9,7 @@ was saved survives a restart, and a failed write changes nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.appspec import AppSpec, BranchSpec, parse_app_spec, parse_branch_spec
+from gateway.appspec import AppSpec, BranchSpec, SpecError, parse_app_spec, parse_branch_spec
+
+log = logging.getLogger("dorm.registry")
 
 DEFAULT_BRANCH = "main"
 T = TypeVar("T")
@@ -47,6 +50,8 @@ class Registry:
         self.path = path
         self.apps: dict[str, AppSpec] = {}
         self.branches: dict[tuple[str, str], BranchSpec] = {}
+        # Stored rows that failed validation when loaded: name (or app/branch) → reason.
+        self.invalid: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dorm-registry")
         self._db: sqlite3.Connection | None = None
 
@@ -63,10 +68,25 @@ class Registry:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
         self._db = db
+        # A row that no longer validates (the rules tightened since it was stored) must not keep
+        # the gateway from starting: it is skipped with an error in the log, and left on disk
+        # so a corrected spec can be PUT over it.
         for name, spec in db.execute("SELECT name, spec FROM apps"):
-            self.apps[name] = parse_app_spec(name, orjson.loads(spec))
+            try:
+                self.apps[name] = parse_app_spec(name, orjson.loads(spec))
+            except (SpecError, orjson.JSONDecodeError) as exc:
+                self.invalid[name] = str(exc)
+                log.error("registry: app %r is not valid any more, skipped: %s", name, exc)
         for app, name, spec in db.execute("SELECT app, name, spec FROM branches"):
-            self.branches[(app, name)] = parse_branch_spec(app, name, orjson.loads(spec))
+            if app not in self.apps:
+                continue
+            try:
+                self.branches[(app, name)] = parse_branch_spec(app, name, orjson.loads(spec))
+            except (SpecError, orjson.JSONDecodeError) as exc:
+                self.invalid[f"{app}/{name}"] = str(exc)
+                log.error(
+                    "registry: branch %s/%s is not valid any more, skipped: %s", app, name, exc
+                )
 
     async def close(self) -> None:
         def close_sync() -> None:
@@ -116,6 +136,7 @@ class Registry:
 
         created = await self._run(write)
         self.apps[spec.name] = spec
+        self.invalid.pop(spec.name, None)
         return created
 
     async def delete_app(self, name: str) -> bool:
