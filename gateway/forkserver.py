@@ -220,7 +220,7 @@ class ForkServer:
             signal.set_wakeup_fd(-1)
             step = "close fds"
             os.closerange(3, err)
-            os.closerange(err + 1, 65536)
+            os.closerange(err + 1, 0x7FFFFFFF)
             step = f"chdir {cwd}"
             os.chdir(cwd)
             step = f"exec {argv[0]}"

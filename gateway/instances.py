@@ -52,6 +52,7 @@ class Waiter(Protocol):
     """What an instance needs from a request waiting for it (gateway.proxy.Exchange)."""
 
     queued_at: float
+    instance: Instance | None
 
     def attach(self, conn: UpstreamConnection) -> None: ...
     def fail(self, status: int, message: str, retry_after: int | None = None) -> None: ...
@@ -96,10 +97,14 @@ class Instance:
         self.exited: asyncio.Future[ExitInfo] | None = None
         self.lost: list[Callable[[str], None]] = []
         self.stopping = False
+        self.retired = False  # replaced by a new spec: finish what it has, never start again
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
         """Give `waiter` an upstream connection now, or queue it (waking the instance if cold)."""
+        if self.retired:
+            self.manager.reroute(self, waiter)
+            return
         now = time.monotonic()
         self.last_activity = now
         self.last_request = now
@@ -392,6 +397,9 @@ class InstanceManager:
             )
             await self._terminate(inst, grace=0.0)
             return
+        if inst.state is not State.STARTING:  # stopped while starting
+            conn.close()
+            return
         inst.state = State.READY
         inst.ready_at = time.monotonic()
         inst.last_activity = inst.ready_at
@@ -495,7 +503,11 @@ class InstanceManager:
         inst._flush_lost(f"the app {reason}")
         if inst.exited is not None and not inst.exited.done():
             inst.exited.set_result(info)
-        if inst.waiters and inst.state in (State.COLD, State.FAILED):
+        if inst.retired:
+            waiters, inst.waiters = inst.waiters, deque()
+            for waiter in waiters:
+                self.reroute(inst, waiter)
+        elif inst.waiters and inst.state in (State.COLD, State.FAILED):
             self.wake(inst)
 
     # -- stopping ---------------------------------------------------------------------------------
@@ -544,15 +556,28 @@ class InstanceManager:
         await asyncio.gather(*(self.stop_instance(i, "stopped by the admin API") for i in targets))
         return len(targets)
 
+    def reroute(self, old: Instance, waiter: Waiter) -> None:
+        """A request that reached a retired instance goes to its replacement, if there is one."""
+        new = self.get(old.app.name, old.branch.name)
+        if new is None:
+            waiter.fail(404, f"app {old.app.name!r} (branch {old.branch.name!r}) no longer exists")
+        else:
+            waiter.instance = new
+            new.acquire(waiter)
+
     async def app_changed(self, app: str) -> None:
-        """New spec: drop cached instances; running ones drain and the next request restarts."""
+        """New spec: new requests get a new instance; running ones drain and stop."""
         old = [i for (a, _), i in list(self.instances.items()) if a == app]
         for inst in old:
+            inst.retired = True
             del self.instances[(inst.app.name, inst.branch.name)]
         self.on_change()
-        await asyncio.gather(*(self.stop_instance(i, "app spec changed") for i in old))
         for inst in old:
-            inst.fail_waiters(503, f"app {app!r} was reconfigured; retry", 1)
+            if inst.state not in WARM:
+                waiters, inst.waiters = inst.waiters, deque()
+                for waiter in waiters:
+                    self.reroute(inst, waiter)
+        await asyncio.gather(*(self.stop_instance(i, "app spec changed") for i in old))
 
     async def app_removed(self, app: str) -> None:
         await self.app_changed(app)

@@ -268,3 +268,25 @@ def test_dead_fork_server_is_restarted(gateway: Gateway) -> None:
     gateway.wait_state("echo", "cold")
     resp = gateway.request("/pid")
     assert resp.status == 200 and int(resp.body) != pid
+
+
+def test_spec_change_lets_in_flight_finish_on_old_instance(gateway: Gateway) -> None:
+    old_pid = int(gateway.request("/pid").body)
+    result: dict[str, object] = {}
+    t = threading.Thread(target=lambda: result.update(resp=gateway.request("/sleep?s=1")))
+    t.start()
+    time.sleep(0.2)
+    gateway.put_app("echo", echo_spec(env={"VERSION": "2"}))
+    new_pid = int(gateway.request("/pid").body)
+    t.join(10)
+    assert new_pid != old_pid
+    assert result["resp"].status == 200 and result["resp"].body == b"slept"  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(old_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the old instance was never stopped")
