@@ -7,7 +7,7 @@ See docs/sandboxes.md for the confinement order, the filesystem layout and the m
 from .doctor import detect_isolation, host_report
 from .errors import CgroupUnavailable, SandboxError
 from .recovery import cleanup_stale
-from .spawn import STEPS, Sandbox, prepare_socket_dir, spawn
+from .spawn import STEPS, Sandbox, prepare_socket_dir, prewarm, spawn
 from .spec import Rlimits, SandboxSpec, SandboxSpecError
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "detect_isolation",
     "host_report",
     "prepare_socket_dir",
+    "prewarm",
     "spawn",
 ]

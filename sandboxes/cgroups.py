@@ -1,0 +1,528 @@
+"""Cgroups v1 and v2 behind one interface, chosen once by ``detect()``.
+
+Why both: production hosts are mostly pure cgroup v2, but this machine and CI have the memory, cpu
+and pids controllers bound to v1 hierarchies (with an empty v2 mount beside them). A controller can
+be attached to only one hierarchy, so detection picks whichever version actually holds the
+controllers we need.
+
+Layout: every sandbox gets ``<hierarchy>/<our own cgroup>/<parent>/<name>`` where ``<our own
+cgroup>`` is the caller's cgroup in that hierarchy (read from /proc/self/cgroup). Nesting under our
+own cgroup keeps sandboxes inside whatever limits the service manager put on dorm itself, and makes
+crash recovery a directory scan of ``<parent>``.
+
+The expensive parts (mkdir, limit writes, opening ``cgroup.procs``) happen in the fork server
+before forking; the child only writes ``0`` into the pre-opened ``cgroup.procs`` descriptors
+to join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import CgroupUnavailable
+
+REQUIRED: Final = ("memory", "pids", "cpu")
+CFS_PERIOD_US: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory: int | None = None
+    memory_high: int | None = None
+    cpu: float | None = None
+    cpu_weight: int | None = None
+    pids: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Mount:
+    fstype: str
+    mountpoint: str
+    options: frozenset[str]
+
+
+def _mounts() -> list[_Mount]:
+    out: list[_Mount] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) < 5 or len(rfields) < 3:
+                continue
+            fstype = rfields[0]
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            mountpoint = fields[4].replace("\\040", " ")
+            out.append(_Mount(fstype, mountpoint, frozenset(rfields[2].split(","))))
+    return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller name (or '' for v2) → our cgroup path in that hierarchy."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            if hid == "0" and controllers == "":
+                own[""] = path
+            else:
+                for c in controllers.split(","):
+                    own[c] = path
+    return own
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in _read(path).splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = int(value)
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(_read(path).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _procs(directory: str) -> list[int]:
+    try:
+        return [int(x) for x in _read(os.path.join(directory, "cgroup.procs")).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _kill_dirs(dirs: tuple[str, ...], timeout: float) -> None:
+    """SIGKILL every process listed in any of ``dirs`` until all are empty (or raise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {p for d in dirs for p in _procs(d)}
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {sorted(pids)} survive SIGKILL in {dirs}")
+        time.sleep(0.001)
+
+
+def _rmdirs(dirs: tuple[str, ...], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for d in dirs:
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != 16 or time.monotonic() > deadline:  # EBUSY: last task still exiting
+                    raise
+                time.sleep(0.001)
+
+
+class CgroupHandle:
+    """One sandbox's cgroup directory (one per v1 hierarchy, a single one on v2)."""
+
+    version: int = 0
+
+    def __init__(self, dirs: tuple[str, ...]) -> None:
+        self.dirs = dirs
+
+    @property
+    def path(self) -> str:
+        return self.dirs[0]
+
+    def open_join_fds(self) -> list[int]:
+        """``cgroup.procs`` opened for writing, so the child joins with one ``write(fd, b"0")``."""
+        return [
+            os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in self.dirs
+        ]
+
+    def add_pid(self, pid: int) -> None:
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+
+    def pids(self) -> set[int]:
+        return {p for d in self.dirs for p in _procs(d)}
+
+    def exists(self) -> bool:
+        return any(os.path.isdir(d) for d in self.dirs)
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        _kill_dirs(self.dirs, timeout)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill whatever is left, then remove the directories (also after a crash)."""
+        self.kill_all(timeout)
+        _rmdirs(self.dirs, timeout)
+
+    def oom_killed(self) -> bool:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int | None]:
+        raise NotImplementedError
+
+
+class V1Handle(CgroupHandle):
+    version = 1
+
+    def __init__(self, dirs: tuple[str, ...], by_controller: dict[str, str]) -> None:
+        super().__init__(dirs)
+        self.by_controller = by_controller
+
+    def _f(self, controller: str, name: str) -> str:
+        return os.path.join(self.by_controller[controller], name)
+
+    def oom_killed(self) -> bool:
+        return _read_keyed(self._f("memory", "memory.oom_control")).get("oom_kill", 0) > 0
+
+    def stats(self) -> dict[str, int | None]:
+        usage_ns = (
+            _read_int(self._f("cpuacct", "cpuacct.usage"))
+            if "cpuacct" in self.by_controller
+            else None
+        )
+        return {
+            "memory_current": _read_int(self._f("memory", "memory.usage_in_bytes")),
+            "memory_peak": _read_int(self._f("memory", "memory.max_usage_in_bytes")),
+            "cpu_usage_usec": None if usage_ns is None else usage_ns // 1000,
+            "pids_current": _read_int(self._f("pids", "pids.current")),
+            "oom_kills": _read_keyed(self._f("memory", "memory.oom_control")).get("oom_kill", 0),
+        }
+
+
+class V2Handle(CgroupHandle):
+    version = 2
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        kill_file = os.path.join(self.path, "cgroup.kill")
+        if os.path.exists(kill_file):  # Linux 5.14+: atomic, races no fork
+            with contextlib.suppress(FileNotFoundError):
+                _write(kill_file, "1")
+        _kill_dirs(self.dirs, timeout)
+
+    def oom_killed(self) -> bool:
+        return _read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0) > 0
+
+    def stats(self) -> dict[str, int | None]:
+        cpu = _read_keyed(os.path.join(self.path, "cpu.stat"))
+        return {
+            "memory_current": _read_int(os.path.join(self.path, "memory.current")),
+            "memory_peak": _read_int(os.path.join(self.path, "memory.peak")),
+            "cpu_usage_usec": cpu.get("usage_usec"),
+            "pids_current": _read_int(os.path.join(self.path, "pids.current")),
+            "oom_kills": _read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0),
+        }
+
+
+class CgroupBackend:
+    """Creates, finds and limits sandbox cgroups for one cgroup version."""
+
+    version: int = 0
+    reason: str = ""
+
+    def create(self, parent: str, name: str, limits: Limits) -> CgroupHandle:
+        raise NotImplementedError
+
+    def handle(self, parent: str, name: str) -> CgroupHandle:
+        raise NotImplementedError
+
+    def list_children(self, parent: str) -> list[str]:
+        raise NotImplementedError
+
+    def remove_parent(self, parent: str) -> None:
+        """Remove ``parent`` itself once empty (tests use throwaway parents)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        raise NotImplementedError
+
+
+class V1Backend(CgroupBackend):
+    """cgroup v1: one directory per controller hierarchy (memory, cpu, pids; cpuacct for stats)."""
+
+    version = 1
+
+    def __init__(self, hierarchies: dict[str, str], own: dict[str, str]) -> None:
+        # controller → absolute directory of *our own* cgroup in that hierarchy
+        self.own_dirs = {
+            c: os.path.join(m, own.get(c, "/").lstrip("/")) for c, m in hierarchies.items()
+        }
+        self.reason = "cgroup v1 controllers: " + ", ".join(
+            f"{c} at {m}" for c, m in sorted(hierarchies.items())
+        )
+
+    def _dirs(self, parent: str, name: str | None) -> dict[str, str]:
+        out: dict[str, str] = {}
+        seen: set[str] = set()
+        for c, own in self.own_dirs.items():
+            d = os.path.join(own, parent) if name is None else os.path.join(own, parent, name)
+            out[c] = d
+            seen.add(d)
+        return out
+
+    def _handle(self, by_controller: dict[str, str]) -> V1Handle:
+        unique = tuple(dict.fromkeys(by_controller.values()))
+        return V1Handle(unique, by_controller)
+
+    def create(self, parent: str, name: str, limits: Limits) -> CgroupHandle:
+        by_controller = self._dirs(parent, name)
+        handle = self._handle(by_controller)
+        for d in self._dirs(parent, None).values():
+            os.makedirs(d, exist_ok=True)
+        try:
+            for d in handle.dirs:
+                os.mkdir(d)
+            mem = by_controller["memory"]
+            if limits.memory is not None:
+                _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory))
+                memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+                if os.path.exists(memsw):  # swap accounting on: memory+swap == memory → no swap
+                    _write(memsw, str(limits.memory))
+            _write(os.path.join(mem, "memory.swappiness"), "0")
+            if limits.pids is not None:
+                _write(os.path.join(by_controller["pids"], "pids.max"), str(limits.pids))
+            cpu = by_controller["cpu"]
+            if limits.cpu is not None:
+                _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CFS_PERIOD_US))
+                _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(int(limits.cpu * CFS_PERIOD_US)))
+            if limits.cpu_weight is not None:
+                # v2 weight 100 == v1 shares 1024 (the same mapping systemd and runc use)
+                shares = max(2, min(262144, limits.cpu_weight * 1024 // 100))
+                _write(os.path.join(cpu, "cpu.shares"), str(shares))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _rmdirs(handle.dirs, 1.0)
+            raise
+        return handle
+
+    def handle(self, parent: str, name: str) -> CgroupHandle:
+        return self._handle(self._dirs(parent, name))
+
+    def list_children(self, parent: str) -> list[str]:
+        names: set[str] = set()
+        for d in self._dirs(parent, None).values():
+            with contextlib.suppress(FileNotFoundError):
+                names.update(e.name for e in os.scandir(d) if e.is_dir())
+        return sorted(names)
+
+    def remove_parent(self, parent: str) -> None:
+        _rmdirs(tuple(dict.fromkeys(self._dirs(parent, None).values())), 1.0)
+
+    def describe(self) -> dict[str, object]:
+        return {"version": 1, "controllers": sorted(self.own_dirs), "reason": self.reason}
+
+
+class V2Backend(CgroupBackend):
+    """cgroup v2: one directory; controllers enabled top-down through ``cgroup.subtree_control``.
+
+    v2 forbids processes in a cgroup that delegates controllers to children ("no internal
+    processes"). If our own cgroup is not the root and holds processes (the usual systemd service
+    case), ``prepare`` moves them into a ``<own>/supervisor`` leaf first, as container runtimes
+    do.
+    """
+
+    version = 2
+
+    def __init__(self, mountpoint: str, own: str, controllers: frozenset[str]) -> None:
+        self.mountpoint = mountpoint
+        self.own_dir = os.path.join(mountpoint, own.lstrip("/"))
+        self.controllers = controllers
+        self.reason = f"cgroup v2 at {mountpoint} with controllers {', '.join(sorted(controllers))}"
+        self._prepared: set[str] = set()
+
+    def _enable(self, directory: str) -> None:
+        wanted = [c for c in REQUIRED if c in self.controllers]
+        if not wanted:
+            return
+        _write(os.path.join(directory, "cgroup.subtree_control"), " ".join(f"+{c}" for c in wanted))
+
+    def prepare(self, parent: str) -> str:
+        base = os.path.join(self.own_dir, parent)
+        if base in self._prepared:
+            return base
+        if os.path.realpath(self.own_dir) != os.path.realpath(self.mountpoint):
+            try:
+                self._enable(self.own_dir)
+            except OSError as e:
+                if e.errno != 16:  # EBUSY: we are an inner node holding processes
+                    raise
+                leaf = os.path.join(self.own_dir, "supervisor")
+                os.makedirs(leaf, exist_ok=True)
+                for pid in _procs(self.own_dir):
+                    with contextlib.suppress(ProcessLookupError):
+                        _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+                self._enable(self.own_dir)
+        else:
+            self._enable(self.own_dir)
+        os.makedirs(base, exist_ok=True)
+        self._enable(base)
+        self._prepared.add(base)
+        return base
+
+    def create(self, parent: str, name: str, limits: Limits) -> CgroupHandle:
+        base = self.prepare(parent)
+        d = os.path.join(base, name)
+        os.mkdir(d)
+        handle = V2Handle((d,))
+        try:
+            has = self.controllers
+            if "memory" in has:
+                if limits.memory is not None:
+                    _write(os.path.join(d, "memory.max"), str(limits.memory))
+                    _write(os.path.join(d, "memory.swap.max"), "0")
+                    if os.path.exists(os.path.join(d, "memory.oom.group")):
+                        _write(os.path.join(d, "memory.oom.group"), "1")
+                if limits.memory_high is not None:
+                    _write(os.path.join(d, "memory.high"), str(limits.memory_high))
+            if "pids" in has and limits.pids is not None:
+                _write(os.path.join(d, "pids.max"), str(limits.pids))
+            if "cpu" in has:
+                if limits.cpu is not None:
+                    _write(
+                        os.path.join(d, "cpu.max"),
+                        f"{int(limits.cpu * CFS_PERIOD_US)} {CFS_PERIOD_US}",
+                    )
+                if limits.cpu_weight is not None:
+                    _write(os.path.join(d, "cpu.weight"), str(limits.cpu_weight))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+            raise
+        return handle
+
+    def handle(self, parent: str, name: str) -> CgroupHandle:
+        return V2Handle((os.path.join(self.own_dir, parent, name),))
+
+    def list_children(self, parent: str) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(
+                e.name for e in os.scandir(os.path.join(self.own_dir, parent)) if e.is_dir()
+            )
+        return []
+
+    def remove_parent(self, parent: str) -> None:
+        _rmdirs((os.path.join(self.own_dir, parent),), 1.0)
+        self._prepared.discard(os.path.join(self.own_dir, parent))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "version": 2,
+            "controllers": sorted(self.controllers),
+            "mountpoint": self.mountpoint,
+            "reason": self.reason,
+        }
+
+
+def _v2_controllers(mountpoint: str, own: str) -> frozenset[str]:
+    try:
+        text = _read(os.path.join(mountpoint, own.lstrip("/"), "cgroup.controllers"))
+    except OSError:
+        try:
+            text = _read(os.path.join(mountpoint, "cgroup.controllers"))
+        except OSError:
+            return frozenset()
+    return frozenset(text.split())
+
+
+def probe() -> tuple[CgroupBackend | None, str, dict[str, object]]:
+    """Inspect the host: (backend or None, reason, raw facts for ``dorm doctor``)."""
+    mounts = _mounts()
+    own = _own_cgroups()
+    v1: dict[str, str] = {}
+    v2_mounts: list[str] = []
+    for m in mounts:
+        if m.fstype == "cgroup":
+            for c in ("memory", "pids", "cpu", "cpuacct"):
+                if c in m.options and c not in v1:
+                    v1[c] = m.mountpoint
+        elif m.fstype == "cgroup2":
+            v2_mounts.append(m.mountpoint)
+    v2_info: dict[str, list[str]] = {}
+    for mp in v2_mounts:
+        v2_info[mp] = sorted(_v2_controllers(mp, own.get("", "/")))
+    facts: dict[str, object] = {"v1_hierarchies": dict(v1), "v2_mounts": v2_info}
+    for mp in v2_mounts:
+        have = frozenset(v2_info[mp])
+        if all(c in have for c in REQUIRED):
+            backend: CgroupBackend = V2Backend(mp, own.get("", "/"), have)
+            return backend, backend.reason, facts
+    if all(c in v1 for c in REQUIRED):
+        backend = V1Backend(v1, own)
+        return backend, backend.reason, facts
+    parts = []
+    for mp, ctrls in v2_info.items():
+        parts.append(f"cgroup2 at {mp} has controllers [{', '.join(ctrls)}]")
+    parts.append(f"cgroup v1 hierarchies for [{', '.join(sorted(v1))}]")
+    missing = [c for c in REQUIRED if c not in v1]
+    reason = (
+        "no cgroup version holds all of memory, pids, cpu: "
+        + "; ".join(parts)
+        + (f"; v1 lacks {', '.join(missing)}" if v1 else "")
+    )
+    return None, reason, facts
+
+
+def v2_unavailable_reason() -> str | None:
+    """Why the v2 backend cannot be tested with controllers here (None when it can)."""
+    mounts = [m.mountpoint for m in _mounts() if m.fstype == "cgroup2"]
+    if not mounts:
+        return "no cgroup2 filesystem is mounted"
+    own = _own_cgroups().get("", "/")
+    for mp in mounts:
+        ctrls = _v2_controllers(mp, own)
+        if all(c in ctrls for c in REQUIRED):
+            return None
+    return "; ".join(
+        f"cgroup2 at {mp} offers controllers [{', '.join(sorted(_v2_controllers(mp, own)))}]"
+        f" (memory, pids and cpu are bound to cgroup v1 hierarchies)"
+        for mp in mounts
+    )
+
+
+_backend: CgroupBackend | None = None
+
+
+def detect() -> CgroupBackend:
+    """The backend for this host (cached: detection reads /proc once per process)."""
+    global _backend
+    if _backend is None:
+        backend, reason, _ = probe()
+        if backend is None:
+            raise CgroupUnavailable(reason)
+        _backend = backend
+    return _backend
+
+
+def limits_for(
+    memory: int | None,
+    memory_high: int | None,
+    cpu: float | None,
+    cpu_weight: int | None,
+    pids: int | None,
+) -> Limits:
+    return Limits(memory=memory, memory_high=memory_high, cpu=cpu, cpu_weight=cpu_weight, pids=pids)

@@ -1,0 +1,292 @@
+"""Thin typed ctypes bindings for the Linux syscalls Python 3.11 does not expose.
+
+Why ctypes and not a C extension: the fork server must stay a plain Python process with no build
+step, and every call here is a single syscall whose cost (≈1 µs through ctypes) is negligible next
+to namespace creation. Each wrapper raises ``OSError`` with the real errno so confinement steps can
+report exactly what failed.
+
+Only x86_64 and aarch64 syscall numbers are listed; other architectures raise at import of the
+wrapper that needs a number (``syscall_nr``), which ``doctor.host_report`` surfaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+from typing import Final
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+MACHINE: Final = platform.machine()
+
+# Syscall numbers that glibc 2.36 lacks wrappers for (or whose wrappers ctypes cannot reach).
+_SYSCALLS: Final[dict[str, dict[str, int]]] = {
+    "x86_64": {
+        "pivot_root": 155,
+        "capget": 125,
+        "capset": 126,
+        "unshare": 272,
+        "setns": 308,
+        "seccomp": 317,
+        "pidfd_open": 434,
+        "pidfd_send_signal": 424,
+        "close_range": 436,
+        "mount_setattr": 442,
+    },
+    "aarch64": {
+        "pivot_root": 41,
+        "capget": 90,
+        "capset": 91,
+        "unshare": 97,
+        "setns": 268,
+        "seccomp": 277,
+        "pidfd_open": 434,
+        "pidfd_send_signal": 424,
+        "close_range": 436,
+        "mount_setattr": 442,
+    },
+}
+
+# clone/unshare flags
+CLONE_NEWNS: Final = 0x00020000
+CLONE_NEWCGROUP: Final = 0x02000000
+CLONE_NEWUTS: Final = 0x04000000
+CLONE_NEWIPC: Final = 0x08000000
+CLONE_NEWUSER: Final = 0x10000000
+CLONE_NEWPID: Final = 0x20000000
+CLONE_NEWNET: Final = 0x40000000
+CLONE_NEWTIME: Final = 0x00000080
+
+# mount flags
+MS_RDONLY: Final = 0x1
+MS_NOSUID: Final = 0x2
+MS_NODEV: Final = 0x4
+MS_NOEXEC: Final = 0x8
+MS_REMOUNT: Final = 0x20
+MS_BIND: Final = 0x1000
+MS_MOVE: Final = 0x2000
+MS_REC: Final = 0x4000
+MS_PRIVATE: Final = 0x40000
+MS_SLAVE: Final = 0x80000
+MNT_DETACH: Final = 0x2
+
+# mount_setattr
+AT_RECURSIVE: Final = 0x8000
+AT_FDCWD: Final = -100
+MOUNT_ATTR_RDONLY: Final = 0x1
+MOUNT_ATTR_NOSUID: Final = 0x2
+MOUNT_ATTR_NODEV: Final = 0x4
+MOUNT_ATTR_NOEXEC: Final = 0x8
+
+# prctl options
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_KEEPCAPS: Final = 8
+PR_SET_SECCOMP: Final = 22
+PR_CAPBSET_READ: Final = 23
+PR_CAPBSET_DROP: Final = 24
+PR_SET_SECUREBITS: Final = 28
+PR_SET_NO_NEW_PRIVS: Final = 38
+PR_GET_NO_NEW_PRIVS: Final = 39
+PR_SET_CHILD_SUBREAPER: Final = 36
+PR_CAP_AMBIENT: Final = 47
+PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
+SECCOMP_MODE_FILTER: Final = 2
+
+CLOSE_RANGE_CLOEXEC: Final = 4
+
+
+def syscall_nr(name: str) -> int:
+    """Number of ``name`` on this architecture; ``OSError(ENOSYS)`` when we do not know it."""
+    table = _SYSCALLS.get(MACHINE)
+    if table is None or name not in table:
+        raise OSError(38, f"syscall {name} unknown on {MACHINE}")
+    return table[name]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+_mount = _libc.mount
+_mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_mount.restype = ctypes.c_int
+
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+_sethostname = _libc.sethostname
+_sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_sethostname.restype = ctypes.c_int
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def unshare(flags: int) -> None:
+    _check(_syscall(ctypes.c_long(syscall_nr("unshare")), ctypes.c_ulong(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(
+        _syscall(ctypes.c_long(syscall_nr("setns")), ctypes.c_int(fd), ctypes.c_int(nstype)),
+        "setns",
+    )
+
+
+def mount(
+    source: bytes | None,
+    target: bytes,
+    fstype: bytes | None,
+    flags: int,
+    data: bytes | None = None,
+) -> None:
+    _check(_mount(source, target, fstype, flags, data), f"mount {target!r}")
+
+
+def umount2(target: bytes, flags: int) -> None:
+    _check(_umount2(target, flags), f"umount2 {target!r}")
+
+
+def pivot_root(new_root: bytes, put_old: bytes) -> None:
+    nr = syscall_nr("pivot_root")
+    _check(
+        _syscall(ctypes.c_long(nr), ctypes.c_char_p(new_root), ctypes.c_char_p(put_old)),
+        "pivot_root",
+    )
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def mount_setattr(path: bytes, attr_set: int, *, recursive: bool = True) -> None:
+    """Set mount attributes (read-only, nosuid, ...) on a whole tree in one syscall (5.12+)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("mount_setattr")),
+            ctypes.c_int(AT_FDCWD),
+            ctypes.c_char_p(path),
+            ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        f"mount_setattr {path!r}",
+    )
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def sethostname(name: bytes) -> None:
+    _check(_sethostname(name, len(name)), "sethostname")
+
+
+class CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+_LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
+
+
+def capset_zero() -> None:
+    """Clear effective, permitted and inheritable capability sets of the calling thread."""
+    hdr = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)()
+    _check(
+        _syscall(ctypes.c_long(syscall_nr("capset")), ctypes.byref(hdr), ctypes.byref(data)),
+        "capset",
+    )
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of the calling thread as 64-bit masks."""
+    hdr = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (CapData * 2)()
+    _check(
+        _syscall(ctypes.c_long(syscall_nr("capget")), ctypes.byref(hdr), ctypes.byref(data)),
+        "capget",
+    )
+    return (
+        data[0].effective | (data[1].effective << 32),
+        data[0].permitted | (data[1].permitted << 32),
+        data[0].inheritable | (data[1].inheritable << 32),
+    )
+
+
+def close_range(first: int, last: int, flags: int) -> None:
+    _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("close_range")),
+            ctypes.c_uint(first),
+            ctypes.c_uint(last),
+            ctypes.c_uint(flags),
+        ),
+        "close_range",
+    )
+
+
+def pidfd_open(pid: int) -> int:
+    return _check(
+        _syscall(ctypes.c_long(syscall_nr("pidfd_open")), ctypes.c_int(pid), ctypes.c_uint(0)),
+        "pidfd_open",
+    )
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("pidfd_send_signal")),
+            ctypes.c_int(pidfd),
+            ctypes.c_int(sig),
+            ctypes.c_void_p(None),
+            ctypes.c_uint(0),
+        ),
+        "pidfd_send_signal",
+    )
+
+
+SECCOMP_SET_MODE_FILTER: Final = 1
+
+
+def seccomp_set_filter(prog: ctypes.Structure) -> None:
+    """Install a classic-BPF seccomp program (struct sock_fprog) for the calling thread."""
+    _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("seccomp")),
+            ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(0),
+            ctypes.byref(prog),
+        ),
+        "seccomp",
+    )

@@ -1,0 +1,624 @@
+"""spawn(): fork a child that confines itself step by step, then execve()s the tenant.
+
+Confinement order (root mode); each step is one small function, and a failure reports its name and
+errno back through a CLOEXEC pipe, where ``spawn`` raises ``SandboxError(step, errno, message)``:
+
+ 0. stdio           stdout/stderr from the caller, stdin from /dev/null, signal state reset
+ 1. cgroup_join     write "0" to the pre-created cgroup(s)' cgroup.procs (limits already written)
+ 2. unshare         mount, ipc, uts, net (or setns into the prepared egress netns), cgroup
+                    (the pid namespace was entered by the fork itself, see "pid mapping" below)
+ 3. mount_private   make / rprivate: nothing propagates to or from the host
+ 4. mount_root      tmpfs root, read-only nosuid nodev binds, /app, /data, /run/dorm, /tmp, /dev,
+                    /dev/shm, /proc; root remounted read-only (see mounts.py for the layout)
+ 5. pivot_root      pivot_root(".", ".") + MNT_DETACH of the old root, then chdir(cwd)
+ 6. loopback        lo up with two ioctls
+ 7. hostname        sethostname in the new UTS namespace
+ 8. rlimits         NOFILE, CORE=0, FSIZE, MEMLOCK, MSGQUEUE, NPROC(=pids), STACK
+ 9. session         setsid
+10. bounding_set    PR_CAPBSET_DROP of every capability (needs CAP_SETPCAP: before the uid change)
+11. ids             setgroups([]), setresgid, setresuid to the instance's unprivileged uid
+12. parent_death    PR_SET_PDEATHSIG(SIGKILL), after the uid change, which would reset it
+13. capabilities    capset(0, 0, 0) and ambient cleared
+14. no_new_privs    PR_SET_NO_NEW_PRIVS
+15. seccomp         load the pre-compiled BPF deny list (built once in the fork server)
+16. fds             every fd >= 3 marked close-on-exec (close_range), so only 0, 1, 2 survive
+17. execve          argv with exactly the given environment (PATH lookup inside the sandbox)
+
+Pid mapping: just before forking, the parent calls ``unshare(CLONE_NEWPID)``, which only changes the
+pid namespace *for its next children*, forks, and immediately ``setns``-es back to its own pid
+namespace. The child is therefore pid 1 of a fresh pid namespace and, at the same time, a direct
+child of the caller: ``Sandbox.pid`` is its pid as the caller sees it and the caller ``waitpid``s it
+as usual. Because the tenant's process is the namespace's init, (a) when it exits the kernel
+SIGKILLs every other process in the sandbox, including double-forked orphans, (b) orphans are
+reparented to it, not to the host, and (c) like any pid 1 it only receives signals it installed a
+handler for (SIGKILL from the host always works; ``Sandbox.kill`` uses it).
+
+Rootless mode (not root): the child first creates a user namespace mapping only the caller's own
+uid, then the other namespaces; a second fork makes the pid-1 process and the intermediate exits,
+so the caller becomes a child subreaper to keep the waited pid its own child. See ``doctor.py`` for
+which protections are missing in that mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import os
+import resource
+import select
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+from . import caps, cgroups, libc, mounts, netns, nspool, seccomp
+from .errors import SandboxError
+from .spec import SandboxSpec, validate_argv, validate_env
+
+NS_FLAGS_ROOT: Final = (
+    libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP
+)
+DEFAULT_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
+SPAWN_TIMEOUT: Final = 10.0
+
+STEPS: Final = (
+    "stdio",
+    "cgroup_join",
+    "namespaces",
+    "mount_private",
+    "mount_static",
+    "mount_instance",
+    "pivot_root",
+    "chdir",
+    "loopback",
+    "hostname",
+    "rlimits",
+    "session",
+    "bounding_set",
+    "ids",
+    "parent_death",
+    "capabilities",
+    "no_new_privs",
+    "seccomp",
+    "fds",
+    "execve",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChildPlan:
+    """Everything the child needs, computed in the parent so the child does no lookups."""
+
+    stdout_fd: int
+    stderr_fd: int
+    devnull_fd: int
+    errpipe_w: int
+    join_fds: tuple[int, ...]
+    unshare_flags: int
+    ns_fds: tuple[int, int, int, int] | None  # pre-built (mnt, net, ipc, uts) from nspool
+    netns_fd: int
+    mounts: mounts.MountPlan
+    hostname: bytes
+    rlimits: tuple[tuple[int, int], ...]
+    uid: int
+    gid: int
+    cap_last: int
+    filter: seccomp.CompiledFilter
+    argv: tuple[bytes, ...]
+    env: dict[bytes, bytes]
+    path: tuple[bytes, ...]
+    rootless: bool
+    outer_uid: int
+    outer_gid: int
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, err: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.err = err
+
+
+_own_pidns_fd: int | None = None
+_devnull_fd: int | None = None
+
+
+def _pidns_fd() -> int:
+    global _own_pidns_fd
+    if _own_pidns_fd is None:
+        _own_pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    return _own_pidns_fd
+
+
+def _devnull() -> int:
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull_fd
+
+
+def _high_fd(fd: int) -> int:
+    """Move ``fd`` above 2 so dup2 onto stdio can never clobber it."""
+    if fd > 2:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return new
+
+
+def _rlimits(spec: SandboxSpec) -> tuple[tuple[int, int], ...]:
+    r = spec.rlimits
+    nproc = r.nproc if r.nproc is not None else spec.pids
+    out = [
+        (resource.RLIMIT_NOFILE, r.nofile),
+        (resource.RLIMIT_CORE, r.core),
+        (resource.RLIMIT_FSIZE, r.fsize),
+        (resource.RLIMIT_MEMLOCK, r.memlock),
+        (resource.RLIMIT_MSGQUEUE, r.msgqueue),
+    ]
+    if nproc is not None:
+        out.append((resource.RLIMIT_NPROC, nproc))
+    if r.stack is not None:
+        out.append((resource.RLIMIT_STACK, r.stack))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- child side
+
+
+def _step_stdio(p: _ChildPlan) -> None:
+    out = fcntl.fcntl(p.stdout_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    err = fcntl.fcntl(p.stderr_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.dup2(p.devnull_fd, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _step_cgroup_join(p: _ChildPlan) -> None:
+    for fd in p.join_fds:
+        os.write(fd, b"0")
+
+
+def _step_namespaces(p: _ChildPlan) -> None:
+    if p.ns_fds is not None:
+        mnt, net, ipc, uts = p.ns_fds
+        libc.setns(p.netns_fd if p.netns_fd >= 0 else net, libc.CLONE_NEWNET)
+        libc.setns(ipc, libc.CLONE_NEWIPC)
+        libc.setns(uts, libc.CLONE_NEWUTS)
+        libc.setns(mnt, libc.CLONE_NEWNS)
+    libc.unshare(p.unshare_flags)
+    if p.ns_fds is None and p.netns_fd >= 0:
+        libc.setns(p.netns_fd, libc.CLONE_NEWNET)
+
+
+def _step_rlimits(p: _ChildPlan) -> None:
+    for res, value in p.rlimits:
+        resource.setrlimit(res, (value, value))
+
+
+def _step_ids(p: _ChildPlan) -> None:
+    if p.rootless:
+        return  # only our own uid is mapped; see doctor.missing_protections()
+    caps.set_ids(p.uid, p.gid)
+
+
+def _step_fds(p: _ChildPlan) -> None:
+    try:
+        libc.close_range(3, 0xFFFFFFFF, libc.CLOSE_RANGE_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+
+
+def _step_execve(p: _ChildPlan) -> NoReturn:
+    first = p.argv[0]
+    candidates = [first] if b"/" in first else [d + b"/" + first for d in p.path if d]
+    last: OSError = OSError(errno.ENOENT, "not found")
+    for path in candidates:
+        try:
+            os.execve(path, p.argv, p.env)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR) or last.errno in (errno.ENOENT, None):
+                last = e
+    raise OSError(last.errno, f"execve {first.decode(errors='replace')}: {last.strerror}")
+
+
+def _rootless_userns(p: _ChildPlan) -> None:
+    libc.unshare(libc.CLONE_NEWUSER)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{p.outer_uid} {p.outer_uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{p.outer_gid} {p.outer_gid} 1")
+    libc.unshare(libc.CLONE_NEWPID)
+
+
+def _fail(p: _ChildPlan, step: str, err: int, message: str) -> NoReturn:
+    with contextlib.suppress(OSError):
+        os.write(p.errpipe_w, b"E" + f"{step}\0{err}\0{message}".encode(errors="replace"))
+    os._exit(127)
+
+
+def _child(p: _ChildPlan) -> NoReturn:
+    # A collection would touch every tracked object and copy-on-write most of the fork server's
+    # heap; the child only lives until execve, so it never needs one.
+    gc.disable()
+    step = "stdio"
+    try:
+        _step_stdio(p)
+        step = "cgroup_join"
+        _step_cgroup_join(p)
+        if p.rootless:
+            step = "userns"
+            _rootless_userns(p)
+            pid = os.fork()
+            if pid != 0:
+                os.write(p.errpipe_w, b"P%d\n" % pid)
+                os._exit(0)
+        step = "namespaces"
+        _step_namespaces(p)
+        if p.ns_fds is None:
+            step = "mount_private"
+            mounts.make_private()
+            step = "mount_static"
+            mounts.build_static(p.mounts)
+        step = "mount_instance"
+        mounts.build_dynamic(p.mounts)
+        step = "pivot_root"
+        mounts.pivot(p.mounts)
+        step = "chdir"
+        mounts.enter_cwd(p.mounts)
+        if p.ns_fds is None:
+            step = "loopback"
+            netns.loopback_up()
+        step = "hostname"
+        netns.set_hostname(p.hostname)
+        step = "rlimits"
+        _step_rlimits(p)
+        step = "session"
+        caps.new_session()
+        step = "bounding_set"
+        caps.drop_bounding_set(p.cap_last)
+        step = "ids"
+        _step_ids(p)
+        step = "parent_death"
+        caps.arm_parent_death(p.errpipe_w)
+        step = "capabilities"
+        caps.clear_capabilities()
+        step = "no_new_privs"
+        caps.no_new_privs()
+        step = "seccomp"
+        p.filter.load()
+        step = "fds"
+        _step_fds(p)
+        step = "execve"
+        _step_execve(p)
+    except OSError as e:
+        _fail(p, step, e.errno or 0, str(e))
+    except BaseException as e:
+        _fail(p, step, 0, f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- parent side
+
+
+class Sandbox:
+    """Handle for one running sandbox, owned by the single-threaded caller that spawned it."""
+
+    __slots__ = ("_pidfd", "_reaped", "cgroup", "egress", "pid", "spec", "started_at")
+
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int,
+        spec: SandboxSpec,
+        cgroup: cgroups.CgroupHandle | None,
+        egress: Any,
+    ) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.spec = spec
+        self.cgroup = cgroup
+        self.egress = egress
+        self.started_at = time.monotonic()
+        self._reaped = False
+
+    def kill(self) -> None:
+        """SIGKILL the sandbox's init (the kernel then kills its whole pid namespace) and every
+        process in its cgroup; uses the pidfd so a recycled pid can never be hit."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                libc.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        elif not self._reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Convenience for callers without their own child reaper: waitpid with a timeout.
+
+        Returns the raw wait status; raises ``TimeoutError`` if the sandbox is still running.
+        """
+        if self._pidfd >= 0:
+            p = select.poll()
+            p.register(self._pidfd, select.POLLIN)
+            if not p.poll(None if timeout is None else max(0, int(timeout * 1000))):
+                raise TimeoutError(f"sandbox {self.spec.name} pid {self.pid} still running")
+            _, status = os.waitpid(self.pid, 0)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"sandbox {self.spec.name} pid {self.pid} still running")
+                time.sleep(0.001)
+        self._reaped = True
+        return status
+
+    def mark_reaped(self) -> None:
+        """Tell the handle the caller reaped ``pid`` (so ``kill`` never signals a recycled pid)."""
+        self._reaped = True
+
+    def cleanup(self) -> None:
+        """After the pid was reaped: kill leftovers, remove the cgroup(s) and egress plumbing."""
+        self._reaped = True
+        try:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+        finally:
+            if self.egress is not None:
+                self.egress.teardown()
+                self.egress = None
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def oom_killed(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_killed()
+
+    def stats(self) -> dict[str, int | float | None]:
+        out: dict[str, int | float | None] = {"pid": self.pid}
+        if self.cgroup is not None:
+            out.update(self.cgroup.stats())
+        out["uptime_s"] = round(time.monotonic() - self.started_at, 3)
+        return out
+
+
+def _resolv_conf(spec: SandboxSpec) -> bytes:
+    if spec.network == "none":
+        return b"# network: none (only lo)\n"
+    from . import egress
+
+    return egress.resolv_conf()
+
+
+def _read_errpipe(r: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    p = select.poll()
+    p.register(r, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("sandbox child did not exec in time")
+        if not p.poll(int(remaining * 1000) + 1):
+            continue
+        chunk = os.read(r, 4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _reap(pid: int, deadline: float) -> None:
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.0005)
+
+
+def _parse_errpipe(data: bytes) -> tuple[int | None, tuple[str, int, str] | None]:
+    inner_pid: int | None = None
+    error: tuple[str, int, str] | None = None
+    while data:
+        if data.startswith(b"P"):
+            line, _, data = data.partition(b"\n")
+            inner_pid = int(line[1:])
+        elif data.startswith(b"E"):
+            step, err, message = data[1:].decode(errors="replace").split("\0", 2)
+            error = (step, int(err), message)
+            break
+        else:
+            error = ("protocol", 0, f"unexpected data from child: {data[:80]!r}")
+            break
+    return inner_pid, error
+
+
+def spawn(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stdout_fd: int,
+    stderr_fd: int,
+) -> Sandbox:
+    """Start ``argv`` fully confined per ``spec`` (see the module docstring for the step order).
+
+    Must be called from a single-threaded process (the fork server). Returns once the child has
+    exec'd; raises ``SandboxError`` naming the failed step otherwise.
+    """
+    validate_argv(argv)
+    validate_env(env)
+    rootless = os.geteuid() != 0
+    filt = seccomp.compiled_filter()
+    cg: cgroups.CgroupHandle | None = None
+    if not rootless:
+        try:
+            backend = cgroups.detect()
+        except Exception as e:
+            raise SandboxError("cgroup_create", errno.ENODEV, str(e)) from e
+        limits = cgroups.Limits(
+            memory=spec.memory,
+            memory_high=spec.memory_high,
+            cpu=spec.cpu,
+            cpu_weight=spec.cpu_weight,
+            pids=spec.pids,
+        )
+        try:
+            cg = backend.create(spec.cgroup_parent, spec.name, limits)
+        except OSError as e:
+            raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
+    net: Any = None
+    ns: nspool.NamespaceSet | None = None
+    join_fds: list[int] = []
+    r = w = -1
+    try:
+        if spec.network == "egress":
+            from . import egress
+
+            try:
+                net = egress.setup(spec)
+            except OSError as e:
+                raise SandboxError("egress", e.errno or 0, str(e)) from e
+        mplan = _mount_plan(spec, rootless)
+        if rootless:
+            unshare_flags = NS_FLAGS_ROOT | (0 if net is not None else libc.CLONE_NEWNET)
+        else:
+            try:
+                ns = nspool.POOL.take(mplan)
+            except OSError as e:
+                raise SandboxError("namespaces", e.errno or 0, f"building namespaces: {e}") from e
+            unshare_flags = libc.CLONE_NEWCGROUP
+        if cg is not None:
+            join_fds = cg.open_join_fds()
+        r, w = os.pipe2(os.O_CLOEXEC)
+        r, w = _high_fd(r), _high_fd(w)
+        plan = _ChildPlan(
+            stdout_fd=stdout_fd,
+            stderr_fd=stderr_fd,
+            devnull_fd=_devnull(),
+            errpipe_w=w,
+            join_fds=tuple(join_fds),
+            unshare_flags=unshare_flags,
+            ns_fds=ns.fds() if ns is not None else None,
+            netns_fd=net.netns_fd if net is not None else -1,
+            mounts=mplan,
+            hostname=spec.hostname.encode(),
+            rlimits=_rlimits(spec),
+            uid=spec.uid,
+            gid=spec.effective_gid,
+            cap_last=caps.cap_last_cap(),
+            filter=filt,
+            argv=tuple(a.encode() for a in argv),
+            env={k.encode(): v.encode() for k, v in env.items()},
+            path=tuple(p.encode() for p in env.get("PATH", DEFAULT_PATH).split(":")),
+            rootless=rootless,
+            outer_uid=os.geteuid(),
+            outer_gid=os.getegid(),
+        )
+        if rootless:
+            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+            pid = os.fork()
+        else:
+            try:
+                libc.unshare(libc.CLONE_NEWPID)
+            except OSError as e:
+                raise SandboxError("unshare_pid", e.errno or 0, str(e)) from e
+            try:
+                pid = os.fork()
+            except BaseException:
+                libc.setns(_pidns_fd(), libc.CLONE_NEWPID)
+                raise
+            if pid != 0:  # parent: later children (and threads) stay in our own pid namespace
+                libc.setns(_pidns_fd(), libc.CLONE_NEWPID)
+        if pid == 0:
+            _child(plan)
+        os.close(w)
+        w = -1
+        for fd in join_fds:
+            os.close(fd)
+        join_fds = []
+        if ns is not None:
+            ns.close()
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        try:
+            data = _read_errpipe(r, deadline)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid, deadline + 1)
+            raise SandboxError("execve", errno.ETIMEDOUT, "child did not exec in time") from None
+        inner, error = _parse_errpipe(data)
+        if rootless:
+            _reap(pid, deadline)  # the intermediate exits right after forking the pid-1 process
+            if inner is None:
+                raise SandboxError(*(error or ("userns", 0, "intermediate died")))
+            pid = inner
+        if error is not None:
+            _reap(pid, deadline)
+            raise SandboxError(*error)
+        try:
+            pidfd = libc.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        sandbox = Sandbox(pid, pidfd, spec, cg, net)
+        cg = None
+        net = None
+        return sandbox
+    finally:
+        for fd in (r, w, *join_fds):
+            if fd >= 0:
+                os.close(fd)
+        if cg is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                cg.remove()
+        if net is not None:
+            net.teardown()
+        if ns is not None:
+            ns.close()
+
+
+def _mount_plan(spec: SandboxSpec, rootless: bool) -> mounts.MountPlan:
+    base = None
+    if rootless:
+        base = f"/tmp/.dorm-sandbox-root-{os.geteuid()}"
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    return mounts.plan(spec, rootless=rootless, resolv_conf=_resolv_conf(spec), base=base)
+
+
+def prewarm(spec: SandboxSpec, count: int = 2) -> int:
+    """Pre-build ``count`` namespace sets for sandboxes shaped like ``spec`` (same rootfs, extra
+    binds and network mode); call from the fork server when idle. Also compiles the seccomp filter.
+    Returns how many sets were built. A no-op (0) in rootless mode."""
+    seccomp.compiled_filter()
+    if os.geteuid() != 0:
+        return 0
+    return nspool.POOL.prewarm(_mount_plan(spec, False), count)
+
+
+def prepare_socket_dir(path: str, uid: int, gid: int | None = None) -> None:
+    """Create the per-instance socket dir owned by the instance uid, mode 0700 (host side)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chown(path, uid, uid if gid is None else gid)
+    os.chmod(path, 0o700)
