@@ -285,8 +285,6 @@ def test_unknown_route_and_method(admin: AdminHarness) -> None:
     )
     assert raw.startswith(b"HTTP/1.1 405")
     assert b"allow: get, put, delete" in raw.lower()
-        b"get, put, delete", b"GET, PUT, DELETE"
-    )
 
 
 def test_oversized_body_is_413(admin: AdminHarness) -> None:
