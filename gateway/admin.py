@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
@@ -391,7 +391,6 @@ class AdminServer:
         try:
             if self.connections > MAX_CONNECTIONS:
                 await self._raw_error(writer, 503, None, "too many admin connections")
-                return
             first = True
             while await self._exchange(conn, reader, writer, first):
                 first = False
@@ -427,7 +426,7 @@ class AdminServer:
 
     async def _raw_error(
         self, writer: asyncio.StreamWriter, status: int, fld: str | None, message: str
-    ) -> None:
+    ) -> NoReturn:
         """An error written without h11, for when the exchange is beyond saving; then close."""
         body = error_body(fld, message)
         reason = HTTPStatus(status).phrase
