@@ -317,7 +317,7 @@ def _child(p: _ChildPlan) -> NoReturn:
 class Sandbox:
     """Handle for one running sandbox, owned by the single-threaded caller that spawned it."""
 
-    __slots__ = ("_pidfd", "_reaped", "cgroup", "egress", "pid", "spec", "started_at")
+    __slots__ = ("_pidfd", "_reaped", "cgroup", "egress", "pid", "spec", "started_at", "status")
 
     def __init__(
         self,
@@ -334,6 +334,7 @@ class Sandbox:
         self.egress = egress
         self.started_at = time.monotonic()
         self._reaped = False
+        self.status: int | None = None  # wait status once reaped through ``wait``
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (the kernel then kills its whole pid namespace) and every
@@ -350,8 +351,11 @@ class Sandbox:
     def wait(self, timeout: float | None = None) -> int:
         """Convenience for callers without their own child reaper: waitpid with a timeout.
 
-        Returns the raw wait status; raises ``TimeoutError`` if the sandbox is still running.
+        Returns the raw wait status (again on later calls); raises ``TimeoutError`` if the sandbox
+        is still running.
         """
+        if self.status is not None:
+            return self.status
         if self._pidfd >= 0:
             p = select.poll()
             p.register(self._pidfd, select.POLLIN)
@@ -368,6 +372,7 @@ class Sandbox:
                     raise TimeoutError(f"sandbox {self.spec.name} pid {self.pid} still running")
                 time.sleep(0.001)
         self._reaped = True
+        self.status = status
         return status
 
     def mark_reaped(self) -> None:
