@@ -54,6 +54,8 @@ class InstanceManager(Protocol):
 
     async def app_removed(self, app: str) -> None: ...
 
+    async def branch_changed(self, app: str, branch: str) -> None: ...
+
 
 class ApiError(Exception):
     """An error answer: HTTP status plus the field at fault (None when no single field is)."""
@@ -277,7 +279,7 @@ class AdminServer:
         existed = (app, branch) in self.registry.branches
         await self.registry.put_branch(spec)
         # A running instance has the old environment: drain it; the next request starts afresh.
-        await self.instances.stop(app, branch)
+        await self.instances.branch_changed(app, branch)
         return json_response(200 if existed else 201, spec.to_json())
 
     async def delete_branch(self, req: Request) -> Response:
@@ -287,8 +289,8 @@ class AdminServer:
             what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
             raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
         await self.registry.delete_branch(app, branch)
-        stopped = await self.instances.stop(app, branch)
-        return json_response(200, {"deleted": f"{app}/{branch}", "stopped": stopped})
+        await self.instances.branch_changed(app, branch)
+        return json_response(200, {"deleted": f"{app}/{branch}"})
 
     async def stop_branch(self, req: Request) -> Response:
         app, branch = self._branch(req)

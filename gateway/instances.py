@@ -566,21 +566,27 @@ class InstanceManager:
             new.acquire(waiter)
 
     async def app_changed(self, app: str) -> None:
-        """New spec: new requests get a new instance; running ones drain and stop."""
-        old = [i for (a, _), i in list(self.instances.items()) if a == app]
+        """New app spec: new requests get new instances; running ones drain and stop."""
+        await self._retire([k for k in self.instances if k[0] == app], "app spec changed")
+
+    async def app_removed(self, app: str) -> None:
+        await self._retire([k for k in self.instances if k[0] == app], "app removed")
+
+    async def branch_changed(self, app: str, branch: str) -> None:
+        """A branch was created, changed or deleted: same as an app change, for one branch."""
+        await self._retire([k for k in self.instances if k == (app, branch)], "branch changed")
+
+    async def _retire(self, keys: list[tuple[str, str]], why: str) -> None:
+        old = [self.instances.pop(key) for key in keys]
         for inst in old:
             inst.retired = True
-            del self.instances[(inst.app.name, inst.branch.name)]
-        self.on_change()
+        self.on_change()  # cached routes may name a retired instance, or none where one now is
         for inst in old:
             if inst.state not in WARM:
                 waiters, inst.waiters = inst.waiters, deque()
                 for waiter in waiters:
                     self.reroute(inst, waiter)
-        await asyncio.gather(*(self.stop_instance(i, "app spec changed") for i in old))
-
-    async def app_removed(self, app: str) -> None:
-        await self.app_changed(app)
+        await asyncio.gather(*(self.stop_instance(i, why) for i in old))
 
     # -- periodic housekeeping --------------------------------------------------------------------
     def _schedule_sweep(self) -> None:

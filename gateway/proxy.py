@@ -433,6 +433,8 @@ class ClientConnection(asyncio.Protocol):
                 authority, slash, path = rest.partition(b"/")
                 ex.host = authority
                 ex.url = slash + path or b"/"
+                ex.parts = [p for p in ex.parts if p[:5].lower() != b"host:"]
+                ex.parts.append(b"Host: " + authority + b"\r\n")
             else:
                 return (400, "request target must be an absolute path")
         if not ex.host:

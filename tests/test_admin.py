@@ -51,6 +51,9 @@ class FakeInstances:
     async def app_removed(self, app: str) -> None:
         self.calls.append(("removed", app))
 
+    async def branch_changed(self, app: str, branch: str) -> None:
+        self.calls.append(("branch changed", app, branch))
+
 
 class AdminHarness:
     """The admin server on its own event loop thread, so tests can use blocking clients."""
@@ -384,7 +387,7 @@ def test_branches(admin: AdminHarness) -> None:
         assert client.call("DELETE", "/v1/apps/demo/branches/feat")["deleted"] == "demo/feat"
         status, answer = client.request("DELETE", "/v1/apps/demo/branches/feat")
         assert (status, error_of(answer)[0]) == (404, "branch")
-    assert ("stop", "demo", "feat") in admin.instances.calls
+    assert admin.instances.calls.count(("branch changed", "demo", "feat")) == 3
 
 
 def test_instances_and_stop(admin: AdminHarness) -> None:

@@ -226,12 +226,6 @@ def test_absolute_form_target_routes_by_its_authority(branched: Gateway) -> None
     assert raw.endswith(b"\r\n\r\nhello from echo/feat\n")
 
 
-@pytest.mark.xfail(
-    reason="BUG: absolute-form request target routes by its authority but the original, "
-    "different Host header is forwarded to the app (RFC 9112 §3.2.2: replace Host with the "
-    "target's authority); proxy.py _check_head sets ex.host but leaves the old Host in ex.parts",
-    strict=True,
-)
 def test_absolute_form_target_replaces_host_for_the_app(branched: Gateway) -> None:
     raw = branched.raw(
         b"GET http://feat--echo.localhost/headers HTTP/1.1\r\nHost: echo.localhost\r\n"
@@ -242,12 +236,6 @@ def test_absolute_form_target_replaces_host_for_the_app(branched: Gateway) -> No
     assert json.loads(body)["host"] == ["feat--echo.localhost"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: a host answered 404 before its branch existed stays 404 after "
-    "PUT /v1/apps/{app}/branches/{branch}: the negative result is cached in DataPlane.hosts "
-    "and admin put_branch never calls InstanceManager.on_change (hosts.clear)",
-    strict=True,
-)
 def test_branch_created_after_a_404_is_routed(gateway: Gateway) -> None:
     assert gateway.request("/", host="late--echo.localhost").status == 404
     status, body = gateway.admin("PUT", "/v1/apps/echo/branches/late", {"env": {}})
@@ -255,12 +243,6 @@ def test_branch_created_after_a_404_is_routed(gateway: Gateway) -> None:
     assert get(gateway, "late--echo.localhost") == (200, b"hello from echo/late\n")
 
 
-@pytest.mark.xfail(
-    reason="BUG: a deleted branch is still served (and restarted on demand): DELETE "
-    "/v1/apps/{app}/branches/{branch} leaves the Instance in InstanceManager.instances and the "
-    "host in DataPlane.hosts, so routing never consults the registry again",
-    strict=True,
-)
 def test_deleted_branch_is_404(branched: Gateway) -> None:
     assert get(branched, "feat--echo.localhost") == (200, b"hello from echo/feat\n")
     status, body = branched.admin("DELETE", "/v1/apps/echo/branches/feat")
@@ -269,12 +251,6 @@ def test_deleted_branch_is_404(branched: Gateway) -> None:
     assert branched.request("/", host="feat.echo.localhost").status == 404
 
 
-@pytest.mark.xfail(
-    reason="BUG: changing a branch's env (PUT .../branches/{branch} again) stops the instance but "
-    "the next start still uses the old BranchSpec: Instance.branch is captured once in "
-    "InstanceManager.get and put_branch does not drop the cached Instance",
-    strict=True,
-)
 def test_branch_env_change_applies_to_the_next_start(branched: Gateway) -> None:
     host = "feat--echo.localhost"
     assert get(branched, host, "/env?name=ECHO_BRANCH_MARK") == (200, b"feat-env")
