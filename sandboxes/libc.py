@@ -34,6 +34,8 @@ _SYSCALLS: Final[dict[str, dict[str, int]]] = {
         "pidfd_send_signal": 424,
         "close_range": 436,
         "mount_setattr": 442,
+        "open_tree": 428,
+        "move_mount": 429,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -46,6 +48,8 @@ _SYSCALLS: Final[dict[str, dict[str, int]]] = {
         "pidfd_send_signal": 424,
         "close_range": 436,
         "mount_setattr": 442,
+        "open_tree": 428,
+        "move_mount": 429,
     },
 }
 
@@ -180,19 +184,59 @@ class _MountAttr(ctypes.Structure):
     )
 
 
-def mount_setattr(path: bytes, attr_set: int, *, recursive: bool = True) -> None:
-    """Set mount attributes (read-only, nosuid, ...) on a whole tree in one syscall (5.12+)."""
+AT_EMPTY_PATH: Final = 0x1000
+OPEN_TREE_CLONE: Final = 1
+OPEN_TREE_CLOEXEC: Final = 0o2000000
+MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+
+
+def mount_setattr(
+    path: bytes, attr_set: int, *, recursive: bool = True, dfd: int = AT_FDCWD
+) -> None:
+    """Set mount attributes (read-only, nosuid, ...) on a whole tree in one syscall (5.12+).
+
+    With ``dfd`` a mount fd and ``path`` empty, applies to that (possibly detached) tree."""
     attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if not path else 0)
     _check(
         _syscall(
             ctypes.c_long(syscall_nr("mount_setattr")),
-            ctypes.c_int(AT_FDCWD),
+            ctypes.c_int(dfd),
             ctypes.c_char_p(path),
-            ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+            ctypes.c_uint(flags),
             ctypes.byref(attr),
             ctypes.c_size_t(ctypes.sizeof(attr)),
         ),
         f"mount_setattr {path!r}",
+    )
+
+
+def open_tree_clone(path: bytes) -> int:
+    """A detached, close-on-exec copy of the mount tree at ``path`` (a bind mount not yet
+    attached anywhere), as an fd that can cross into another mount namespace."""
+    return _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("open_tree")),
+            ctypes.c_int(AT_FDCWD),
+            ctypes.c_char_p(path),
+            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+        ),
+        f"open_tree {path!r}",
+    )
+
+
+def move_mount_fd(fd: int, target: bytes) -> None:
+    """Attach the detached tree ``fd`` at ``target`` (relative to the caller's root)."""
+    _check(
+        _syscall(
+            ctypes.c_long(syscall_nr("move_mount")),
+            ctypes.c_int(fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_int(AT_FDCWD),
+            ctypes.c_char_p(target),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount {target!r}",
     )
 
 

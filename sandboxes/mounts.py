@@ -28,6 +28,7 @@ and masking (extra binds per spawn) costs time on the cold-start path for no pro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import sys
@@ -42,8 +43,7 @@ OP_SYMLINK: Final = 1
 OP_FILE: Final = 2
 OP_BIND: Final = 3
 OP_TMPFS: Final = 4
-OP_PROC: Final = 5
-OP_MKNOD: Final = 6
+OP_MKNOD: Final = 5
 
 Op = tuple[int, Any, Any, Any]  # (kind, a, b, c); kinds above, primitive args only
 
@@ -68,15 +68,22 @@ DEFAULT_MOUNT_BASE: Final = "/run/dorm-sandbox-root"
 FALLBACK_MOUNT_BASE: Final = "/tmp/.dorm-sandbox-root"
 
 
+Bind = tuple[bytes, bytes, int]  # (host source, path inside the sandbox, MOUNT_ATTR_* flags)
+
+
 @dataclass(frozen=True, slots=True)
 class MountPlan:
     base: bytes  # host directory the new root tmpfs is mounted on (inside the child's mount ns)
     root_data: bytes
     key: LayoutKey
-    static_ops: tuple[Op, ...]  # same for every sandbox of a layout: pre-built by nspool
-    dynamic_ops: tuple[Op, ...]  # per instance: /etc identity files, /app, /data, /run/dorm, ...
+    static_ops: tuple[Op, ...]  # same for every sandbox of a layout (pre-built by nspool)
+    instance_ops: tuple[Op, ...]  # per instance, inside paths: /etc identity files, /tmp, /dev/shm
+    binds: tuple[Bind, ...]  # per instance: /app, /data, /run/dorm (attached as detached trees)
     cwd: bytes
-    use_setattr: bool
+
+    def without_static(self) -> MountPlan:
+        """This plan minus the static ops (a pre-forked child already has them mounted)."""
+        return dataclasses.replace(self, static_ops=())
 
 
 _mount_base: str | None = None
@@ -127,7 +134,7 @@ def has_mount_setattr() -> bool:
     global _setattr_ok
     if _setattr_ok is None:
         try:
-            libc.mount_setattr(b"", 0)
+            libc.mount_setattr(b"", 0, dfd=-1)  # EBADF when the syscall exists
             _setattr_ok = True
         except OSError as e:
             _setattr_ok = e.errno != 38
@@ -298,33 +305,26 @@ def static_ops(key: LayoutKey) -> tuple[Op, ...]:
     return ops
 
 
-def _dynamic_ops(spec: SandboxSpec, base: str, rootfs_mode: bool) -> tuple[Op, ...]:
-    pl = _Planner(base)
+def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
+    pl = _Planner("")
     pl.dirs.update(
         ("/etc", "/app", "/data", "/run", "/run/dorm", "/tmp", "/proc", "/dev", "/dev/shm")
     )
-    if not rootfs_mode:
+    if spec.rootfs is None:
         for name, data in _etc_files(spec).items():
             pl.file("/etc/" + name, data)
-    if spec.app_dir is not None:
-        pl.ops.append((OP_BIND, spec.app_dir.encode(), pl.p("/app"), RO_ATTRS))
-    if spec.data_dir is not None:
-        pl.ops.append((OP_BIND, spec.data_dir.encode(), pl.p("/data"), RW_ATTRS))
-    pl.ops.append((OP_BIND, spec.socket_dir.encode(), pl.p("/run/dorm"), RW_NOEXEC_ATTRS))
     nosuid_nodev = libc.MS_NOSUID | libc.MS_NODEV
-    pl.ops.append(
-        (OP_TMPFS, pl.p("/tmp"), nosuid_nodev, f"size={spec.tmp_size},mode=1777".encode())
-    )
-    pl.ops.append(
-        (
-            OP_TMPFS,
-            pl.p("/dev/shm"),
-            nosuid_nodev | libc.MS_NOEXEC,
-            f"size={spec.shm_size},mode=1777".encode(),
-        )
-    )
-    pl.ops.append((OP_PROC, pl.p("/proc"), nosuid_nodev | libc.MS_NOEXEC, b"hidepid=invisible"))
-    return tuple(pl.ops)
+    tmp_data = f"size={spec.tmp_size},mode=1777".encode()
+    shm_data = f"size={spec.shm_size},mode=1777".encode()
+    pl.ops.append((OP_TMPFS, b"/tmp", nosuid_nodev, tmp_data))
+    pl.ops.append((OP_TMPFS, b"/dev/shm", nosuid_nodev | libc.MS_NOEXEC, shm_data))
+    binds: list[Bind] = []
+    if spec.app_dir is not None:
+        binds.append((spec.app_dir.encode(), b"/app", RO_ATTRS))
+    if spec.data_dir is not None:
+        binds.append((spec.data_dir.encode(), b"/data", RW_ATTRS))
+    binds.append((spec.socket_dir.encode(), b"/run/dorm", RW_NOEXEC_ATTRS))
+    return tuple(pl.ops), tuple(binds)
 
 
 def plan(
@@ -337,39 +337,19 @@ def plan(
     """Compute every mount operation for ``spec`` (runs in the parent, before fork)."""
     base = base or mount_base()
     key = layout_key(spec, rootless=rootless, resolv_conf=resolv_conf, base=base)
+    instance_ops, binds = _instance(spec)
     return MountPlan(
         base=base.encode(),
         root_data=ROOT_DATA,
         key=key,
         static_ops=static_ops(key),
-        dynamic_ops=_dynamic_ops(spec, base, spec.rootfs is not None),
+        instance_ops=instance_ops,
+        binds=binds,
         cwd=spec.cwd.encode(),
-        use_setattr=has_mount_setattr(),
     )
 
 
-def _readonly(path: bytes, attrs: int, use_setattr: bool) -> None:
-    if use_setattr:
-        libc.mount_setattr(path, attrs)
-        return
-    flags = libc.MS_BIND | libc.MS_REMOUNT
-    if attrs & libc.MOUNT_ATTR_RDONLY:
-        flags |= libc.MS_RDONLY
-    if attrs & libc.MOUNT_ATTR_NOSUID:
-        flags |= libc.MS_NOSUID
-    if attrs & libc.MOUNT_ATTR_NODEV:
-        flags |= libc.MS_NODEV
-    if attrs & libc.MOUNT_ATTR_NOEXEC:
-        flags |= libc.MS_NOEXEC
-    libc.mount(None, path, None, flags, None)
-
-
-def make_private() -> None:
-    """Step: stop mount events propagating back to the host (and from it)."""
-    libc.mount(None, b"/", None, libc.MS_REC | libc.MS_PRIVATE, None)
-
-
-def _apply(ops: tuple[Op, ...], use_setattr: bool) -> None:
+def _apply(ops: tuple[Op, ...]) -> None:
     old_umask = os.umask(0)
     try:
         for kind, a, b, c in ops:
@@ -378,7 +358,7 @@ def _apply(ops: tuple[Op, ...], use_setattr: bool) -> None:
             elif kind == OP_BIND:
                 libc.mount(a, b, None, libc.MS_BIND | libc.MS_REC, None)
                 if c:
-                    _readonly(b, c, use_setattr)
+                    libc.mount_setattr(b, c)
             elif kind == OP_FILE:
                 fd = os.open(a, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, b)
                 try:
@@ -392,40 +372,68 @@ def _apply(ops: tuple[Op, ...], use_setattr: bool) -> None:
                 libc.mount(b"tmpfs", a, b"tmpfs", b, c)
             elif kind == OP_MKNOD:
                 os.mknod(a, b, c)
-            elif kind == OP_PROC:
-                libc.mount(b"proc", a, b"proc", b, c)
     finally:
         os.umask(old_umask)
+
+
+def make_private() -> None:
+    """Step: stop mount events propagating back to the host (and from it)."""
+    libc.mount(None, b"/", None, libc.MS_REC | libc.MS_PRIVATE, None)
 
 
 def build_static(mp: MountPlan) -> None:
     """Step (or pool pre-build): tmpfs root plus the layout's system binds, /etc and /dev."""
     libc.mount(b"tmpfs", mp.base, b"tmpfs", libc.MS_NOSUID | libc.MS_NODEV, mp.root_data)
-    _apply(mp.static_ops, mp.use_setattr)
-
-
-def build_dynamic(mp: MountPlan) -> None:
-    """Step: per-instance files and mounts, then the root tmpfs becomes read-only.
-
-    Root-owned 0755 already keeps the tenant out of /; read-only also stops root-in-userns
-    (rootless mode) and any future bug that would leave the tenant with CAP_DAC_OVERRIDE.
-    """
-    _apply(mp.dynamic_ops, mp.use_setattr)
-    libc.mount(
-        None,
-        mp.base,
-        None,
-        libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV,
-        mp.root_data,
-    )
+    _apply(mp.static_ops)
 
 
 def pivot(mp: MountPlan) -> None:
-    """Step: pivot_root into the new root and lazily detach the old one, so no host path remains."""
+    """Step: pivot_root into the new root and lazily detach the old one, so no host path remains.
+
+    The detach waits for an RCU grace period (milliseconds on a VM), which is why the pre-forked
+    path does this at prewarm time, not per start."""
     os.chdir(mp.base)
     libc.pivot_root(b".", b".")
     libc.umount2(b".", libc.MNT_DETACH)
     os.chdir(b"/")
+
+
+def mount_proc() -> None:
+    """Fresh procfs of the caller's pid namespace (the caller must be in it: pid 1 mounts it)."""
+    flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+    libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=invisible")
+
+
+def open_binds(mp: MountPlan) -> list[int]:
+    """Detached copies of the per-instance host dirs, attributes already applied.
+
+    Opened while the host tree is still visible (the parent for pre-forked children, the child
+    itself before pivot_root when rootless), attached inside with ``attach_binds``."""
+    fds: list[int] = []
+    try:
+        for src, _target, attrs in mp.binds:
+            fd = libc.open_tree_clone(src)
+            fds.append(fd)
+            libc.mount_setattr(b"", attrs, dfd=fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def build_instance(mp: MountPlan, bind_fds: tuple[int, ...]) -> None:
+    """Step (after pivot_root): identity files, /tmp, /dev/shm, the attached binds; then the root
+    tmpfs becomes read-only.
+
+    Root-owned 0755 already keeps the tenant out of /; read-only also stops root-in-userns
+    (rootless mode) and any future bug that would leave the tenant with CAP_DAC_OVERRIDE.
+    """
+    _apply(mp.instance_ops)
+    for fd, (_src, target, _attrs) in zip(bind_fds, mp.binds, strict=True):
+        libc.move_mount_fd(fd, target)
+    flags = libc.MS_REMOUNT | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
+    libc.mount(None, b"/", None, flags, mp.root_data)
 
 
 def enter_cwd(mp: MountPlan) -> None:

@@ -3,10 +3,9 @@
 Why: creating a network namespace costs ~0.4 ms, bringing lo up ~0.1 ms, and assembling the static
 part of the root (tmpfs, ~7 read-only binds, /etc copies, /dev nodes) ~1 ms — more than the whole
 3 ms budget allows once fork and exec are paid. None of it depends on the instance, so the fork
-server builds sets ahead of time (``prewarm``, called when idle) and ``spawn`` hands one set to the
-child, which only ``setns``-es into it and adds the per-instance mounts. Each set is used by exactly
-one sandbox and then dropped (namespaces die with their last process and fd), so nothing is shared
-between tenants. When the pool is empty ``take`` builds a set on the spot: same result, slower.
+server builds sets ahead of time and a pre-forked child (prefork.py) ``setns``-es into one, later
+adding only the per-instance mounts. Each set is used by exactly one sandbox and then dropped
+(namespaces die with their last process and fd), so nothing is shared between tenants.
 
 Building happens in the (single-threaded) fork server itself: it ``unshare``s into fresh
 namespaces, assembles them, keeps fds to them, and ``setns``-es back to its own namespaces and
@@ -69,11 +68,12 @@ def build(mp: mounts.MountPlan) -> NamespaceSet:
     try:
         libc.unshare(libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS)
         try:
+            for name, _flag in _NS:  # before pivot_root hides /proc
+                fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
             mounts.make_private()
             mounts.build_static(mp)
+            mounts.pivot(mp)  # only the set's root changes; setns below restores ours
             netns.loopback_up()
-            for name, _flag in _NS:
-                fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
         finally:
             for name, flag in _NS:
                 libc.setns(own[name], flag)
@@ -85,37 +85,3 @@ def build(mp: mounts.MountPlan) -> NamespaceSet:
     finally:
         os.close(cwd)
     return NamespaceSet(fds["mnt"], fds["net"], fds["ipc"], fds["uts"])
-
-
-class NamespacePool:
-    """Free pre-built sets per filesystem layout."""
-
-    def __init__(self) -> None:
-        self._free: dict[mounts.LayoutKey, list[NamespaceSet]] = {}
-
-    def take(self, mp: mounts.MountPlan) -> NamespaceSet:
-        free = self._free.get(mp.key)
-        if free:
-            return free.pop()
-        return build(mp)
-
-    def prewarm(self, mp: mounts.MountPlan, count: int) -> int:
-        """Build sets until ``count`` are free for this layout; returns how many were built."""
-        free = self._free.setdefault(mp.key, [])
-        built = 0
-        while len(free) < count:
-            free.append(build(mp))
-            built += 1
-        return built
-
-    def available(self, mp: mounts.MountPlan) -> int:
-        return len(self._free.get(mp.key, ()))
-
-    def clear(self) -> None:
-        for sets in self._free.values():
-            for s in sets:
-                s.close()
-        self._free.clear()
-
-
-POOL: Final = NamespacePool()

@@ -1,7 +1,8 @@
 """spawn(): fork a child that confines itself step by step, then execve()s the tenant.
 
-Confinement order (root mode); each step is one small function, and a failure reports its name and
-errno back through a CLOEXEC pipe, where ``spawn`` raises ``SandboxError(step, errno, message)``:
+Confinement order (root mode); each step is one small function (child.py), and a failure reports
+its name and errno back through a close-on-exec channel, where ``spawn`` raises
+``SandboxError(step, errno, message)``:
 
  0. stdio           stdout/stderr from the caller, stdin from /dev/null, signal state reset
  1. cgroup_join     write "0" to the pre-created cgroup(s)' cgroup.procs (limits already written)
@@ -44,92 +45,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gc
 import os
 import resource
 import select
 import signal
+import socket
 import time
-from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-from . import caps, cgroups, libc, mounts, netns, nspool, seccomp
+from . import caps, cgroups, child, libc, mounts, prefork, seccomp
+from .child import STEPS
 from .errors import SandboxError
 from .spec import SandboxSpec, validate_argv, validate_env
 
-NS_FLAGS_ROOT: Final = (
+__all__ = ["STEPS", "Sandbox", "prepare_socket_dir", "prewarm", "spawn"]
+
+NS_FLAGS_ROOTLESS: Final = (
     libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP
 )
 DEFAULT_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 SPAWN_TIMEOUT: Final = 10.0
 
-STEPS: Final = (
-    "stdio",
-    "cgroup_join",
-    "namespaces",
-    "mount_private",
-    "mount_static",
-    "mount_instance",
-    "pivot_root",
-    "chdir",
-    "loopback",
-    "hostname",
-    "rlimits",
-    "session",
-    "bounding_set",
-    "ids",
-    "parent_death",
-    "capabilities",
-    "no_new_privs",
-    "seccomp",
-    "fds",
-    "execve",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class _ChildPlan:
-    """Everything the child needs, computed in the parent so the child does no lookups."""
-
-    stdout_fd: int
-    stderr_fd: int
-    devnull_fd: int
-    errpipe_w: int
-    join_fds: tuple[int, ...]
-    unshare_flags: int
-    ns_fds: tuple[int, int, int, int] | None  # pre-built (mnt, net, ipc, uts) from nspool
-    netns_fd: int
-    mounts: mounts.MountPlan
-    hostname: bytes
-    rlimits: tuple[tuple[int, int], ...]
-    uid: int
-    gid: int
-    cap_last: int
-    filter: seccomp.CompiledFilter
-    argv: tuple[bytes, ...]
-    env: dict[bytes, bytes]
-    path: tuple[bytes, ...]
-    rootless: bool
-    outer_uid: int
-    outer_gid: int
-
-
-class _StepFailed(Exception):
-    def __init__(self, step: str, err: int, message: str) -> None:
-        super().__init__(message)
-        self.step = step
-        self.err = err
-
-
-_own_pidns_fd: int | None = None
 _devnull_fd: int | None = None
-
-
-def _pidns_fd() -> int:
-    global _own_pidns_fd
-    if _own_pidns_fd is None:
-        _own_pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    return _own_pidns_fd
 
 
 def _devnull() -> int:
@@ -163,155 +100,6 @@ def _rlimits(spec: SandboxSpec) -> tuple[tuple[int, int], ...]:
     if r.stack is not None:
         out.append((resource.RLIMIT_STACK, r.stack))
     return tuple(out)
-
-
-# ---------------------------------------------------------------- child side
-
-
-def _step_stdio(p: _ChildPlan) -> None:
-    out = fcntl.fcntl(p.stdout_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    err = fcntl.fcntl(p.stderr_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    os.dup2(p.devnull_fd, 0)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def _step_cgroup_join(p: _ChildPlan) -> None:
-    for fd in p.join_fds:
-        os.write(fd, b"0")
-
-
-def _step_namespaces(p: _ChildPlan) -> None:
-    if p.ns_fds is not None:
-        mnt, net, ipc, uts = p.ns_fds
-        libc.setns(p.netns_fd if p.netns_fd >= 0 else net, libc.CLONE_NEWNET)
-        libc.setns(ipc, libc.CLONE_NEWIPC)
-        libc.setns(uts, libc.CLONE_NEWUTS)
-        libc.setns(mnt, libc.CLONE_NEWNS)
-    libc.unshare(p.unshare_flags)
-    if p.ns_fds is None and p.netns_fd >= 0:
-        libc.setns(p.netns_fd, libc.CLONE_NEWNET)
-
-
-def _step_rlimits(p: _ChildPlan) -> None:
-    for res, value in p.rlimits:
-        resource.setrlimit(res, (value, value))
-
-
-def _step_ids(p: _ChildPlan) -> None:
-    if p.rootless:
-        return  # only our own uid is mapped; see doctor.missing_protections()
-    caps.set_ids(p.uid, p.gid)
-
-
-def _step_fds(p: _ChildPlan) -> None:
-    try:
-        libc.close_range(3, 0xFFFFFFFF, libc.CLOSE_RANGE_CLOEXEC)
-    except OSError as e:
-        if e.errno != errno.ENOSYS:
-            raise
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2:
-                with contextlib.suppress(OSError):
-                    os.set_inheritable(fd, False)
-
-
-def _step_execve(p: _ChildPlan) -> NoReturn:
-    first = p.argv[0]
-    candidates = [first] if b"/" in first else [d + b"/" + first for d in p.path if d]
-    last: OSError = OSError(errno.ENOENT, "not found")
-    for path in candidates:
-        try:
-            os.execve(path, p.argv, p.env)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOTDIR) or last.errno in (errno.ENOENT, None):
-                last = e
-    raise OSError(last.errno, f"execve {first.decode(errors='replace')}: {last.strerror}")
-
-
-def _rootless_userns(p: _ChildPlan) -> None:
-    libc.unshare(libc.CLONE_NEWUSER)
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{p.outer_uid} {p.outer_uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{p.outer_gid} {p.outer_gid} 1")
-    libc.unshare(libc.CLONE_NEWPID)
-
-
-def _fail(p: _ChildPlan, step: str, err: int, message: str) -> NoReturn:
-    with contextlib.suppress(OSError):
-        os.write(p.errpipe_w, b"E" + f"{step}\0{err}\0{message}".encode(errors="replace"))
-    os._exit(127)
-
-
-def _child(p: _ChildPlan) -> NoReturn:
-    # A collection would touch every tracked object and copy-on-write most of the fork server's
-    # heap; the child only lives until execve, so it never needs one.
-    gc.disable()
-    step = "stdio"
-    try:
-        _step_stdio(p)
-        step = "cgroup_join"
-        _step_cgroup_join(p)
-        if p.rootless:
-            step = "userns"
-            _rootless_userns(p)
-            pid = os.fork()
-            if pid != 0:
-                os.write(p.errpipe_w, b"P%d\n" % pid)
-                os._exit(0)
-        step = "namespaces"
-        _step_namespaces(p)
-        if p.ns_fds is None:
-            step = "mount_private"
-            mounts.make_private()
-            step = "mount_static"
-            mounts.build_static(p.mounts)
-        step = "mount_instance"
-        mounts.build_dynamic(p.mounts)
-        step = "pivot_root"
-        mounts.pivot(p.mounts)
-        step = "chdir"
-        mounts.enter_cwd(p.mounts)
-        if p.ns_fds is None:
-            step = "loopback"
-            netns.loopback_up()
-        step = "hostname"
-        netns.set_hostname(p.hostname)
-        step = "rlimits"
-        _step_rlimits(p)
-        step = "session"
-        caps.new_session()
-        step = "bounding_set"
-        caps.drop_bounding_set(p.cap_last)
-        step = "ids"
-        _step_ids(p)
-        step = "parent_death"
-        caps.arm_parent_death(p.errpipe_w)
-        step = "capabilities"
-        caps.clear_capabilities()
-        step = "no_new_privs"
-        caps.no_new_privs()
-        step = "seccomp"
-        p.filter.load()
-        step = "fds"
-        _step_fds(p)
-        step = "execve"
-        _step_execve(p)
-    except OSError as e:
-        _fail(p, step, e.errno or 0, str(e))
-    except BaseException as e:
-        _fail(p, step, 0, f"{type(e).__name__}: {e}")
-
-
-# ---------------------------------------------------------------- parent side
 
 
 class Sandbox:
@@ -461,6 +249,114 @@ def _parse_errpipe(data: bytes) -> tuple[int | None, tuple[str, int, str] | None
     return inner_pid, error
 
 
+def _plan(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    mplan: mounts.MountPlan,
+    *,
+    rootless: bool,
+    fds: tuple[int, int, int, int, tuple[int, ...], int, tuple[int, ...]],
+) -> child.ChildPlan:
+    stdout_fd, stderr_fd, devnull_fd, report_fd, join_fds, netns_fd, bind_fds = fds
+    return child.ChildPlan(
+        stdout_fd=stdout_fd,
+        stderr_fd=stderr_fd,
+        devnull_fd=devnull_fd,
+        report_fd=report_fd,
+        join_fds=join_fds,
+        unshare_flags=(
+            NS_FLAGS_ROOTLESS | (0 if netns_fd >= 0 else libc.CLONE_NEWNET)
+            if rootless
+            else libc.CLONE_NEWCGROUP
+        ),
+        ns_fds=None,
+        prebuilt=not rootless,
+        netns_fd=netns_fd,
+        bind_fds=bind_fds,
+        mounts=mplan,
+        hostname=spec.hostname.encode(),
+        rlimits=_rlimits(spec),
+        uid=spec.uid,
+        gid=spec.effective_gid,
+        cap_last=caps.cap_last_cap(),
+        argv=tuple(a.encode() for a in argv),
+        env={k.encode(): v.encode() for k, v in env.items()},
+        path=tuple(p.encode() for p in env.get("PATH", DEFAULT_PATH).split(":")),
+        rootless=rootless,
+        outer_uid=os.geteuid(),
+        outer_gid=os.getegid(),
+    )
+
+
+def _send_plan(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    mplan: mounts.MountPlan,
+    stdio: tuple[int, int],
+    pid: int,
+    sock: socket.socket,
+    netns_fd: int,
+) -> None:
+    """Hand the plan to the pre-forked child ``pid``; its fds travel by SCM_RIGHTS and the plan
+    carries their indexes in the sent list."""
+    try:
+        bind_fds = mounts.open_binds(mplan)
+    except OSError as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, time.monotonic() + 1)
+        raise SandboxError("mount_instance", e.errno or 0, str(e)) from e
+    send = [stdio[0], stdio[1], _devnull(), *bind_fds] + ([netns_fd] if netns_fd >= 0 else [])
+    nb = len(bind_fds)
+    plan = _plan(
+        spec,
+        argv,
+        env,
+        mplan,
+        rootless=False,
+        fds=(0, 1, 2, -1, (), 3 + nb if netns_fd >= 0 else -1, tuple(range(3, 3 + nb))),
+    )
+    try:
+        socket.send_fds(sock, [plan.to_wire()], send)
+    except OSError as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, time.monotonic() + 1)
+        raise SandboxError("plan", e.errno or 0, f"pre-forked child unreachable: {e}") from e
+    finally:
+        for fd in bind_fds:  # the child holds its own copies now (or failed)
+            os.close(fd)
+
+
+def _start_rootless(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    mplan: mounts.MountPlan,
+    stdio: tuple[int, int],
+    netns_fd: int,
+) -> tuple[int, int]:
+    """Fork directly (no pre-built namespaces); returns (intermediate pid, report read fd)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    r, w = _high_fd(r), _high_fd(w)
+    plan = _plan(
+        spec, argv, env, mplan, rootless=True, fds=(*stdio, _devnull(), w, (), netns_fd, ())
+    )
+    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child.confine(plan)
+            finally:
+                os._exit(127)
+    finally:
+        os.close(w)
+    return pid, r
+
+
 def spawn(
     spec: SandboxSpec,
     argv: list[str],
@@ -477,28 +373,14 @@ def spawn(
     validate_argv(argv)
     validate_env(env)
     rootless = os.geteuid() != 0
-    filt = seccomp.compiled_filter()
+    seccomp.compiled_filter()  # built once, before any fork
+    limits = _limits(spec)
     cg: cgroups.CgroupHandle | None = None
-    if not rootless:
-        try:
-            backend = cgroups.detect()
-        except Exception as e:
-            raise SandboxError("cgroup_create", errno.ENODEV, str(e)) from e
-        limits = cgroups.Limits(
-            memory=spec.memory,
-            memory_high=spec.memory_high,
-            cpu=spec.cpu,
-            cpu_weight=spec.cpu_weight,
-            pids=spec.pids,
-        )
-        try:
-            cg = backend.create(spec.cgroup_parent, spec.name, limits)
-        except OSError as e:
-            raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
+    idle: prefork.Idle | None = None
     net: Any = None
-    ns: nspool.NamespaceSet | None = None
-    join_fds: list[int] = []
-    r = w = -1
+    report: socket.socket | None = None
+    report_fd = -1
+    pid = -1
     try:
         if spec.network == "egress":
             from . import egress
@@ -507,69 +389,32 @@ def spawn(
                 net = egress.setup(spec)
             except OSError as e:
                 raise SandboxError("egress", e.errno or 0, str(e)) from e
+        netns_fd = net.netns_fd if net is not None else -1
         mplan = _mount_plan(spec, rootless)
         if rootless:
-            unshare_flags = NS_FLAGS_ROOT | (0 if net is not None else libc.CLONE_NEWNET)
+            pid, report_fd = _start_rootless(
+                spec, argv, env, mplan, (stdout_fd, stderr_fd), netns_fd
+            )
         else:
             try:
-                ns = nspool.POOL.take(mplan)
-            except OSError as e:
-                raise SandboxError("namespaces", e.errno or 0, f"building namespaces: {e}") from e
-            unshare_flags = libc.CLONE_NEWCGROUP
-        if cg is not None:
-            join_fds = cg.open_join_fds()
-        r, w = os.pipe2(os.O_CLOEXEC)
-        r, w = _high_fd(r), _high_fd(w)
-        plan = _ChildPlan(
-            stdout_fd=stdout_fd,
-            stderr_fd=stderr_fd,
-            devnull_fd=_devnull(),
-            errpipe_w=w,
-            join_fds=tuple(join_fds),
-            unshare_flags=unshare_flags,
-            ns_fds=ns.fds() if ns is not None else None,
-            netns_fd=net.netns_fd if net is not None else -1,
-            mounts=mplan,
-            hostname=spec.hostname.encode(),
-            rlimits=_rlimits(spec),
-            uid=spec.uid,
-            gid=spec.effective_gid,
-            cap_last=caps.cap_last_cap(),
-            filter=filt,
-            argv=tuple(a.encode() for a in argv),
-            env={k.encode(): v.encode() for k, v in env.items()},
-            path=tuple(p.encode() for p in env.get("PATH", DEFAULT_PATH).split(":")),
-            rootless=rootless,
-            outer_uid=os.geteuid(),
-            outer_gid=os.getegid(),
-        )
-        if rootless:
-            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
-            pid = os.fork()
-        else:
+                backend = cgroups.detect()
+            except Exception as e:
+                raise SandboxError("cgroup_create", errno.ENODEV, str(e)) from e
             try:
-                libc.unshare(libc.CLONE_NEWPID)
+                idle = prefork.POOL.take(mplan, spec.cgroup_parent, limits)
             except OSError as e:
-                raise SandboxError("unshare_pid", e.errno or 0, str(e)) from e
+                raise SandboxError("namespaces", e.errno or 0, f"preparing a child: {e}") from e
             try:
-                pid = os.fork()
-            except BaseException:
-                libc.setns(_pidns_fd(), libc.CLONE_NEWPID)
-                raise
-            if pid != 0:  # parent: later children (and threads) stay in our own pid namespace
-                libc.setns(_pidns_fd(), libc.CLONE_NEWPID)
-        if pid == 0:
-            _child(plan)
-        os.close(w)
-        w = -1
-        for fd in join_fds:
-            os.close(fd)
-        join_fds = []
-        if ns is not None:
-            ns.close()
+                cg = backend.activate(idle.cgroup, spec.name, limits, idle.limits)
+            except OSError as e:
+                raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
+            pid, report = idle.pid, idle.sock
+            idle = None
+            _send_plan(spec, argv, env, mplan, (stdout_fd, stderr_fd), pid, report, netns_fd)
+            report_fd = report.fileno()
         deadline = time.monotonic() + SPAWN_TIMEOUT
         try:
-            data = _read_errpipe(r, deadline)
+            data = _read_errpipe(report_fd, deadline)
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
             _reap(pid, deadline + 1)
@@ -592,16 +437,17 @@ def spawn(
         net = None
         return sandbox
     finally:
-        for fd in (r, w, *join_fds):
-            if fd >= 0:
-                os.close(fd)
+        if idle is not None:
+            idle.discard()
+        if report is not None:
+            report.close()
+        elif report_fd >= 0:
+            os.close(report_fd)
         if cg is not None:
             with contextlib.suppress(OSError, TimeoutError):
                 cg.remove()
         if net is not None:
             net.teardown()
-        if ns is not None:
-            ns.close()
 
 
 def _mount_plan(spec: SandboxSpec, rootless: bool) -> mounts.MountPlan:
@@ -613,13 +459,23 @@ def _mount_plan(spec: SandboxSpec, rootless: bool) -> mounts.MountPlan:
 
 
 def prewarm(spec: SandboxSpec, count: int = 2) -> int:
-    """Pre-build ``count`` namespace sets for sandboxes shaped like ``spec`` (same rootfs, extra
-    binds and network mode); call from the fork server when idle. Also compiles the seccomp filter.
-    Returns how many sets were built. A no-op (0) in rootless mode."""
+    """Pre-fork ``count`` idle children (each in its own pre-built namespaces) for sandboxes shaped
+    like ``spec`` (same rootfs, extra binds, network mode); call from the fork server when idle.
+    Also compiles the seccomp filter. Returns how many were forked; 0 in rootless mode."""
     seccomp.compiled_filter()
     if os.geteuid() != 0:
         return 0
-    return nspool.POOL.prewarm(_mount_plan(spec, False), count)
+    return prefork.POOL.prewarm(_mount_plan(spec, False), spec.cgroup_parent, count, _limits(spec))
+
+
+def _limits(spec: SandboxSpec) -> cgroups.Limits:
+    return cgroups.Limits(
+        memory=spec.memory,
+        memory_high=spec.memory_high,
+        cpu=spec.cpu,
+        cpu_weight=spec.cpu_weight,
+        pids=spec.pids,
+    )
 
 
 def prepare_socket_dir(path: str, uid: int, gid: int | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes import STEPS, SandboxError, cleanup_stale, nspool, prewarm, spawn
+from sandboxes import STEPS, SandboxError, cleanup_stale, prefork, prewarm, spawn
 from sandboxes import cgroups as cg
 
 from .conftest import ENV, PY, Runner, procs_of_uid
@@ -149,15 +149,25 @@ def test_stats_and_kill(sbx: Runner) -> None:
     assert r.signal == signal.SIGKILL
 
 
-def test_prewarmed_namespaces_are_used_once(sbx: Runner) -> None:
+def test_prewarmed_children_serve_exactly_one_sandbox(sbx: Runner) -> None:
     spec = sbx.spec()
-    nspool.POOL.clear()
+    prefork.POOL.clear()
     assert prewarm(spec, 2) == 2
-    r1 = sbx.run(["/bin/true"], spec)
-    r2 = sbx.run(["/bin/true"], sbx.spec())
-    assert r1.exit_code == 0 and r2.exit_code == 0
-    mp = nspool.mounts.plan(spec)
-    assert nspool.POOL.available(mp) == 0  # each set served exactly one sandbox
+    idle = set(prefork.POOL.idle_pids())
+    assert len(idle) == 2
+    sb1, out1, err1 = sbx.start(["/bin/true"], spec)
+    sb2, out2, err2 = sbx.start(["/bin/true"], sbx.spec())  # other limits: any idle child will do
+    assert {sb1.pid, sb2.pid} == idle  # the pre-forked children became the sandboxes
+    assert prefork.POOL.idle_pids() == []
+    assert sbx.finish(sb1, out1, err1).exit_code == 0
+    assert sbx.finish(sb2, out2, err2).exit_code == 0
+
+
+def test_without_prewarm_spawn_forks_on_demand(sbx: Runner) -> None:
+    prefork.POOL.clear()
+    r = sbx.run(["/bin/true"])
+    assert r.exit_code == 0
+    assert prefork.POOL.idle_pids() == []
 
 
 def test_cleanup_stale_after_gateway_crash(tmp_path: Path) -> None:

@@ -1,0 +1,211 @@
+"""Pre-forked, half-confined children: the fork is paid before the request arrives.
+
+Why: on this class of VM a fork of the Python fork server costs ~0.5 ms in the parent and the child
+needs 1-3 ms of copy-on-write page faults before it runs its first step — more than the whole 3 ms
+budget. So, when idle, the fork server ``prewarm``s: it builds a namespace set (nspool), forks a
+child that is pid 1 of a fresh pid namespace, and that child joins the set, arms its parent-death
+signal and blocks on a socket. ``spawn`` then only sends the per-instance plan (pickled plain data)
+plus the fds it needs (stdout, stderr, /dev/null, cgroup.procs, egress netns) with SCM_RIGHTS; the
+child runs the remaining steps (cgroup join, per-instance mounts, pivot_root, privileges, seccomp)
+and execs. The same socket carries step failures back; its close-on-exec EOF signals success.
+
+An idle child holds: root credentials in fresh namespaces nobody else uses, no tenant data, and
+nothing but its socket. It is used for exactly one sandbox. The cost: each idle child is a
+fork-server-sized process (mostly shared pages) and its already-copied pages are charged to the
+fork server's memory cgroup, not the tenant's (≈1-2 MiB). Callers that reap with ``waitpid(-1)``
+must ignore ``idle_pids()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import os
+import select
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Final, NoReturn
+
+from . import cgroups, child, libc, mounts, nspool
+
+MAX_MSG: Final = 1 << 20
+MAX_FDS: Final = 16
+
+
+PoolKey = tuple[mounts.LayoutKey, str]
+
+
+@dataclass(slots=True)
+class Idle:
+    """One idle pre-forked child, owned by the pool until ``take``n."""
+
+    pid: int
+    sock: socket.socket
+    key: PoolKey
+    cgroup: cgroups.CgroupHandle
+    limits: cgroups.Limits | None  # written at prewarm (None: unlimited until activated)
+
+    def discard(self) -> None:
+        """Kill and reap the child and remove its cgroup (used on failures and by ``clear``)."""
+        self.sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        with contextlib.suppress(OSError, TimeoutError):
+            self.cgroup.remove()
+
+
+_counter = itertools.count()
+
+
+_own_pidns_fd: int | None = None
+
+
+def own_pidns_fd() -> int:
+    global _own_pidns_fd
+    if _own_pidns_fd is None:
+        _own_pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    return _own_pidns_fd
+
+
+def fork_into_new_pidns() -> int:
+    """fork() with the child as pid 1 of a new pid namespace, the parent staying in its own.
+
+    ``unshare(CLONE_NEWPID)`` only changes the namespace of the caller's *future children*; the
+    parent ``setns``-es straight back, so nothing else it forks is affected.
+    """
+    libc.unshare(libc.CLONE_NEWPID)
+    try:
+        pid = os.fork()
+    except BaseException:
+        libc.setns(own_pidns_fd(), libc.CLONE_NEWPID)
+        raise
+    if pid != 0:
+        libc.setns(own_pidns_fd(), libc.CLONE_NEWPID)
+    return pid
+
+
+def _idle_main(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int]) -> NoReturn:
+    """Pre-forked child: join its cgroup and the pre-built namespaces, wait for a plan, confine."""
+    gc.disable()
+    try:
+        for fd in join_fds:  # the slow part of a cgroup move (an RCU grace period) happens here
+            os.write(fd, b"0")
+            os.close(fd)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        for _fd, ev in p.poll(0):
+            if ev & (select.POLLHUP | select.POLLERR):
+                os._exit(0)  # the fork server died between fork and prctl
+        child.join_prebuilt(ns.fds())
+        ns.close()
+        mounts.mount_proc()  # we are pid 1 of our pid namespace: its procfs, ahead of time
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
+    except BaseException as e:
+        child.fail(sock.fileno(), "namespaces", getattr(e, "errno", 0) or 0, str(e))
+    if not msg:
+        os._exit(0)  # pool drained: the parent closed our socket
+    try:
+        plan = child.ChildPlan.from_wire(msg, fds, sock.fileno())
+    except BaseException as e:
+        child.fail(sock.fileno(), "plan", 0, f"{type(e).__name__}: {e}")
+    child.confine(plan)
+
+
+def fork_idle(
+    mp: mounts.MountPlan, cgroup_parent: str, limits: cgroups.Limits | None = None
+) -> Idle:
+    """Create an idle cgroup and a namespace set, fork a child into both (in the fork server).
+
+    With ``limits`` (the expected spec's), they are written now so ``spawn`` need not."""
+    backend = cgroups.detect()
+    cg = backend.make(cgroup_parent, f"idle-{os.getpid()}-{next(_counter)}")
+    join_fds: list[int] = []
+    try:
+        if limits is not None:
+            backend.apply_limits(cg, limits)
+        join_fds = cg.open_join_fds()
+        ns = nspool.build(mp)
+        try:
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = fork_into_new_pidns()
+                if pid == 0:
+                    try:
+                        parent_sock.close()
+                        _idle_main(child_sock, ns, join_fds)
+                    finally:
+                        os._exit(127)
+            finally:
+                child_sock.close()
+        finally:
+            ns.close()
+    except BaseException:
+        with contextlib.suppress(OSError, TimeoutError):
+            cg.remove()
+        raise
+    finally:
+        for fd in join_fds:
+            os.close(fd)
+    return Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
+
+
+class PreforkPool:
+    """Idle children per (filesystem layout, cgroup parent)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[PoolKey, list[Idle]] = {}
+
+    def take(self, mp: mounts.MountPlan, cgroup_parent: str, limits: cgroups.Limits) -> Idle:
+        """An idle child for this layout, preferring one whose cgroup already has ``limits``."""
+        idle = self._idle.get((mp.key, cgroup_parent))
+        while idle:
+            best = next((i for i in reversed(idle) if i.limits == limits), idle[-1])
+            idle.remove(best)
+            if _alive(best):
+                return best
+            best.discard()
+        return fork_idle(mp, cgroup_parent)
+
+    def prewarm(
+        self,
+        mp: mounts.MountPlan,
+        cgroup_parent: str,
+        count: int,
+        limits: cgroups.Limits | None = None,
+    ) -> int:
+        idle = self._idle.setdefault((mp.key, cgroup_parent), [])
+        built = 0
+        while sum(1 for i in idle if i.limits == limits) < count:
+            idle.append(fork_idle(mp, cgroup_parent, limits))
+            built += 1
+        return built
+
+    def available(self, mp: mounts.MountPlan, cgroup_parent: str) -> int:
+        return len(self._idle.get((mp.key, cgroup_parent), ()))
+
+    def idle_pids(self) -> list[int]:
+        return [i.pid for idle in self._idle.values() for i in idle]
+
+    def clear(self) -> None:
+        """Dismiss every idle child (closing its socket makes it exit) and reap it."""
+        for idle in self._idle.values():
+            for i in idle:
+                i.discard()
+        self._idle.clear()
+
+
+def _alive(idle: Idle) -> bool:
+    """An idle child that died (OOM killer, operator) must not be handed a tenant."""
+    try:
+        pid, _ = os.waitpid(idle.pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return pid == 0
+
+
+POOL: Final = PreforkPool()
