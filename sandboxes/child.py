@@ -6,7 +6,7 @@ every path ends in ``execve`` or ``os._exit``. Failures are written to the repor
 report fd closing on exec (it is close-on-exec), exactly like subprocess's error pipe.
 
 Steps (names are what ``SandboxError.step`` reports; see spawn.py for why this order):
-stdio, cgroup_join, namespaces, [mount_private, mount_static, pivot_root, mount_proc, loopback:
+stdio, cgroup_join, namespaces, [mount_private, mount_static, mount_proc, pivot_root, loopback:
 only when not pre-built, i.e. rootless], mount_instance, chdir, hostname, rlimits, session,
 bounding_set, ids, parent_death, capabilities, no_new_privs, seccomp, fds, execve.
 """
@@ -32,8 +32,8 @@ STEPS: Final = (
     "namespaces",
     "mount_private",
     "mount_static",
-    "pivot_root",
     "mount_proc",
+    "pivot_root",
     "mount_instance",
     "chdir",
     "loopback",
@@ -188,6 +188,9 @@ def step_execve(p: ChildPlan) -> NoReturn:
 
 
 def rootless_userns(p: ChildPlan) -> None:
+    # A process that changed uids is non-dumpable, which makes /proc/self/uid_map root-owned and
+    # unwritable from the new namespace; execve resets dumpability anyway.
+    libc.prctl(libc.PR_SET_DUMPABLE, 1)
     libc.unshare(libc.CLONE_NEWUSER)
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
@@ -230,10 +233,10 @@ def confine(p: ChildPlan) -> NoReturn:
             step = "mount_static"
             mounts.build_static(p.mounts)
             bind_fds = tuple(mounts.open_binds(p.mounts))
+            step = "mount_proc"
+            mounts.mount_proc(p.mounts.base + b"/proc")
             step = "pivot_root"
             mounts.pivot(p.mounts)
-            step = "mount_proc"
-            mounts.mount_proc()
         step = "mount_instance"
         mounts.build_instance(p.mounts, bind_fds)
         step = "chdir"

@@ -86,6 +86,7 @@ MOUNT_ATTR_NOEXEC: Final = 0x8
 
 # prctl options
 PR_SET_PDEATHSIG: Final = 1
+PR_SET_DUMPABLE: Final = 4
 PR_SET_KEEPCAPS: Final = 8
 PR_SET_SECCOMP: Final = 22
 PR_CAPBSET_READ: Final = 23

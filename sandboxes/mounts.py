@@ -260,7 +260,11 @@ def _static_ops(key: LayoutKey) -> tuple[Op, ...]:
             else:
                 pl.bind(host, "/" + name, RO_ATTRS, is_file=True)
         prefixes = []
-    for path in (*prefixes, *extra_ro_binds):
+    for path in prefixes:
+        # rootless: a prefix the unprivileged caller cannot read (e.g. under /root) is useless
+        if not pl.covered(path) and (not rootless or os.access(path, os.R_OK | os.X_OK)):
+            pl.bind(path, path, RO_ATTRS)
+    for path in extra_ro_binds:
         if not pl.covered(path):
             pl.bind(path, path, RO_ATTRS)
     for mountpoint in ("/app", "/data", "/run/dorm", "/tmp", "/proc"):
@@ -398,10 +402,13 @@ def pivot(mp: MountPlan) -> None:
     os.chdir(b"/")
 
 
-def mount_proc() -> None:
-    """Fresh procfs of the caller's pid namespace (the caller must be in it: pid 1 mounts it)."""
+def mount_proc(target: bytes = b"/proc") -> None:
+    """Fresh procfs of the caller's pid namespace (the caller must be in it: pid 1 mounts it).
+
+    In a user namespace the kernel only allows this while an unobscured procfs is still visible
+    in the mount namespace, i.e. before pivot_root detaches the host's."""
     flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-    libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=invisible")
+    libc.mount(b"proc", target, b"proc", flags, b"hidepid=invisible")
 
 
 def open_binds(mp: MountPlan) -> list[int]:

@@ -1,43 +1,51 @@
-"""spawn(): fork a child that confines itself step by step, then execve()s the tenant.
+"""spawn(): start a tenant process fully confined, step by step, ending in execve().
 
-Confinement order (root mode); each step is one small function (child.py), and a failure reports
-its name and errno back through a close-on-exec channel, where ``spawn`` raises
-``SandboxError(step, errno, message)``:
+Confinement order (root mode). Each step is one small function (child.py / mounts.py / caps.py);
+a failure reports its name and errno back over a close-on-exec channel and ``spawn`` raises
+``SandboxError(step, errno, message)``. Steps marked [prewarm] run ahead of time in a pre-forked
+child (prefork.py) or in the fork server while it builds that child's namespaces (nspool.py);
+everything else runs when ``spawn`` is called, before any tenant code:
 
- 0. stdio           stdout/stderr from the caller, stdin from /dev/null, signal state reset
- 1. cgroup_join     write "0" to the pre-created cgroup(s)' cgroup.procs (limits already written)
- 2. unshare         mount, ipc, uts, net (or setns into the prepared egress netns), cgroup
-                    (the pid namespace was entered by the fork itself, see "pid mapping" below)
- 3. mount_private   make / rprivate: nothing propagates to or from the host
- 4. mount_root      tmpfs root, read-only nosuid nodev binds, /app, /data, /run/dorm, /tmp, /dev,
-                    /dev/shm, /proc; root remounted read-only (see mounts.py for the layout)
- 5. pivot_root      pivot_root(".", ".") + MNT_DETACH of the old root, then chdir(cwd)
- 6. loopback        lo up with two ioctls
- 7. hostname        sethostname in the new UTS namespace
- 8. rlimits         NOFILE, CORE=0, FSIZE, MEMLOCK, MSGQUEUE, NPROC(=pids), STACK
- 9. session         setsid
-10. bounding_set    PR_CAPBSET_DROP of every capability (needs CAP_SETPCAP: before the uid change)
-11. ids             setgroups([]), setresgid, setresuid to the instance's unprivileged uid
-12. parent_death    PR_SET_PDEATHSIG(SIGKILL), after the uid change, which would reset it
-13. capabilities    capset(0, 0, 0) and ambient cleared
-14. no_new_privs    PR_SET_NO_NEW_PRIVS
-15. seccomp         load the pre-compiled BPF deny list (built once in the fork server)
-16. fds             every fd >= 3 marked close-on-exec (close_range), so only 0, 1, 2 survive
-17. execve          argv with exactly the given environment (PATH lookup inside the sandbox)
+ 1. cgroup          [prewarm] create, limit (if the expected limits are known) and join;
+                    at spawn: rename to the instance name (v1) and write limits if they differ
+ 2. namespaces      [prewarm] new pid ns (the child is its pid 1), mount, net, ipc, uts;
+                    at spawn: setns into the egress netns if any, then unshare(cgroup ns)
+ 3. mounts          [prewarm] make / rprivate; tmpfs root; read-only nosuid nodev binds of /usr,
+                    /lib*, the Python prefix, extra_ro_binds; generated /etc subset; /dev nodes;
+                    pivot_root + detach of the old root; fresh /proc of the child's pid ns
+                    at spawn: /etc identity files, /tmp and /dev/shm tmpfs with sizes, /app (ro),
+                    /data, /run/dorm attached as detached trees (open_tree by the parent),
+                    root remounted read-only, chdir(cwd)
+ 4. loopback        [prewarm] lo up with two ioctls
+ 5. hostname        sethostname in the new UTS namespace
+ 6. rlimits         NOFILE, CORE=0, FSIZE, MEMLOCK, MSGQUEUE, NPROC(=pids), STACK
+ 7. session         setsid
+ 8. bounding_set    PR_CAPBSET_DROP of every capability (needs CAP_SETPCAP: before the uid change)
+ 9. ids             setgroups([]), setresgid, setresuid to the instance's unprivileged uid
+10. parent_death    PR_SET_PDEATHSIG(SIGKILL), re-armed after the uid change (which resets it)
+11. capabilities    capset(0, 0, 0) and ambient cleared
+12. no_new_privs    PR_SET_NO_NEW_PRIVS
+13. seccomp         load the pre-compiled BPF deny list (built once in the fork server)
+14. fds             every fd >= 3 marked close-on-exec (close_range), so only 0, 1, 2 survive
+15. execve          argv with exactly the given environment (PATH lookup inside the sandbox)
 
-Pid mapping: just before forking, the parent calls ``unshare(CLONE_NEWPID)``, which only changes the
-pid namespace *for its next children*, forks, and immediately ``setns``-es back to its own pid
-namespace. The child is therefore pid 1 of a fresh pid namespace and, at the same time, a direct
-child of the caller: ``Sandbox.pid`` is its pid as the caller sees it and the caller ``waitpid``s it
-as usual. Because the tenant's process is the namespace's init, (a) when it exits the kernel
-SIGKILLs every other process in the sandbox, including double-forked orphans, (b) orphans are
-reparented to it, not to the host, and (c) like any pid 1 it only receives signals it installed a
-handler for (SIGKILL from the host always works; ``Sandbox.kill`` uses it).
+Why split at all: on this VM every RCU-bound kernel operation (moving a task between cgroups,
+detaching the old root) costs 1-20 ms after an idle spell, and forking the Python fork server costs
+1-3 ms of copy-on-write faults before the child runs; none of it depends on the instance.
 
-Rootless mode (not root): the child first creates a user namespace mapping only the caller's own
-uid, then the other namespaces; a second fork makes the pid-1 process and the intermediate exits,
-so the caller becomes a child subreaper to keep the waited pid its own child. See ``doctor.py`` for
-which protections are missing in that mode.
+Pid mapping: the fork server calls ``unshare(CLONE_NEWPID)`` (which only changes the pid namespace
+*of its next child*), forks, and ``setns``-es straight back. The child is pid 1 of a fresh pid
+namespace and, at the same time, a direct child of the caller: ``Sandbox.pid`` is its pid as the
+caller sees it, and the caller ``waitpid``s it as usual. After execve the tenant's process *is*
+that pid 1, so (a) when it exits the kernel SIGKILLs every other process of the sandbox, including
+double-forked orphans, (b) orphans are reparented to it, never to the host, and (c) like any pid 1
+it only receives signals it installed a handler for (SIGKILL from the host always works;
+``Sandbox.kill`` uses it, through a pidfd).
+
+Rootless mode (not root): no pre-forking; the child creates a user namespace mapping only the
+caller's own uid, then the other namespaces, and runs every step itself. A second fork makes the
+pid-1 process and the intermediate exits, so the caller becomes a child subreaper to keep the
+waited pid its own child. ``doctor.missing_protections()`` lists what that mode cannot provide.
 """
 
 from __future__ import annotations
