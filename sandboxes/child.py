@@ -248,10 +248,11 @@ def confine(p: ChildPlan) -> NoReturn:
         netns.set_hostname(p.hostname)
         step = "rlimits"
         step_rlimits(p)
-        step = "session"
-        caps.new_session()
-        step = "bounding_set"
-        caps.drop_bounding_set(p.cap_last)
+        if not p.prebuilt:  # a pre-forked child did both while idle (prefork._idle_main)
+            step = "session"
+            caps.new_session()
+            step = "bounding_set"
+            caps.drop_bounding_set(p.cap_last)
         step = "ids"
         step_ids(p)
         step = "parent_death"

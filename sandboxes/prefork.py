@@ -28,9 +28,11 @@ import socket
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-from . import cgroups, child, libc, mounts, nspool
+from . import caps, cgroups, child, libc, mounts, nspool
 
 MAX_MSG: Final = 1 << 20
+READY: Final = b"R"
+READY_TIMEOUT: Final = 30.0
 MAX_FDS: Final = 16
 
 
@@ -104,6 +106,12 @@ def _idle_main(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int]
         child.join_prebuilt(ns.fds())
         ns.close()
         mounts.mount_proc()  # we are pid 1 of our pid namespace: its procfs, ahead of time
+        # Instance-independent privilege steps, done while idle: a new session, and an empty
+        # capability bounding set (effective/permitted caps stay until the uid change at spawn,
+        # so the remaining mount and setns work still succeeds).
+        caps.new_session()
+        caps.drop_bounding_set(caps.cap_last_cap())
+        sock.send(READY)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
     except BaseException as e:
         child.fail(sock.fileno(), "namespaces", getattr(e, "errno", 0) or 0, str(e))
@@ -151,7 +159,33 @@ def fork_idle(
     finally:
         for fd in join_fds:
             os.close(fd)
-    return Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
+    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
+    try:
+        _await_ready(idle)
+    except BaseException:
+        idle.discard()
+        raise
+    return idle
+
+
+def _await_ready(idle: Idle) -> None:
+    """Block until the child has joined its cgroup and namespaces (or report why it could not).
+
+    The cgroup join waits for an RCU grace period; waiting here keeps that wait inside prewarm
+    (or inside the on-demand path) instead of letting it surface in a later ``spawn``."""
+    idle.sock.settimeout(READY_TIMEOUT)
+    try:
+        msg = idle.sock.recv(4096)
+    except TimeoutError:
+        raise OSError(110, "pre-forked child did not get ready") from None
+    finally:
+        idle.sock.settimeout(None)
+    if msg == READY:
+        return
+    if msg.startswith(b"E"):
+        step, err, message = msg[1:].decode(errors="replace").split("\0", 2)
+        raise OSError(int(err), f"pre-forked child failed at {step}: {message}")
+    raise OSError(5, f"pre-forked child exited during setup ({msg[:40]!r})")
 
 
 class PreforkPool:
