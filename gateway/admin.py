@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, NoReturn, Protocol
@@ -76,7 +76,11 @@ class ApiError(Exception):
 
 @dataclass(slots=True)
 class Request:
-    """A fully-read admin request. `params` are the validated `{placeholders}` of the route."""
+    """An admin request. `params` are the validated `{placeholders}` of the route.
+
+    The body is in `body`, read whole, unless the route streams it: then `stream` yields it in
+    pieces as they arrive (and `body` stays empty), so an upload never sits in memory whole.
+    """
 
     method: str
     path: str
@@ -84,6 +88,7 @@ class Request:
     params: dict[str, str]
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -128,7 +133,12 @@ Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 @dataclass(frozen=True, slots=True)
 class Route:
     """One endpoint. `pattern` segments in braces are captured; `{app}` and `{branch}` are
-    validated as names before the handler runs. `query` lists the accepted query parameters."""
+    validated as names before the handler runs. `query` lists the accepted query parameters.
+
+    With `stream_body` the handler gets the body as `Request.stream` instead of `Request.body`:
+    each piece must arrive within `body_timeout` of the previous one (a large upload may take
+    longer than that in all), and more than `max_body` bytes is a 413.
+    """
 
     method: str
     pattern: str
@@ -136,6 +146,7 @@ class Route:
     auth: bool = True
     max_body: int = MAX_BODY
     query: frozenset[str] = frozenset()
+    stream_body: bool = False
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -194,7 +205,9 @@ class AdminServer:
         self.token = token
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
-        self.routes: list[Route] = [*self._builtin_routes(), *extra_routes]
+        # Extra routes are matched first, so a subsystem can extend a built-in endpoint (the
+        # bundle code adds deploy state to the branch listing and cleanup to branch deletion).
+        self.routes: list[Route] = [*extra_routes, *self._builtin_routes()]
 
     def _builtin_routes(self) -> list[Route]:
         logs_query = frozenset({"branch", "tail", "follow"})
@@ -547,8 +560,15 @@ class AdminServer:
         length = next((v for k, v in headers if k == b"content-length"), None)
         if length is not None and int(length) > route.max_body:
             raise ApiError(413, "body", f"request body larger than {route.max_body} bytes")
-        request.body = await self._read_body(conn, reader, writer, route.max_body)
-        return await route.handler(request)
+        if not route.stream_body:
+            request.body = await self._read_body(conn, reader, writer, route.max_body)
+            return await route.handler(request)
+        stream = self._body_stream(conn, reader, writer, route.max_body)
+        request.stream = stream
+        try:
+            return await route.handler(request)
+        finally:
+            await stream.aclose()
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         auth = next((v for k, v in headers if k == b"authorization"), None)
@@ -580,6 +600,37 @@ class AdminServer:
                 chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
+            else:
+                raise _Closed
+
+    async def _body_stream(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limit: int,
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the request body as it arrives. A malformed body, a stall longer than
+        `body_timeout` or a client that goes away ends the connection (`_Closed`) after an error
+        answer where one can still be sent; past `limit` bytes it is a 413."""
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        size = 0
+        while True:
+            deadline = time.monotonic() + self.cfg.body_timeout
+            try:
+                event = await self._next_event(conn, reader, deadline)
+            except h11.RemoteProtocolError as exc:
+                await self._raw_error(writer, 400, "body", f"malformed request body: {exc}")
+            except TimeoutError:
+                await self._raw_error(writer, 408, "body", "timed out reading the request body")
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise ApiError(413, "body", f"request body larger than {limit} bytes")
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
             else:
                 raise _Closed
 

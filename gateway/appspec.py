@@ -1,21 +1,29 @@
 """The app spec: what an operator says about an app, validated once, on the way in.
 
 The same keys arrive as JSON on `PUT /v1/apps/{app}`, as `[apps.NAME]` tables in dorm.toml and
-(later) as bundle manifests, so validation lives here, in one place. Every error names the
-offending field with a dotted path (`limits.memory`) so an API client can point at it.
+as bundle manifests (`dorm.toml` at a bundle's root), so validation lives here, in one place. Every
+error names the offending field with a dotted path (`limits.memory`) so an API client can point at
+it.
+
+A branch runs the *effective* spec: the operator's app spec overlaid with the branch bundle's
+manifest (`overlay_spec`). The bundle may change how its code starts but may only tighten what the
+operator granted: limits can only go down, isolation can only get stronger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.names import InvalidName, check_app_name, check_branch_name
 from gateway.units import UnitError, format_size, parse_duration, parse_size
 
-RUNTIMES = ("command",)
+RUNTIMES = ("command", "python-asgi", "python-wsgi", "static")
+PYTHON_RUNTIMES = ("python-asgi", "python-wsgi")
 ISOLATIONS = ("process", "sandbox")
 MAX_ENV_ENTRIES = 256
 MAX_ENV_BYTES = 64 * 1024
@@ -23,6 +31,11 @@ MAX_ARGV = 256
 MAX_ARG_LEN = 4096
 # Variables the gateway sets for every instance; an app may not override them.
 RESERVED_ENV = frozenset({"DORM_SOCKET", "DORM_APP", "DORM_BRANCH", "PORT"})
+MAX_STATIC_INDEX = 16
+MIN_TTL = 1.0
+N = TypeVar("N", int, float)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SpecError(ValueError):
@@ -51,12 +64,28 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class StaticOptions:
+    """How the static runtime serves a bundle: index files for directories, optional SPA fallback.
+
+    `spa_fallback` is the file answered for paths that match nothing, so client-side routes of a
+    single-page app load the app instead of a 404.
+    """
+
+    index: tuple[str, ...] = ("index.html",)
+    spa_fallback: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": list(self.index), "spa_fallback": self.spa_fallback}
+
+
+@dataclass(frozen=True, slots=True)
 class AppSpec:
     """One app: how to start it and the limits it runs under. Immutable; replaced as a whole."""
 
     name: str
     runtime: str = "command"
     command: tuple[str, ...] = ()
+    entry: str | None = None  # "module:attr" for the python-* runtimes
     env: dict[str, str] = field(default_factory=dict)
     idle_timeout: float = 300.0
     startup_timeout: float = 10.0
@@ -66,13 +95,16 @@ class AppSpec:
     health: str | None = None
     isolation: str | None = None  # None: the gateway's default
     limits: Limits = field(default_factory=Limits)
+    static: StaticOptions = field(default_factory=StaticOptions)
+    ttl: float | None = None  # branches other than main idle this long are deleted
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as the admin API shows it (sizes in readable units)."""
+        """The spec as the admin API shows it (sizes in readable units); parses back to itself."""
         return {
             "name": self.name,
             "runtime": self.runtime,
             "command": list(self.command),
+            "entry": self.entry,
             "env": dict(self.env),
             "idle_timeout": self.idle_timeout,
             "startup_timeout": self.startup_timeout,
@@ -82,23 +114,66 @@ class AppSpec:
             "health": self.health,
             "isolation": self.isolation,
             "limits": self.limits.to_json(),
+            "static": self.static.to_json(),
+            "ttl": self.ttl,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class BranchSpec:
-    """A branch of an app: its own instance, with optional environment overrides."""
+    """A branch of an app: its own instance, with optional environment overrides, and the bundle
+    it runs.
+
+    `bundle` and `previous_bundle` are sha256 hex digests of uploaded archives (the extracted tree
+    is `BundleStore.path(digest)`); `previous_bundle` is what a rollback returns to. `created`
+    and `last_request` (Unix times) are bookkeeping for the TTL and do not take part in equality:
+    a branch whose only change is that it was used is the same branch.
+    """
 
     app: str
     name: str
     env: dict[str, str] = field(default_factory=dict)
+    bundle: str | None = None
+    previous_bundle: str | None = None
+    deployed_at: float | None = None
+    created: float | None = field(default=None, compare=False)
+    last_request: float | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
+        """What was PUT for the branch (its overrides); `deploy_json` adds the deploy state."""
         return {"app": self.app, "name": self.name, "env": dict(self.env)}
+
+    def deploy_json(self, last_request: float | None = None) -> dict[str, Any]:
+        """The branch with its bundles and activity, as the branch listing shows it."""
+        times = [t for t in (self.last_request, last_request) if t is not None]
+        return {
+            **self.to_json(),
+            "bundle": self.bundle,
+            "previous_bundle": self.previous_bundle,
+            "deployed_at": self.deployed_at,
+            "created": self.created,
+            "last_request": max(times) if times else None,
+        }
+
+    @property
+    def bundles(self) -> tuple[str, ...]:
+        """The bundles this branch keeps alive (current and rollback target)."""
+        return tuple(b for b in (self.bundle, self.previous_bundle) if b is not None)
+
+    def last_active(self) -> float | None:
+        """The latest of creation, deploy and request: what a TTL counts from."""
+        times = [t for t in (self.created, self.deployed_at, self.last_request) if t is not None]
+        return max(times) if times else None
+
+
+def is_digest(value: object) -> bool:
+    """A lowercase sha256 hex digest, as bundles are named."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 _APP_KEYS = {f.name for f in dataclasses.fields(AppSpec)} - {"name"}
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
+_STATIC_KEYS = {f.name for f in dataclasses.fields(StaticOptions)}
 
 
 def _duration(obj: dict[str, Any], key: str, default: float, *, minimum: float = 0.0) -> float:
@@ -203,8 +278,66 @@ def _limits(value: Any) -> Limits:
     return Limits(memory=memory, cpu=cpu, pids=pids)
 
 
+def _entry(value: Any) -> str:
+    """`module:attr`, both dotted Python identifiers: what granian is told to import."""
+    if not isinstance(value, str) or len(value) > 512:
+        raise SpecError("entry", 'expected "module:attr", such as "app:app"')
+    module, sep, attr = value.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    if not sep or not all(_IDENTIFIER.fullmatch(part) for part in parts):
+        raise SpecError("entry", f'expected "module:attr", such as "app:app", got {value!r}')
+    return value
+
+
+def _relative_path(value: Any, path: str) -> str:
+    """A path inside the bundle: relative, no `..`, no NUL; static files are looked up by it."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 1024
+        or value.startswith("/")
+        or "\0" in value
+        or any(part in ("", ".", "..") for part in value.split("/"))
+    ):
+        raise SpecError(path, 'expected a relative path inside the bundle, such as "index.html"')
+    return value
+
+
+def _static(value: Any) -> StaticOptions:
+    if not isinstance(value, dict):
+        raise SpecError("static", 'expected an object such as {"index": ["index.html"]}')
+    unknown = sorted(set(value) - _STATIC_KEYS)
+    if unknown:
+        raise SpecError(f"static.{unknown[0]}", "unknown field (known: index, spa_fallback)")
+    index: tuple[str, ...] = StaticOptions().index
+    if "index" in value:
+        raw = value["index"]
+        if not isinstance(raw, list) or len(raw) > MAX_STATIC_INDEX:
+            raise SpecError("static.index", f"expected a list of at most {MAX_STATIC_INDEX} names")
+        for i, name in enumerate(raw):
+            if not isinstance(name, str) or "/" in name:
+                raise SpecError(f"static.index.{i}", "expected a file name without '/'")
+            _relative_path(name, f"static.index.{i}")
+        index = tuple(raw)
+    fallback = value.get("spa_fallback")
+    if fallback is not None:
+        fallback = _relative_path(fallback, "static.spa_fallback")
+    return StaticOptions(index=index, spa_fallback=fallback)
+
+
+def _ttl(obj: dict[str, Any]) -> float | None:
+    if obj.get("ttl") is None:
+        return None
+    return _duration(obj, "ttl", 0.0, minimum=MIN_TTL)
+
+
 def parse_app_spec(name: str, obj: Any) -> AppSpec:
-    """Validate a JSON/TOML object into an AppSpec, or raise SpecError naming the field."""
+    """Validate a JSON/TOML object into an AppSpec, or raise SpecError naming the field.
+
+    `command` is required for the command runtime and `entry` for the python runtimes; either may
+    be present for other runtimes (an overlay can change the runtime and leave the other behind),
+    where it is validated but not used.
+    """
     try:
         check_app_name(name)
     except InvalidName as exc:
@@ -217,10 +350,18 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
     if "name" in obj and obj["name"] != name:
         raise SpecError("name", f"does not match the app in the URL ({name!r})")
     runtime = obj.get("runtime", "command")
-    if runtime not in RUNTIMES:
+    if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise SpecError("runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
-    if "command" not in obj:
-        raise SpecError("command", "required for the command runtime")
+    command: tuple[str, ...] = ()
+    if runtime == "command":
+        if "command" not in obj:
+            raise SpecError("command", "required for the command runtime")
+        command = _command(obj["command"])
+    elif obj.get("command") not in (None, []):
+        command = _command(obj["command"])
+    entry = None if obj.get("entry") is None else _entry(obj["entry"])
+    if runtime in PYTHON_RUNTIMES and entry is None:
+        raise SpecError("entry", f'required for the {runtime} runtime, e.g. "app:app"')
     health = obj.get("health")
     if health is not None and (
         not isinstance(health, str)
@@ -235,7 +376,8 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
     return AppSpec(
         name=name,
         runtime=runtime,
-        command=_command(obj["command"]),
+        command=command,
+        entry=entry,
         env=parse_env(obj.get("env", {})),
         idle_timeout=_duration(obj, "idle_timeout", 300.0, minimum=0.1),
         startup_timeout=_duration(obj, "startup_timeout", 10.0, minimum=0.1),
@@ -245,7 +387,48 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
         health=health,
         isolation=isolation,
         limits=_limits(obj.get("limits", {})),
+        static=_static(obj.get("static", {})),
+        ttl=_ttl(obj),
     )
+
+
+def _lower(base: N | None, wanted: N | None) -> N | None:
+    """The smaller of two limits, where None means unlimited."""
+    if base is None:
+        return wanted
+    if wanted is None:
+        return base
+    return min(base, wanted)
+
+
+def overlay_spec(base: AppSpec, manifest: Mapping[str, Any]) -> AppSpec:
+    """The effective spec of a branch: `base` (the operator's) with a bundle manifest on top.
+
+    Keys in the manifest replace the operator's, except `env`, which merges (the bundle's
+    variables win), `limits`, where each limit the manifest names can only lower the operator's,
+    and `isolation`, which a bundle may strengthen to "sandbox" but never weaken. Raises
+    SpecError naming the manifest field at fault (without a "manifest." prefix; callers add it).
+    """
+    merged: dict[str, Any] = base.to_json()
+    for key, value in manifest.items():
+        if key == "env":
+            merged["env"] = {**base.env, **parse_env(value)}
+        elif key == "limits":
+            wanted = _limits(value)
+            given = set(value)
+            limits = base.limits
+            merged["limits"] = Limits(
+                memory=_lower(limits.memory, wanted.memory) if "memory" in given else limits.memory,
+                cpu=_lower(limits.cpu, wanted.cpu) if "cpu" in given else limits.cpu,
+                pids=_lower(limits.pids, wanted.pids) if "pids" in given else limits.pids,
+            ).to_json()
+        elif key == "isolation":
+            if base.isolation == "sandbox" and value != "sandbox":
+                raise SpecError("isolation", "a bundle cannot weaken the app's sandbox isolation")
+            merged["isolation"] = value
+        else:
+            merged[key] = value
+    return parse_app_spec(base.name, merged)
 
 
 def parse_branch_spec(app: str, name: str, obj: Any) -> BranchSpec:

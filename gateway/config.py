@@ -21,6 +21,9 @@ from gateway.units import UnitError, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATHS = ("dorm.toml", "/etc/dorm/dorm.toml")
 ISOLATION_MODES = ("auto", "process", "sandbox")
+_SIZE_KEYS = frozenset(
+    {"max_header_size", "log_max_bytes", "max_bundle_size", "max_bundle_unpacked"}
+)
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,9 @@ class GatewayConfig:
     log_max_bytes: int = 10 * 1024**2
     log_keep: int = 3
     trust_forwarded: bool = False
+    max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
+    max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
+    max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle
 
     @property
     def run_path(self) -> Path:
@@ -94,7 +100,7 @@ def _coerce(key: str, raw: Any, *, from_env: bool) -> Any:
     try:
         if key.endswith("_timeout"):
             return parse_duration(raw)
-        if key in ("max_header_size", "log_max_bytes"):
+        if key in _SIZE_KEYS:
             return parse_size(raw)
     except UnitError as exc:
         raise ConfigError(f"{key}: {exc}") from None
@@ -139,6 +145,10 @@ def _validate(cfg: GatewayConfig) -> None:
     if cfg.log_max_bytes < 4096:
         # RotatingLog needs room for at least a few lines; 0 would make every write rotate.
         raise ConfigError("log_max_bytes: must be at least 4KiB")
+    if cfg.max_bundle_size < 1024 or cfg.max_bundle_unpacked < 1024:
+        raise ConfigError("max_bundle_size and max_bundle_unpacked: must be at least 1KiB")
+    if cfg.max_bundle_files < 1:
+        raise ConfigError("max_bundle_files: must be at least 1")
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -4,6 +4,11 @@ The data plane looks apps up on every request, so reads are plain dict lookups o
 Writes go to SQLite first (on a single dedicated thread, so the event loop never blocks on disk and
 the connection is never shared between threads) and only then change memory: what a client was told
 was saved survives a restart, and a failed write changes nothing.
+
+Branches also carry the bundle they run (and the one before it, for rollback); bundle manifests
+live in a `bundles` table and in memory, so the effective spec of a branch (`effective_spec`) is
+computed without touching the disk. The time of a branch's last request is written to memory on
+the hot path (`touch`) and persisted in batches (`flush_activity`), never once per request.
 """
 
 from __future__ import annotations
@@ -12,14 +17,22 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
-from gateway.appspec import AppSpec, BranchSpec, SpecError, parse_app_spec, parse_branch_spec
+from gateway.appspec import (
+    AppSpec,
+    BranchSpec,
+    SpecError,
+    overlay_spec,
+    parse_app_spec,
+    parse_branch_spec,
+)
 
 log = logging.getLogger("dorm.registry")
 
@@ -40,7 +53,45 @@ CREATE TABLE IF NOT EXISTS branches (
     created REAL NOT NULL,
     PRIMARY KEY (app, name)
 );
+CREATE TABLE IF NOT EXISTS bundles (
+    digest TEXT PRIMARY KEY,
+    manifest BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    unpacked INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS activity (
+    app TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    last_request REAL NOT NULL,
+    PRIMARY KEY (app, branch)
+);
 """
+# Columns added to `branches` after the first release: added in place to older databases.
+_BRANCH_COLUMNS = {"bundle": "TEXT", "previous_bundle": "TEXT", "deployed_at": "REAL"}
+
+
+@dataclass(frozen=True, slots=True)
+class BundleRecord:
+    """An activated bundle: its digest, its parsed `dorm.toml` manifest and what it unpacked to."""
+
+    digest: str
+    manifest: dict[str, Any]
+    size: int  # archive bytes
+    files: int  # entries extracted (files, directories and links)
+    unpacked: int  # bytes of file content
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "manifest": self.manifest,
+            "size": self.size,
+            "files": self.files,
+            "unpacked": self.unpacked,
+            "created": self.created,
+        }
 
 
 class Registry:
@@ -52,6 +103,11 @@ class Registry:
         self.branches: dict[tuple[str, str], BranchSpec] = {}
         # Stored rows that failed validation when loaded: name (or app/branch) → reason.
         self.invalid: dict[str, str] = {}
+        self.bundles: dict[str, BundleRecord] = {}
+        # (app, branch) → Unix time of the last request: written by the data plane (`touch`),
+        # and what of it is already on disk.
+        self.last_requests: dict[tuple[str, str], float] = {}
+        self._flushed: dict[tuple[str, str], float] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dorm-registry")
         self._db: sqlite3.Connection | None = None
 
@@ -67,7 +123,19 @@ class Registry:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(branches)")}
+        for column, kind in _BRANCH_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE branches ADD COLUMN {column} {kind}")
         self._db = db
+        for digest, manifest, size, files, unpacked, created in db.execute(
+            "SELECT digest, manifest, size, files, unpacked, created FROM bundles"
+        ):
+            self.bundles[digest] = BundleRecord(
+                digest, orjson.loads(manifest), size, files, unpacked, created
+            )
+        for app, branch, when in db.execute("SELECT app, branch, last_request FROM activity"):
+            self.last_requests[(app, branch)] = self._flushed[(app, branch)] = when
         # A row that no longer validates (the rules tightened since it was stored) must not keep
         # the gateway from starting: it is skipped with an error in the log, and left on disk
         # so a corrected spec can be PUT over it.
@@ -77,11 +145,21 @@ class Registry:
             except (SpecError, orjson.JSONDecodeError) as exc:
                 self.invalid[name] = str(exc)
                 log.error("registry: app %r is not valid any more, skipped: %s", name, exc)
-        for app, name, spec in db.execute("SELECT app, name, spec FROM branches"):
+        rows = db.execute(
+            "SELECT app, name, spec, created, bundle, previous_bundle, deployed_at FROM branches"
+        )
+        for app, name, spec, created, bundle, previous, deployed_at in rows:
             if app not in self.apps:
                 continue
             try:
-                self.branches[(app, name)] = parse_branch_spec(app, name, orjson.loads(spec))
+                self.branches[(app, name)] = replace(
+                    parse_branch_spec(app, name, orjson.loads(spec)),
+                    bundle=bundle,
+                    previous_bundle=previous,
+                    deployed_at=deployed_at,
+                    created=created,
+                    last_request=self._flushed.get((app, name)),
+                )
             except (SpecError, orjson.JSONDecodeError) as exc:
                 self.invalid[f"{app}/{name}"] = str(exc)
                 log.error(
@@ -110,6 +188,34 @@ class Registry:
         if found is None and branch == DEFAULT_BRANCH and app in self.apps:
             return BranchSpec(app=app, name=DEFAULT_BRANCH)
         return found
+
+    def effective_spec(self, app: str, branch: str) -> AppSpec | None:
+        """The spec the branch runs: the app's, overlaid with its bundle's manifest, if any.
+
+        None if the app or branch does not exist. Raises SpecError (field prefixed "manifest.")
+        if the app spec was changed since the deploy in a way the manifest no longer fits.
+        """
+        spec = self.apps.get(app)
+        found = self.get_branch(app, branch)
+        if spec is None or found is None:
+            return None
+        if found.bundle is None:
+            return spec
+        record = self.bundles.get(found.bundle)
+        if record is None:
+            raise SpecError("bundle", f"bundle {found.bundle} is not in the registry")
+        try:
+            return overlay_spec(spec, record.manifest)
+        except SpecError as exc:
+            raise SpecError(f"manifest.{exc.field}", exc.message) from None
+
+    def last_request(self, app: str, branch: str) -> float | None:
+        """When the branch last served a request (Unix time), as far as the registry knows."""
+        return self.last_requests.get((app, branch))
+
+    def referenced_bundles(self) -> set[str]:
+        """Every bundle some branch runs or can roll back to; the rest may be collected."""
+        return {digest for b in self.branches.values() for digest in b.bundles}
 
     def branches_of(self, app: str) -> list[BranchSpec]:
         out = [b for (a, _), b in self.branches.items() if a == app]
@@ -143,16 +249,22 @@ class Registry:
         def write() -> bool:
             assert self._db is not None
             with self._db:
+                self._db.execute("DELETE FROM activity WHERE app = ?", (name,))
                 return self._db.execute("DELETE FROM apps WHERE name = ?", (name,)).rowcount > 0
 
         deleted = await self._run(write)
         self.apps.pop(name, None)
         for key in [k for k in self.branches if k[0] == name]:
             del self.branches[key]
+        for table in (self.last_requests, self._flushed):
+            for key in [k for k in table if k[0] == name]:
+                del table[key]
         return deleted
 
     async def put_branch(self, branch: BranchSpec) -> None:
+        """Create a branch or replace its overrides (`env`); its bundles are left as they are."""
         blob = orjson.dumps({"env": branch.env})
+        now = time.time()
 
         def write() -> None:
             assert self._db is not None
@@ -160,16 +272,139 @@ class Registry:
                 self._db.execute(
                     "INSERT INTO branches(app, name, spec, created) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(app, name) DO UPDATE SET spec=excluded.spec",
-                    (branch.app, branch.name, blob, time.time()),
+                    (branch.app, branch.name, blob, now),
                 )
 
         await self._run(write)
-        self.branches[(branch.app, branch.name)] = branch
+        key = (branch.app, branch.name)
+        old = self.branches.get(key)
+        if old is None:
+            self.branches[key] = replace(
+                branch,
+                bundle=None,
+                previous_bundle=None,
+                deployed_at=None,
+                created=now,
+                last_request=self._flushed.get(key),
+            )
+        else:
+            self.branches[key] = replace(old, env=branch.env)
+
+    async def set_branch(
+        self,
+        branch: BranchSpec,
+        *,
+        bundle: BundleRecord | None = None,
+        app: AppSpec | None = None,
+    ) -> None:
+        """Write a branch as a whole (env and bundles) in one transaction.
+
+        `bundle` is recorded first if given (a deploy of a new bundle), and `app` is created if
+        given (a deploy to an app that did not exist), so a deploy is one atomic change.
+        """
+        blob = orjson.dumps({"env": branch.env})
+        created = branch.created if branch.created is not None else time.time()
+        row = (
+            branch.app,
+            branch.name,
+            blob,
+            created,
+            branch.bundle,
+            branch.previous_bundle,
+            branch.deployed_at,
+        )
+
+        def write() -> None:
+            assert self._db is not None
+            with self._db:
+                if app is not None:
+                    now = time.time()
+                    self._db.execute(
+                        "INSERT INTO apps(name, spec, created, updated) VALUES (?, ?, ?, ?)",
+                        (app.name, orjson.dumps(app.to_json()), now, now),
+                    )
+                if bundle is not None:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO bundles(digest, manifest, size, files, unpacked, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            bundle.digest,
+                            orjson.dumps(bundle.manifest),
+                            bundle.size,
+                            bundle.files,
+                            bundle.unpacked,
+                            bundle.created,
+                        ),
+                    )
+                self._db.execute(
+                    "INSERT INTO branches(app, name, spec, created, bundle, previous_bundle, "
+                    "deployed_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(app, name) DO UPDATE "
+                    "SET spec=excluded.spec, bundle=excluded.bundle, "
+                    "previous_bundle=excluded.previous_bundle, deployed_at=excluded.deployed_at",
+                    row,
+                )
+
+        await self._run(write)
+        if app is not None:
+            self.apps[app.name] = app
+            self.invalid.pop(app.name, None)
+        if bundle is not None and bundle.digest not in self.bundles:
+            self.bundles[bundle.digest] = bundle
+        key = (branch.app, branch.name)
+        self.branches[key] = replace(branch, created=created, last_request=self._flushed.get(key))
+
+    async def forget_bundles(self, digests: Iterable[str]) -> None:
+        """Drop the records of bundles that were garbage-collected."""
+        doomed = [d for d in digests if d in self.bundles]
+        if not doomed:
+            return
+
+        def write() -> None:
+            assert self._db is not None
+            with self._db:
+                self._db.executemany("DELETE FROM bundles WHERE digest = ?", [(d,) for d in doomed])
+
+        await self._run(write)
+        for digest in doomed:
+            self.bundles.pop(digest, None)
+
+    def touch(self, app: str, branch: str, when: float) -> None:
+        """Record a request to (app, branch) at Unix time `when`. Hot path: one dict write;
+        `flush_activity` persists it later."""
+        self.last_requests[(app, branch)] = when
+
+    async def flush_activity(self) -> int:
+        """Persist last-request times recorded since the previous flush. Returns how many."""
+        pending = {
+            key: when
+            for key, when in list(self.last_requests.items())
+            if self._flushed.get(key) != when and key[0] in self.apps
+        }
+        if not pending:
+            return 0
+
+        def write() -> None:
+            assert self._db is not None
+            with self._db:
+                self._db.executemany(
+                    "INSERT INTO activity(app, branch, last_request) VALUES (?, ?, ?) "
+                    "ON CONFLICT(app, branch) DO UPDATE SET last_request=excluded.last_request",
+                    [(app, branch, when) for (app, branch), when in pending.items()],
+                )
+
+        await self._run(write)
+        self._flushed.update(pending)
+        for key, when in pending.items():
+            found = self.branches.get(key)
+            if found is not None:
+                self.branches[key] = replace(found, last_request=when)
+        return len(pending)
 
     async def delete_branch(self, app: str, name: str) -> bool:
         def write() -> bool:
             assert self._db is not None
             with self._db:
+                self._db.execute("DELETE FROM activity WHERE app = ? AND branch = ?", (app, name))
                 return (
                     self._db.execute(
                         "DELETE FROM branches WHERE app = ? AND name = ?", (app, name)
@@ -179,4 +414,6 @@ class Registry:
 
         deleted = await self._run(write)
         self.branches.pop((app, name), None)
+        self.last_requests.pop((app, name), None)
+        self._flushed.pop((app, name), None)
         return deleted

@@ -22,7 +22,9 @@ import uvloop
 
 from gateway.admin import start_admin_server
 from gateway.auth import load_admin_token
+from gateway.bundles import BundleLimits, BundleStore
 from gateway.config import Config, ConfigError, GatewayConfig, load_config, split_host_port
+from gateway.deploy import DeployApi
 from gateway.instances import InstanceManager
 from gateway.proxy import DataPlane
 from gateway.registry import Registry
@@ -97,11 +99,21 @@ async def _run(config: Config) -> int:
     manager = InstanceManager(cfg, registry)
     manager.upstream_factory = UpstreamConnection
     plane = DataPlane(cfg, manager)
+    store = BundleStore(
+        Path(cfg.data_dir) / "bundles",
+        BundleLimits(
+            max_size=cfg.max_bundle_size,
+            max_unpacked=cfg.max_bundle_unpacked,
+            max_files=cfg.max_bundle_files,
+        ),
+    )
+    deploys = DeployApi(cfg, registry, manager, store)
+    await deploys.start()
     await manager.start()
     plane.start()
     loop = asyncio.get_running_loop()
     public = await loop.create_server(plane.protocol, sock=public_sock)
-    admin = await start_admin_server(cfg, registry, manager, token)
+    admin = await start_admin_server(cfg, registry, manager, token, extra_routes=deploys.routes())
     log.info(
         "dorm serving %s on http://%s (admin http://%s, data %s, db %s)",
         ", ".join(cfg.domains),
@@ -125,6 +137,7 @@ async def _run(config: Config) -> int:
     await manager.shutdown(timeout=max(0.0, deadline - time.monotonic()))
     for conn in list(plane.connections):
         conn.abort()
+    await deploys.close()
     await registry.close()
     log.info("stopped")
     return 0
