@@ -116,16 +116,23 @@ class ChildPlan:
 _NO_KEY: Final[mounts.LayoutKey] = (None, (), b"", False, "")
 
 
-def step_stdio(p: ChildPlan) -> None:
-    out = fcntl.fcntl(p.stdout_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    err = fcntl.fcntl(p.stderr_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    os.dup2(p.devnull_fd, 0)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them.
+def reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them,
+    and unblock everything the fork server may have blocked."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def step_stdio(p: ChildPlan) -> None:
+    # Sources at 0-2 would be clobbered by the dup2s below: move them up first.
+    out = p.stdout_fd if p.stdout_fd > 2 else fcntl.fcntl(p.stdout_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    err = p.stderr_fd if p.stderr_fd > 2 else fcntl.fcntl(p.stderr_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.dup2(p.devnull_fd, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    if not p.prebuilt:  # pre-forked children reset signals while idle
+        reset_signals()
 
 
 def step_cgroup_join(p: ChildPlan) -> None:

@@ -264,12 +264,17 @@ class CapData(ctypes.Structure):
 _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 
 
+# Built once at import (in the fork server), so a child only makes the call.
+_ZERO_HDR: Final = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+_ZERO_DATA: Final = (CapData * 2)()
+
+
 def capset_zero() -> None:
     """Clear effective, permitted and inheritable capability sets of the calling thread."""
-    hdr = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (CapData * 2)()
     _check(
-        _syscall(ctypes.c_long(syscall_nr("capset")), ctypes.byref(hdr), ctypes.byref(data)),
+        _syscall(
+            ctypes.c_long(syscall_nr("capset")), ctypes.byref(_ZERO_HDR), ctypes.byref(_ZERO_DATA)
+        ),
         "capset",
     )
 

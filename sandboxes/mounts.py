@@ -309,26 +309,33 @@ def static_ops(key: LayoutKey) -> tuple[Op, ...]:
     return ops
 
 
+_NOSUID_NODEV: Final = libc.MS_NOSUID | libc.MS_NODEV
+
+
 def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
-    pl = _Planner("")
-    pl.dirs.update(
-        ("/etc", "/app", "/data", "/run", "/run/dorm", "/tmp", "/proc", "/dev", "/dev/shm")
-    )
+    """Per-instance operations, paths as seen inside (they run after pivot_root)."""
+    ops: list[Op] = []
     if spec.rootfs is None:
-        for name, data in _etc_files(spec).items():
-            pl.file("/etc/" + name, data)
-    nosuid_nodev = libc.MS_NOSUID | libc.MS_NODEV
-    tmp_data = f"size={spec.tmp_size},mode=1777".encode()
-    shm_data = f"size={spec.shm_size},mode=1777".encode()
-    pl.ops.append((OP_TMPFS, b"/tmp", nosuid_nodev, tmp_data))
-    pl.ops.append((OP_TMPFS, b"/dev/shm", nosuid_nodev | libc.MS_NOEXEC, shm_data))
+        ops.extend(
+            (OP_FILE, b"/etc/" + name.encode(), 0o444, data)
+            for name, data in _etc_files(spec).items()
+        )
+    ops.append((OP_TMPFS, b"/tmp", _NOSUID_NODEV, b"size=%d,mode=1777" % spec.tmp_size))
+    ops.append(
+        (
+            OP_TMPFS,
+            b"/dev/shm",
+            _NOSUID_NODEV | libc.MS_NOEXEC,
+            b"size=%d,mode=1777" % spec.shm_size,
+        )
+    )
     binds: list[Bind] = []
     if spec.app_dir is not None:
         binds.append((spec.app_dir.encode(), b"/app", RO_ATTRS))
     if spec.data_dir is not None:
         binds.append((spec.data_dir.encode(), b"/data", RW_ATTRS))
     binds.append((spec.socket_dir.encode(), b"/run/dorm", RW_NOEXEC_ATTRS))
-    return tuple(pl.ops), tuple(binds)
+    return tuple(ops), tuple(binds)
 
 
 def plan(

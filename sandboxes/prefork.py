@@ -90,7 +90,38 @@ def fork_into_new_pidns() -> int:
     return pid
 
 
-def _idle_main(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int]) -> NoReturn:
+def _warmup_wire(mp: mounts.MountPlan) -> bytes:
+    """A plan shaped like a real one, decoded once while idle: the decode path's first-touch
+    (copy-on-write) page faults then happen before the request, not after."""
+    return child.ChildPlan(
+        stdout_fd=0,
+        stderr_fd=0,
+        devnull_fd=0,
+        report_fd=-1,
+        join_fds=(),
+        unshare_flags=0,
+        ns_fds=None,
+        prebuilt=True,
+        netns_fd=-1,
+        bind_fds=tuple(0 for _ in mp.binds),
+        mounts=mp,
+        hostname=b"dorm",
+        rlimits=((7, 1024),),
+        uid=65534,
+        gid=65534,
+        cap_last=40,
+        argv=(b"/bin/true",),
+        env={b"PATH": b"/usr/bin:/bin"},
+        path=(b"/usr/bin", b"/bin"),
+        rootless=False,
+        outer_uid=0,
+        outer_gid=0,
+    ).to_wire()
+
+
+def _idle_main(
+    sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int], warmup: bytes
+) -> NoReturn:
     """Pre-forked child: join its cgroup and the pre-built namespaces, wait for a plan, confine."""
     gc.disable()
     try:
@@ -111,6 +142,8 @@ def _idle_main(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int]
         # so the remaining mount and setns work still succeeds).
         caps.new_session()
         caps.drop_bounding_set(caps.cap_last_cap())
+        child.reset_signals()
+        child.ChildPlan.from_wire(warmup, [-1], -1)
         sock.send(READY)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
     except BaseException as e:
@@ -137,6 +170,7 @@ def fork_idle(
         if limits is not None:
             backend.apply_limits(cg, limits)
         join_fds = cg.open_join_fds()
+        warmup = _warmup_wire(mp)
         ns = nspool.build(mp)
         try:
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -145,7 +179,7 @@ def fork_idle(
                 if pid == 0:
                     try:
                         parent_sock.close()
-                        _idle_main(child_sock, ns, join_fds)
+                        _idle_main(child_sock, ns, join_fds, warmup)
                     finally:
                         os._exit(127)
             finally:

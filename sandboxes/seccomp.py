@@ -37,6 +37,9 @@ from . import libc
 SCMP_ACT_ALLOW: Final = 0x7FFF0000
 SCMP_FLTATR_ACT_BADARCH: Final = 2
 SCMP_FLTATR_CTL_OPTIMIZE: Final = 8
+SCMP_CMP_NE: Final = 1
+SCMP_CMP_EQ: Final = 4
+SCMP_CMP_GE: Final = 5
 SCMP_CMP_MASKED_EQ: Final = 7
 MASK32: Final = 0xFFFFFFFF
 
@@ -136,8 +139,6 @@ TIOCLINUX: Final = 0x541C
 TIOCSETD: Final = 0x5423
 ALLOWED_FAMILIES: Final = frozenset({1, 2, 10, 16})  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
 AF_NETLINK: Final = 16
-AF_MAX_PROBED: Final = 64
-NETLINK_MAX: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,17 +271,15 @@ def build() -> CompiledFilter:
         for i in range(32):
             j = (i + 1) % 32
             b.rule(eperm, "personality", (0, SCMP_CMP_MASKED_EQ, (1 << i) | (1 << j), 1 << i))
-        for family in range(AF_MAX_PROBED):
+        # Comparisons are on the full 64-bit register while the kernel truncates to int: so
+        # allowed values are matched exactly and everything else, including any value with
+        # upper bits set, falls into a deny rule (fail closed).
+        for family in range(AF_NETLINK + 1):
             if family not in ALLOWED_FAMILIES:
-                b.rule(eperm, "socket", (0, SCMP_CMP_MASKED_EQ, MASK32, family))
-                b.rule(eperm, "socketpair", (0, SCMP_CMP_MASKED_EQ, MASK32, family))
-        for proto in range(1, NETLINK_MAX):
-            b.rule(
-                eperm,
-                "socket",
-                (0, SCMP_CMP_MASKED_EQ, MASK32, AF_NETLINK),
-                (2, SCMP_CMP_MASKED_EQ, MASK32, proto),
-            )
+                b.rule(eperm, "socket", (0, SCMP_CMP_EQ, family, 0))
+        b.rule(eperm, "socket", (0, SCMP_CMP_GE, AF_NETLINK + 1, 0))
+        b.rule(eperm, "socket", (0, SCMP_CMP_EQ, AF_NETLINK, 0), (2, SCMP_CMP_NE, 0, 0))
+        b.rule(eperm, "socketpair", (0, SCMP_CMP_NE, 1, 0))  # AF_UNIX only
         program = b.export()
     finally:
         b.close()
