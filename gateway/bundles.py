@@ -91,6 +91,15 @@ class BundleError(Exception):
         self.message = message
 
 
+class DeployError(Exception):
+    """A bundle that was stored but would not run (did not start, failed its health check).
+
+    Raised by `InstanceManager.redeploy`; the deploy is then undone and the client told why.
+    It lives here, not in the deploy routes, so the instance manager can raise it without
+    importing the admin API.
+    """
+
+
 def _refuse(name: str, why: str, status: int = 400) -> BundleError:
     return BundleError(status, "bundle", f"entry {name!r}: {why}")
 
@@ -528,8 +537,8 @@ def extract(archive: Path, fmt: str, dest: Path, limits: BundleLimits) -> Extrac
             raise BundleError(400, "bundle", f"truncated or corrupt {fmt} archive: {e}") from None
         except (UnicodeError, ValueError, struct.error) as exc:
             raise BundleError(400, "bundle", f"corrupt {fmt} archive: {exc}") from None
-        manifest = read_manifest(dest)
         tree.finish()
+        manifest = read_manifest(dest)
         return Extracted(dest, tree.files, tree.unpacked, manifest)
     except BaseException:
         remove_tree(dest)
@@ -554,6 +563,63 @@ def remove_tree(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+# -- packing (the CLI side) ---------------------------------------------------------------------
+PACK_SKIP = frozenset({".git", "__pycache__", ".venv"})
+
+
+def pack(source: Path, out: IO[bytes], *, warn: Callable[[str], None] = lambda _: None) -> int:
+    """Write `source` (a directory) to `out` as a deterministic tar.gz; returns the entry count.
+
+    The same tree always gives the same bytes, hence the same digest: entries sorted, mtime 0,
+    owner 0:0 without names, modes reduced to 0755/0644, gzip header without name or time.
+    `.git`, `__pycache__` and `.venv` directories are skipped, and so (with a warning) are
+    sockets, fifos and devices, which a bundle may not hold.
+    """
+    count = 0
+    with (
+        gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tf,
+    ):
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames[:] = sorted(d for d in dirnames if d not in PACK_SKIP)
+            base = Path(dirpath)
+            entries = sorted([*filenames, *(d for d in dirnames if (base / d).is_symlink())])
+            for d in dirnames:
+                if not (base / d).is_symlink():
+                    _pack_entry(tf, source, base / d, warn)
+                    count += 1
+            for name in entries:
+                count += _pack_entry(tf, source, base / name, warn)
+            dirnames[:] = [d for d in dirnames if not (base / d).is_symlink()]
+    return count
+
+
+def _pack_entry(tf: tarfile.TarFile, source: Path, path: Path, warn: Callable[[str], None]) -> int:
+    info = tarfile.TarInfo(path.relative_to(source).as_posix())
+    st = os.lstat(path)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    if stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(path)
+        info.mode = 0o777
+        tf.addfile(info)
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        tf.addfile(info)
+    elif stat.S_ISREG(st.st_mode):
+        info.size = st.st_size
+        info.mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+        with open(path, "rb") as fh:
+            tf.addfile(info, fh)
+    else:
+        warn(f"skipping {info.name}: not a regular file, directory or symlink")
+        return 0
+    return 1
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -761,6 +827,7 @@ __all__ = [
     "BundleError",
     "BundleLimits",
     "BundleStore",
+    "DeployError",
     "Extracted",
     "Spooled",
     "expected_digest",

@@ -9,17 +9,24 @@ DORM_ADMIN_TOKEN, or else the local config (the same dorm.toml `dorm serve` read
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import http.client
 import os
 import shlex
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from gateway.auth import load_admin_token
+from gateway.bundles import MANIFEST, pack
 from gateway.client import AdminClient, AdminError, error_message, path_quote
 from gateway.config import ConfigError, load_config, split_host_port
 from gateway.names import InvalidName, check_app_name, check_branch_name
@@ -293,10 +300,117 @@ def cmd_branches(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(branches)
         return 0
+    now = time.time()
     rows = [
-        (b["name"], " ".join(f"{k}={v}" for k, v in sorted(b["env"].items()))) for b in branches
+        (
+            b["name"],
+            (b.get("bundle") or "")[:12],
+            _ago(b.get("deployed_at"), now),
+            _ago(b.get("last_request"), now),
+            " ".join(f"{k}={v}" for k, v in sorted(b["env"].items())),
+        )
+        for b in branches
     ]
-    _table(("BRANCH", "ENV"), rows)
+    _table(("BRANCH", "BUNDLE", "DEPLOYED", "LAST_REQUEST", "ENV"), rows)
+    return 0
+
+
+@contextlib.contextmanager
+def _bundle_file(source: Path) -> Iterator[tuple[IO[bytes], int, str]]:
+    """The archive to upload as (file, size, sha256 hex): a directory is packed into a
+    temporary file first (so it is streamed from disk, not held in memory)."""
+    if source.is_dir():
+        if not (source / MANIFEST).is_file():
+            raise UsageError(f"{source}: no {MANIFEST} at the top of the directory")
+        with tempfile.TemporaryFile() as tmp:
+            pack(source, tmp, warn=lambda msg: print(f"dorm: {msg}", file=sys.stderr))
+            yield tmp, *_rewind_and_hash(tmp)
+        return
+    try:
+        fh = open(source, "rb")  # noqa: SIM115 - closed below, after the upload
+    except OSError as exc:
+        raise UsageError(f"{source}: {exc.strerror}") from None
+    with fh:
+        yield fh, *_rewind_and_hash(fh)
+
+
+def _rewind_and_hash(fh: IO[bytes]) -> tuple[int, str]:
+    fh.seek(0)
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(1024 * 1024):
+        digest.update(chunk)
+        size += len(chunk)
+    fh.seek(0)
+    return size, digest.hexdigest()
+
+
+def _wait_for(url: str, admin_host: str, timeout: float) -> int:
+    """Request the preview URL until it answers without a 5xx; returns that status.
+
+    Preview host names often do not resolve where the CLI runs (they are wildcard DNS for
+    the gateway's public address), so the request goes to the URL's host if it resolves, else
+    to the admin API's host, with the preview name as Host either way.
+    """
+    split = urlsplit(url)
+    host, port = split.hostname or "", split.port or 80
+    try:
+        socket.getaddrinfo(host, port)
+        target = host
+    except OSError:
+        target = admin_host
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(target, port, timeout=max(1.0, min(10.0, timeout)))
+        try:
+            conn.request("GET", split.path or "/", headers={"Host": split.netloc})
+            resp = conn.getresponse()
+            body = resp.read(200).decode("utf-8", "replace").strip()
+            if resp.status < 500:
+                return resp.status
+            last = f"HTTP {resp.status}: {body}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = str(exc) or type(exc).__name__
+        finally:
+            conn.close()
+        time.sleep(0.25)
+    raise AdminError(f"{url} was not ready within {timeout:g}s ({last})")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    app = _app_name(args.app)
+    try:
+        branch = check_branch_name(args.branch)
+    except InvalidName as exc:
+        raise UsageError(f"--branch: {exc}") from None
+    path = f"/v1/apps/{path_quote(app)}/branches/{path_quote(branch)}/bundle"
+    client = _client(args)
+    with _bundle_file(Path(args.source)) as (fh, size, digest):
+        status, answer = client.upload(
+            path, fh, size, headers=[("x-content-sha256", digest)], timeout=args.timeout
+        )
+    if status >= 400:
+        raise error_message(status, answer)
+    if args.wait:
+        _wait_for(answer["url"], client.host, args.timeout)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"deployed {answer['bundle'][:12]} to {app}/{branch}")
+        print(answer["url"])
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    app, branch = _app_branch(args.target)
+    assert branch is not None
+    path = f"/v1/apps/{path_quote(app)}/branches/{path_quote(branch)}/rollback"
+    answer = _client(args).call("POST", path)
+    print(
+        f"rolled {app}/{branch} back to {answer['bundle'][:12]} "
+        f"(from {(answer.get('previous_bundle') or '-')[:12]})"
+    )
     return 0
 
 
@@ -403,6 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("branches", cmd_branches, "list an app's branches")
     p.add_argument("app", metavar="APP")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("deploy", cmd_deploy, "upload a bundle (a directory or .tar.gz/.zip) to a branch")
+    p.add_argument(
+        "source", metavar="DIR|FILE", help=f"a directory with a {MANIFEST}, or an archive"
+    )
+    p.add_argument("--app", required=True, help="the app (created from the manifest if new)")
+    p.add_argument("--branch", default=DEFAULT_BRANCH, help="the branch (default: main)")
+    p.add_argument("--wait", action="store_true", help="wait until the preview URL answers")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the upload and --wait")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    p = add("rollback", cmd_rollback, "return a branch to its previous bundle (APP: main)")
+    p.add_argument("target", metavar="APP[/BRANCH]")
 
     p = add("logs", cmd_logs, "show an instance's output (APP means APP/main)")
     p.add_argument("target", metavar="APP[/BRANCH]")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 import h11
@@ -18,6 +18,9 @@ import orjson
 
 MAX_RESPONSE = 64 * 1024 * 1024
 _READ_SIZE = 64 * 1024
+_UPLOAD_CHUNK = 256 * 1024
+# How long an upload waits for `100 Continue` before sending the body anyway.
+_CONTINUE_WAIT = 2.0
 
 
 class AdminError(Exception):
@@ -198,15 +201,7 @@ class AdminClient:
         payload = None if body is None else orjson.dumps(body)
         response = self._send_request(method, path, payload)
         raw = self._read_body()
-        content_type = dict(response.headers).get(b"content-type", b"")
-        if not raw:
-            return response.status_code, None
-        if content_type.startswith(b"application/json"):
-            try:
-                return response.status_code, orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise AdminError(f"the admin API at {self.url} sent invalid JSON") from None
-        return response.status_code, raw.decode("utf-8", "replace")
+        return response.status_code, _decode(response, raw, self.url)
 
     def call(self, method: str, path: str, body: Any | None = None) -> Any:
         """Like `request`, but any status >= 400 raises AdminError with the server's reason."""
@@ -214,6 +209,83 @@ class AdminClient:
         if status >= 400:
             raise error_message(status, answer)
         return answer
+
+    def upload(
+        self,
+        path: str,
+        body: IO[bytes],
+        size: int,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float = 600.0,
+    ) -> tuple[int, Any]:
+        """PUT `size` bytes read from `body` (streamed, never whole in memory) to `path`, and
+        return (status, decoded JSON answer).
+
+        Sends `Expect: 100-continue`, so a refusal that needs no body (bad token, unknown app,
+        too large) comes back before anything is uploaded. `timeout` bounds the wait for the
+        answer once the body is sent: the server validates and unpacks before it answers.
+        """
+        self.close()  # a fresh connection: nothing left over can be mistaken for our answer
+        sock, conn = self._connect()
+        head = [
+            *self._headers(None),
+            ("content-type", "application/octet-stream"),
+            ("content-length", str(size)),
+            ("expect", "100-continue"),
+            *headers,
+        ]
+        try:
+            sock.sendall(
+                conn.send(h11.Request(method="PUT", target=self.prefix + path, headers=head))
+            )
+            early = self._await_continue(sock, conn)
+            if early is None:
+                self._send_body(sock, conn, body, size)
+                sock.settimeout(timeout)
+                event = self._next_event(sock, conn)
+                while isinstance(event, h11.InformationalResponse):
+                    event = self._next_event(sock, conn)
+                if not isinstance(event, h11.Response):
+                    raise AdminError(f"the admin API at {self.url} closed the connection")
+                early = event
+            raw = self._read_body()
+        except h11.ProtocolError as exc:
+            raise AdminError(f"upload to {self.url} failed: {exc}") from None
+        finally:
+            self.close()
+        return early.status_code, _decode(early, raw, self.url)
+
+    def _await_continue(self, sock: socket.socket, conn: h11.Connection) -> h11.Response | None:
+        """Wait briefly for `100 Continue`; a final answer instead means the server refused."""
+        sock.settimeout(_CONTINUE_WAIT)
+        try:
+            event = self._next_event(sock, conn)
+        except _Timeout:
+            return None  # an old server or proxy that does not answer 100: send anyway
+        finally:
+            sock.settimeout(self.timeout)
+        if isinstance(event, h11.InformationalResponse):
+            return None
+        if isinstance(event, h11.Response):
+            return event
+        raise AdminError(f"the admin API at {self.url} closed the connection")
+
+    def _send_body(
+        self, sock: socket.socket, conn: h11.Connection, body: IO[bytes], size: int
+    ) -> None:
+        sent = 0
+        try:
+            while sent < size:
+                chunk = body.read(min(_UPLOAD_CHUNK, size - sent))
+                if not chunk:
+                    raise AdminError(f"the upload ended after {sent} of {size} bytes")
+                sock.sendall(conn.send(h11.Data(data=chunk)))
+                sent += len(chunk)
+            sock.sendall(conn.send(h11.EndOfMessage()))
+        except (BrokenPipeError, ConnectionResetError):
+            # The server answered early and closed (say, 413): its answer may still be readable.
+            return
 
     def stream(self, path: str, *, idle_timeout: float | None = None) -> Iterator[bytes]:
         """GET `path` and yield the body as it arrives; `idle_timeout` bounds each wait for data
@@ -246,3 +318,16 @@ class AdminClient:
             raise AdminError(f"the log stream from {self.url} broke: {exc}") from None
         finally:
             self.close()
+
+
+def _decode(response: h11.Response, raw: bytes, url: str) -> Any:
+    """A response body as JSON (by its content type), text, or None if empty."""
+    content_type = dict(response.headers).get(b"content-type", b"")
+    if not raw:
+        return None
+    if content_type.startswith(b"application/json"):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise AdminError(f"the admin API at {url} sent invalid JSON") from None
+    return raw.decode("utf-8", "replace")

@@ -31,10 +31,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway import instances as instances_module
 from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
 from gateway.appspec import AppSpec, BranchSpec, SpecError, overlay_spec, parse_app_spec
-from gateway.bundles import FORMATS, BundleError, BundleStore, Extracted, expected_digest
+from gateway.bundles import (
+    FORMATS,
+    BundleError,
+    BundleStore,
+    DeployError,
+    Extracted,
+    expected_digest,
+)
 from gateway.config import GatewayConfig, split_host_port
 from gateway.registry import DEFAULT_BRANCH, BundleRecord, Registry
 
@@ -251,8 +257,7 @@ class DeployApi:
             else:
                 await self.instances.branch_changed(app, branch)
         except Exception as exc:
-            deploy_error = getattr(instances_module, "DeployError", None)
-            expected = deploy_error is not None and isinstance(exc, deploy_error)
+            expected = isinstance(exc, DeployError)
             if not expected:
                 log.exception("switching %s/%s to its new bundle failed", app, branch)
             if created_app:
@@ -313,7 +318,14 @@ class DeployApi:
         if branch is None:
             raise ApiError(404, "branch", f"app {app!r} has no branch {req.params['branch']!r}")
         self._sync_activity()
-        return json_response(200, self._branch_json(branch))
+        out = self._branch_json(branch)
+        try:
+            spec = self.registry.effective_spec(app, branch.name)
+            out["spec"] = None if spec is None else spec.to_json()
+        except SpecError as exc:
+            out["spec"] = None
+            out["spec_error"] = {"field": exc.field, "message": exc.message}
+        return json_response(200, out)
 
     async def delete_branch(self, req: Request) -> Response:
         app = self._app(req)
