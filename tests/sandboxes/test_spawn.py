@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -168,6 +170,28 @@ def test_without_prewarm_spawn_forks_on_demand(sbx: Runner) -> None:
     r = sbx.run(["/bin/true"])
     assert r.exit_code == 0
     assert prefork.POOL.idle_pids() == []
+
+
+def test_rootfs_bundle_replaces_host_system_dirs(sbx: Runner, cbin: Path, tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "etc").mkdir()
+    (rootfs / "etc" / "passwd").write_text("app:x:1:1::/:/bin/hello\n")
+    shutil.copy(cbin / "hello", rootfs / "bin" / "hello")
+    (rootfs / "sbin").symlink_to("bin")
+    spec = sbx.spec(rootfs=str(rootfs), cwd="/")
+    r = sbx.run(["/sbin/hello"], spec)
+    assert r.out.strip() == f"hello from the bundle, uid {spec.uid}"
+    assert r.exit_code == 0  # and /usr/bin/env was not there
+
+
+def test_extra_ro_bind_makes_a_venv_usable(sbx: Runner) -> None:
+    venv = Path(sys.prefix)
+    if venv == Path(sys.base_prefix):
+        pytest.skip("tests are not running from a virtualenv")
+    spec = sbx.spec(extra_ro_binds=(str(venv),), memory=256 << 20)
+    r = sbx.run([str(venv / "bin" / "python"), "-c", "import uvloop, orjson; print('ok')"], spec)
+    assert (r.out.strip(), r.exit_code) == ("ok", 0), r.err
 
 
 def test_cleanup_stale_after_gateway_crash(tmp_path: Path) -> None:
