@@ -179,22 +179,24 @@ class Instance:
         for waiter in waiters:
             waiter.fail(status, message, retry_after)
 
-    def upstream_lost(self, report: Callable[[str], None]) -> None:
+    def upstream_lost(
+        self, report: Callable[[str], None], fallback: str = "the app closed the connection"
+    ) -> None:
         """An upstream connection died mid-request: report why once the exit is known.
 
         The connection usually drops a moment before the fork server reports the exit; waiting
         briefly lets the client see "ran out of memory" instead of a bare "connection lost".
         """
         if self.pid is None:
-            report(self.last_error or "the app closed the connection")
+            report(self.last_error or fallback)
             return
-        self.lost.append(report)
+        self.lost.append(lambda reason: report(reason or fallback))
         asyncio.get_running_loop().call_later(LOST_REASON_WAIT, self._flush_lost, None)
 
     def _flush_lost(self, reason: str | None) -> None:
         lost, self.lost = self.lost, []
         for report in lost:
-            report(reason or "the app closed the connection mid-response")
+            report(reason or "")
 
     # -- views ------------------------------------------------------------------------------------
     @property
@@ -281,7 +283,12 @@ class InstanceManager:
         except OSError as exc:
             inst.connections -= 1
             inst.in_flight -= 1
-            waiter.fail(502, f"cannot connect to app {inst.app.name!r}: {exc.strerror or exc}")
+            # A refused connection usually means the process is exiting: say why, if it is.
+            name = inst.app.name
+            inst.upstream_lost(
+                lambda reason: waiter.fail(502, f"app {name!r} failed: {reason}"),
+                f"cannot connect: {exc.strerror or exc}",
+            )
             return
         waiter.attach(conn)
 

@@ -34,10 +34,12 @@ log = logging.getLogger("dorm.proxy")
 _REQ_SPECIAL = HOP_BY_HOP | FORWARDED | {b"host", b"content-length", b"expect"}
 BUFFER_LIMIT = 64 * 1024  # request body bytes held while a request waits for its upstream
 # Deadline kinds.
-IDLE, HEAD, BODY, RESPONSE = range(4)
+IDLE, HEAD, BODY, RESPONSE, LINGER = range(5)
+LINGER_TIMEOUT = 2.0
 # Reasons reading from the client is paused (a bit mask: resume only when none is left).
 PAUSED_BY_UPSTREAM, PAUSED_BUFFERING = 1, 2
 _NOT_FOUND = object()
+_RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 class DataPlane:
@@ -117,6 +119,7 @@ class Exchange:
         "queued_at",
         "reject",
         "request_done",
+        "transfer_encoding",
         "upgrade",
         "upgrade_value",
         "upstream",
@@ -133,6 +136,7 @@ class Exchange:
         self.host: bytes | None = None
         self.content_length: int | None = None
         self.chunked = False
+        self.transfer_encoding = b""
         self.expect_continue = False
         self.connection_tokens = b""
         self.upgrade_value = b""
@@ -163,6 +167,8 @@ class Exchange:
         conn.exchange = self
         if self.expect_continue and not self.request_done and not self.body_received:
             client.transport.write(CONTINUE_100)
+            if client.deadline_kind == BODY:
+                client.deadline = time.monotonic() + client.plane.cfg.body_timeout
         head = self.request_head()
         if self.buffer:
             conn.send(head + b"".join(self.buffer))
@@ -181,6 +187,16 @@ class Exchange:
         if self.client.active is self and not self.client.closed:
             self.client.send_error(status, message, retry_after=retry_after)
 
+    def retryable(self) -> bool:
+        """Safe to send again on another connection: idempotent, bodiless, fully read."""
+        return (
+            self.method in _RETRYABLE
+            and self.request_done
+            and not self.chunked
+            and not self.content_length
+            and not self.upgrade
+        )
+
     def request_head(self) -> bytes:
         client = self.client
         xff = self.xff + b", " + client.peer if self.xff else client.peer
@@ -191,7 +207,7 @@ class Exchange:
         if b"x-forwarded-proto" not in given:
             extra.append(b"X-Forwarded-Proto: http\r\n")
         if self.chunked:
-            extra.append(b"Transfer-Encoding: chunked\r\n")
+            extra.append(b"Transfer-Encoding: " + self.transfer_encoding + b"\r\n")
         if self.upgrade:
             extra.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade_value + b"\r\n")
         return b"".join(
@@ -209,6 +225,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline_kind",
         "eof",
         "head_bytes",
+        "lingering",
         "parser",
         "parsing",
         "paused",
@@ -237,6 +254,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.eof = False
+        self.lingering = False
         self.head_bytes = 0
         self.deadline = 0.0
         self.deadline_kind = IDLE
@@ -262,7 +280,7 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.send(data)
             return
         if self.closed:
-            return
+            return  # also while lingering: unread input is discarded until EOF or the deadline
         if self.upgrade_pending:  # bytes after an Upgrade request, before the app answered
             self.tunnel_tail += data
             if len(self.tunnel_tail) > BUFFER_LIMIT:
@@ -277,14 +295,19 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self.protocol_error(400, f"malformed request: {exc}")
             return
-        if self.parsing is not None and self.deadline_kind == HEAD:
-            self.head_bytes += len(data)
-            if self.head_bytes > self.plane.cfg.max_header_size:
-                self.protocol_error(
-                    431, f"request head larger than {self.plane.cfg.max_header_size} bytes"
-                )
+        ex = self.parsing
+        if ex is not None:
+            limit = self.plane.cfg.max_header_size
+            if self.deadline_kind == HEAD:
+                self.head_bytes += len(data)
+                if self.head_bytes > limit:
+                    self.protocol_error(431, f"request head larger than {limit} bytes")
+            elif ex.head_size > limit:
+                self.protocol_error(431, f"request trailers larger than {limit} bytes")
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            return None
         if self.tunnel is not None:
             with contextlib.suppress(OSError, RuntimeError):
                 self.tunnel.transport.write_eof()
@@ -360,6 +383,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         ex.head_size += len(name) + len(value) + 4
+        if ex.method:
+            return  # a trailer field (after a chunked body): counted, never forwarded
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
             ex.parts.append(name + b": " + value + b"\r\n")
@@ -373,7 +398,10 @@ class ClientConnection(asyncio.Protocol):
             ex.content_length = int(value)  # llhttp has checked it is digits, and only one
             ex.parts.append(name + b": " + value + b"\r\n")
         elif lname == b"transfer-encoding":
-            ex.chunked = True  # llhttp refuses any request coding but a final "chunked"
+            # llhttp refuses a request whose last coding is not "chunked"; codings before it
+            # (gzip, chunked) describe the content and travel on unchanged.
+            ex.chunked = True
+            ex.transfer_encoding = value
         elif lname == b"connection":
             ex.connection_tokens += value.lower() + b","
         elif lname == b"upgrade":
@@ -398,11 +426,16 @@ class ClientConnection(asyncio.Protocol):
         ex.method = parser.get_method()
         version = parser.get_http_version()
         ex.http10 = version == "1.0"
-        ex.keep_alive = parser.should_keep_alive()
+        # RFC 9112 §6.1: after an HTTP/1.0 request with Transfer-Encoding, close.
+        ex.keep_alive = parser.should_keep_alive() and not (ex.http10 and ex.chunked)
         ex.upgrade = parser.should_upgrade()
         has_body = ex.chunked or bool(ex.content_length)
         self.deadline_kind = BODY if has_body else RESPONSE
-        self.deadline = time.monotonic() + (cfg.body_timeout if has_body else cfg.upstream_timeout)
+        if has_body and ex.expect_continue:
+            self.deadline = 0.0  # the client waits for our 100 Continue; the clock starts then
+        else:
+            timeout = cfg.body_timeout if has_body else cfg.upstream_timeout
+            self.deadline = time.monotonic() + timeout
         if ex.reject is None:
             ex.reject = self._check_head(ex, version)
         if ex.reject is None and ex.upgrade:
@@ -457,12 +490,24 @@ class ClientConnection(asyncio.Protocol):
     def _check_upgrade(ex: Exchange) -> None:
         if ex.method != b"GET" or not ex.upgrade_value or b"upgrade" not in ex.connection_tokens:
             ex.reject = (400, "malformed Upgrade request")
+        elif ex.chunked or ex.content_length:
+            ex.reject = (400, "an Upgrade request cannot carry a body")
 
     @staticmethod
     def _drop_connection_listed(ex: Exchange) -> None:
         """Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
         listed = {t.strip() for t in ex.connection_tokens.split(b",")}
-        listed -= {b"", b"close", b"keep-alive", b"upgrade"}
+        # Framing and routing headers are never dropped: an app reading a body that the
+        # gateway forwarded without its length would see a second, smuggled request.
+        listed -= {
+            b"",
+            b"close",
+            b"keep-alive",
+            b"upgrade",
+            b"host",
+            b"content-length",
+            b"transfer-encoding",
+        }
         if listed:
             ex.parts = [p for p in ex.parts if p.split(b":", 1)[0].lower() not in listed]
 
@@ -560,6 +605,8 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_client = keep
         if keep and ex is not None:
             self.response_done(ex)
+        elif ex is not None and not ex.request_done:
+            self.close_lingering()
         else:
             self.close()
 
@@ -615,26 +662,36 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ending -----------------------------------------------------------------------------------
     def protocol_error(self, status: int, message: str) -> None:
-        """The byte stream is broken: answer if no response is under way, then close."""
+        """The byte stream is broken: answer if we still can, and close.
+
+        If the broken bytes belong to a later pipelined request, the response in progress is
+        finished first. If they belong to the active request, its upstream connection has a
+        partial request on it and is discarded.
+        """
+        broken = self.parsing
         self.pending.clear()
         self.parsing = None
         ex = self.active
-        if ex is None or (not ex.head_sent and ex.upstream is None):
-            self.active = None
-            self.transport.write(error_response(status, message))
-            self.close()
-        else:
-            # A response is being relayed; it is finished, then the connection closes.
+        if ex is not None and broken is not ex:
+            # A response is being relayed for an earlier request; finish it, then close.
             ex.keep_alive = False
             ex.keep_client = False
             self.closed = True
+            return
+        if ex is not None:
+            ex.reject = (status, message)
+            self._reject_active(ex)
+            return
+        self.transport.write(error_response(status, message))
+        self.close_lingering()
 
     def timed_out(self) -> None:
         kind = self.deadline_kind
         self.deadline = 0.0
         ex = self.active
-        if kind == IDLE:
-            self.close()
+        if kind in (IDLE, LINGER):
+            self.transport.close()
+            self.closed = True
         elif kind == HEAD:
             self.protocol_error(408, "timed out reading the request head")
         elif kind == BODY:
@@ -648,6 +705,30 @@ class ClientConnection(asyncio.Protocol):
             self._reject_active(ex)
         else:
             self.abort()
+
+    def close_lingering(self) -> None:
+        """Close after an error while the client may still be sending.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy the
+        error response before the client reads it. So: send FIN, discard input for a few
+        seconds (or until the client closes), then close (nginx's "lingering close").
+        """
+        if self.transport.is_closing():
+            return
+        self.closed = True
+        self.lingering = True
+        self.parsing = None
+        self.pending.clear()
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.deadline_kind = LINGER
+        self.deadline = time.monotonic() + LINGER_TIMEOUT
 
     def abort(self) -> None:
         """Cut the connection: a response was started and cannot be finished."""

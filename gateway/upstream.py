@@ -31,10 +31,10 @@ class UpstreamConnection(asyncio.Protocol):
         "_1xx",
         "_close_delimited",
         "_framing",
+        "_head_response",
         "_keep_alive",
         "_parts",
         "_reason",
-        "_reset_parser",
         "_switching",
         "_upgrade_value",
         "_wbuf",
@@ -43,6 +43,8 @@ class UpstreamConnection(asyncio.Protocol):
         "inst",
         "parser",
         "reading_paused",
+        "received",
+        "served",
         "transport",
         "tunnel",
         "write_paused",
@@ -57,13 +59,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel: ClientConnection | None = None
         self.reading_paused = False
         self.write_paused = False
+        self.served = 0  # responses completed on this connection
+        self.received = False  # any byte of the current response seen
         self._wbuf: list[bytes] = []
         self._parts: list[bytes] = []
         self._reason = b""
         self._framing = NONE
         self._keep_alive = True
         self._close_delimited = False
-        self._reset_parser = False
+        self._head_response = False
         self._1xx = False
         self._switching = False
         self._upgrade_value = b""
@@ -80,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.close()  # bytes nobody asked for: this connection cannot be trusted any more
             return
+        self.received = True
         ex.client.deadline = time.monotonic() + ex.client.plane.cfg.upstream_timeout
         try:
             self.parser.feed_data(data)
@@ -96,9 +101,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._flush()
         if self._switching and self.exchange is not None:
             self.exchange.client.start_tunnel(self, b"")
-        if self._reset_parser:
-            self._reset_parser = False
+        elif self._head_response and self.exchange is not None:
+            self._head_response = False
             self.parser = HttpResponseParser(self)
+            self._complete(reusable=self._keep_alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -111,6 +117,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if ex.head_sent and self._close_delimited:
             self._complete(reusable=False)  # EOF is how this response ends
+        elif self.served and not self.received and ex.retryable():
+            # The app closed a pooled keep-alive connection just as we reused it: nothing was
+            # answered, and the request is safe to repeat, so send it on another connection.
+            self.exchange = None
+            ex.upstream = None
+            self.inst.release(self, False)
+            self.inst.acquire(ex)
         else:
             self.fail("")
 
@@ -216,13 +229,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._wbuf.append(b"".join(head))
         ex.head_sent = True
         if ex.method == b"HEAD":
-            # httptools cannot be told a response has no body, so it would wait for
-            # Content-Length bytes; finish here and give the next response a fresh parser.
-            self._reset_parser = True
-            self._complete(reusable=self._keep_alive)
+            # httptools cannot be told a response has no body: it would wait for
+            # Content-Length bytes. The exchange completes once feed_data returns (completing
+            # it here would hand this connection to the next exchange mid-parse), and the next
+            # response gets a fresh parser.
+            self._head_response = True
 
     def on_body(self, data: bytes) -> None:
         if self.exchange is None:
+            return
+        if self._head_response:
+            self._keep_alive = False  # an app that sends a body after HEAD is out of sync
             return
         if self._framing == CHUNKED:
             self._wbuf.append(b"%x\r\n%s\r\n" % (len(data), data))
@@ -233,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._1xx:
             self._1xx = False
             return
-        if self.exchange is None or self._switching:
+        if self.exchange is None or self._switching or self._head_response:
             return  # after a 101 the tunnel starts where httptools raises HttpParserUpgrade
         self._complete(reusable=self._keep_alive)
 
@@ -251,6 +268,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._wbuf.append(LAST_CHUNK)
         self._flush()
         self.exchange = None
+        self.served += 1
+        self.received = False
         if self.write_paused:
             ex.client.resume(1)
         if ex.client.write_paused:
@@ -274,4 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif message:
             ex.client.upstream_failed(ex, message)
         else:
-            self.inst.upstream_lost(lambda reason: ex.client.upstream_failed(ex, reason))
+            self.inst.upstream_lost(
+                lambda reason: ex.client.upstream_failed(ex, reason),
+                "the app closed the connection before answering",
+            )

@@ -503,15 +503,6 @@ def test_head_has_no_body_and_connection_stays_usable(gw: Gateway) -> None:
         assert resp.get("content-length") == str(len(HELLO)).encode()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a HEAD response with Content-Length: 0 completes the NEXT exchange: upstream.py "
-    "on_headers_complete calls _complete() for HEAD inside the parser callback, which releases "
-    "the connection and attaches the next waiter (a pipelined request here, or another client's "
-    "queued request); llhttp then fires on_message_complete for the same empty HEAD body and "
-    "_complete() ends that next exchange before its response: it is never answered and the "
-    "client connection is closed",
-    strict=True,
-)
 def test_pipelined_head_with_empty_body_then_get(gw: Gateway) -> None:
     with Client(gw) as c:
         c.send(req("HEAD", "/status?code=200") + req("GET", "/"))
@@ -521,14 +512,6 @@ def test_pipelined_head_with_empty_body_then_get(gw: Gateway) -> None:
         c.assert_open()
 
 
-@pytest.mark.xfail(
-    reason="BUG: body bytes an app wrongly sends after a HEAD response are relayed as the body of "
-    "the next exchange on that upstream connection (same client when pipelined, or another "
-    "client's queued request): upstream.py completes the HEAD exchange in on_headers_complete "
-    "but httptools keeps parsing Content-Length body bytes and on_body writes them to the new "
-    "exchange. The HEAD's upstream connection must not be reused when bytes follow the head",
-    strict=True,
-)
 def test_body_sent_by_app_after_head_response_is_not_relayed(gw: Gateway) -> None:
     with Client(gw) as c:
         c.send(req("HEAD", "/") + req("GET", "/pid"))  # the echo app answers HEAD with a body
@@ -708,13 +691,6 @@ def test_hop_by_hop_headers_not_forwarded(gw: Gateway) -> None:
     assert seen["x-end-to-end"] == ["3"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: a header named in Connection is dropped even when it frames the message: "
-    "`Connection: content-length` makes proxy.py _drop_connection_listed remove Content-Length "
-    "from the forwarded head while the body is still sent, so the app parses the body as a second "
-    "request (request smuggling into the pooled upstream connection)",
-    strict=True,
-)
 def test_connection_listing_content_length_cannot_smuggle(gw: Gateway) -> None:
     host = new_app(gw)
     assert gw.request("/mark/before", host=host).status == 200
@@ -890,16 +866,6 @@ def test_bad_framing_in_body_cold_app_is_400(gw: Gateway, rest: bytes) -> None:
     send_expect_error(gw, f"POST /echo HTTP/1.1\r\nHost: {host}\r\n".encode() + rest, 400)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a framing error found after the head was forwarded (bad chunk size, invalid "
-    "Transfer-Encoding) is never answered and the connection leaks: proxy.py protocol_error "
-    "takes its 'response is being relayed' branch whenever ex.upstream is set (even though "
-    "ex.head_sent is False), only sets closed=True and neither answers, closes the transport "
-    "nor releases the upstream; eof_received then keeps the half-closed socket (active set, "
-    "parsing None), so the client, the app connection and graceful shutdown all wait for "
-    "upstream_timeout",
-    strict=True,
-)
 @pytest.mark.parametrize("rest", [BODY_FRAMING[0], BODY_FRAMING[4], BODY_FRAMING[6]])
 def test_bad_framing_in_body_warm_app_is_400(gw: Gateway, rest: bytes) -> None:
     host = new_app(gw)
@@ -939,14 +905,6 @@ def test_body_over_max_body_chunked_is_413(gw: Gateway) -> None:
         assert_error(resp, 413, c)
 
 
-@pytest.mark.xfail(
-    reason="BUG: no lingering close: after answering 413 while the client is still uploading, "
-    "proxy.py send_error → close() closes the socket with unread request bytes in the kernel "
-    "buffer, so the kernel sends RST (ECONNRESET) instead of FIN; a client that reads after "
-    "sending can lose the 413 itself. Fix: shut down writing, then drain and discard input for "
-    "a bounded time (nginx lingering_close) before closing",
-    strict=True,
-)
 def test_upload_over_max_body_ends_with_clean_close(gw: Gateway) -> None:
     host = new_app(gw, max_body=1024)
     assert gw.request("/", host=host).status == 200
@@ -1014,12 +972,6 @@ def test_slow_chunked_body_is_408(gw: Gateway) -> None:
             "POST /mark/front HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n"
             "0\nX: y\r\n\r\n{smuggled}",
             id="chunk-lf",
-            marks=pytest.mark.xfail(
-                reason="BUG: body framing error after the head was forwarded is never answered "
-                "(see test_bad_framing_in_body_warm_app_is_400); the smuggled request does not "
-                "reach the app, but no 400 is sent and the connection hangs",
-                strict=True,
-            ),
         ),
     ],
 )
@@ -1034,13 +986,6 @@ def test_smuggling_never_reaches_the_app(gw: Gateway, attack: str) -> None:
     assert marks(gw, host) == ["before"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: trailer fields of a chunked request are fed to on_header as if they were head "
-    "fields: a trailer `Host:` (or `Expect:`) sets Exchange.reject after the head was forwarded, "
-    "so on_message_complete never sends the last chunk and the request hangs until "
-    "upstream_timeout (proxy.py on_header/on_message_complete)",
-    strict=True,
-)
 def test_request_trailers_do_not_hang_the_request(gw: Gateway) -> None:
     with Client(gw, timeout=2) as c:
         c.send(
@@ -1051,13 +996,6 @@ def test_request_trailers_do_not_hang_the_request(gw: Gateway) -> None:
         assert (resp.status, resp.body) == (200, b"abc")
 
 
-@pytest.mark.xfail(
-    reason="BUG: `Transfer-Encoding: gzip, chunked` is accepted, the chunked coding is decoded and "
-    "re-chunked, but the gzip coding is silently dropped from the forwarded head, so the app "
-    "receives compressed bytes labelled as plain (proxy.py on_header sets ex.chunked and discards "
-    "the value; request_head always writes `Transfer-Encoding: chunked`)",
-    strict=True,
-)
 def test_transfer_codings_other_than_chunked_are_not_lost(gw: Gateway) -> None:
     with Client(gw) as c:
         c.send(
@@ -1068,13 +1006,6 @@ def test_transfer_codings_other_than_chunked_are_not_lost(gw: Gateway) -> None:
         assert json.loads(resp.body)["transfer-encoding"] == ["gzip, chunked"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: an HTTP/1.0 request with Transfer-Encoding must be treated as faulty framing "
-    "and the connection closed after it (RFC 9112 §6.1); with `Connection: keep-alive` the "
-    "gateway answers `Connection: keep-alive` and keeps it open (proxy.py on_headers_complete "
-    "does not force keep_alive off for HTTP/1.0 + Transfer-Encoding)",
-    strict=True,
-)
 def test_http10_transfer_encoding_closes_connection(gw: Gateway) -> None:
     with Client(gw) as c:
         c.send(
@@ -1137,14 +1068,6 @@ def test_app_slower_than_upstream_timeout_is_504(gateway_factory: Any) -> None:
     assert g.request("/").body == HELLO
 
 
-@pytest.mark.xfail(
-    reason="BUG: the body timer runs while the gateway itself withholds `100 Continue`: for "
-    "`Expect: 100-continue` the 100 is sent only when an upstream attaches (Exchange.attach), "
-    "but on_headers_complete already set a BODY deadline of body_timeout, so a cold start longer "
-    "than body_timeout answers 408 to a client that was correctly waiting (proxy.py "
-    "on_headers_complete; the BODY deadline should start when 100 Continue is sent)",
-    strict=True,
-)
 def test_expect_100_continue_waits_for_a_slow_cold_start(gw: Gateway) -> None:
     host = new_app(gw, env={"ECHO_STARTUP_DELAY": "2.5"})
     with Client(gw) as c:

@@ -11,6 +11,7 @@ Routes (each exists to exercise one gateway behaviour):
   /half             sends a head with Content-Length 100 and 10 bytes, then exits
   /ws               a WebSocket-ish upgrade: answers 101 then echoes raw bytes
   /pid              the process id
+  /then-drop        answers, then closes this connection when the next request arrives
   /env?name=        the value of an environment variable ("" when unset)
   /status?code=     an empty response with that status (no Content-Length for 1xx/204/304)
   /garbage          bytes that are not HTTP, then close
@@ -44,7 +45,7 @@ async def read_head(reader):
 async def read_body(reader, headers):
     if "content-length" in headers:
         return await reader.readexactly(int(headers["content-length"][0]))
-    if headers.get("transfer-encoding", [""])[0].lower() == "chunked":
+    if headers.get("transfer-encoding", [""])[0].lower().endswith("chunked"):
         body = b""
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
@@ -105,11 +106,15 @@ def respond(writer, status, body, ctype="text/plain", extra=""):
 
 
 async def handle(reader, writer):
+    drop_next = False
     try:
         while True:
             try:
                 method, target, version, headers = await read_head(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if drop_next:  # a keep-alive connection the app closes just as it is reused
+                writer.close()
                 return
             path, _, query = target.partition("?")
             args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
@@ -127,7 +132,9 @@ async def handle(reader, writer):
                     await asyncio.sleep(float(args.get("delay", "0")))
                 writer.write(b"0\r\n\r\n")
             elif path == "/close":
-                writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body")
+                writer.write(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body"
+                )
                 await writer.drain()
                 writer.close()
                 return
@@ -140,6 +147,9 @@ async def handle(reader, writer):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
                 await writer.drain()
                 os._exit(4)
+            elif path == "/then-drop":
+                drop_next = True
+                respond(writer, 200, b"ok")
             elif path == "/pid":
                 respond(writer, 200, str(os.getpid()).encode())
             elif path == "/big":
@@ -153,7 +163,9 @@ async def handle(reader, writer):
                     sent += len(part)
                     await writer.drain()
             elif path == "/ws":
-                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                )
                 while data := await reader.read(65536):
                     writer.write(data)
                     await writer.drain()
@@ -173,7 +185,7 @@ async def handle(reader, writer):
                 writer.close()
                 return
             elif path.startswith("/mark/"):
-                MARKS.append(path[len("/mark/"):])
+                MARKS.append(path[len("/mark/") :])
                 respond(writer, 200, b"marked")
             elif path == "/marks":
                 respond(writer, 200, json.dumps(MARKS).encode(), "application/json")

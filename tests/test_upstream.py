@@ -1,0 +1,27 @@
+"""Upstream connection reuse: a pooled connection the app closed is not the client's problem."""
+
+from __future__ import annotations
+
+from tests.conftest import Gateway
+
+
+def test_idempotent_request_retried_when_pooled_connection_dies(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /then-drop HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"ok")
+        # The only pooled connection is the one the app will drop on its next request.
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        second = sock.recv(65536)
+        assert second.startswith(b"HTTP/1.1 200")
+        assert second.endswith(b"hello from echo/main\n")
+
+
+def test_request_with_body_is_not_retried(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /then-drop HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        assert sock.recv(65536).endswith(b"ok")
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: echo.localhost\r\nContent-Length: 2\r\n\r\nhi")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 502 ")
+        assert b"closed the connection" in answer
