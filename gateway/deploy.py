@@ -266,6 +266,7 @@ class DeployApi:
                 await self.registry.delete_branch(app, branch)
             else:
                 await self.registry.set_branch(old)
+            self.request_gc()  # the new bundle was stored; nothing references it now
             if expected:
                 raise ApiError(422, "bundle", f"the new bundle did not start: {exc}") from None
             raise ApiError(

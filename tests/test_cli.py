@@ -96,7 +96,8 @@ def test_branches_ps_stop(admin: AdminHarness, capsys: pytest.CaptureFixture[str
     code, out, _ = dorm(admin, capsys, "branch", "set", "demo/feat", "--env", "X=1")
     assert (code, out) == (0, "set branch demo/feat\n")
     code, out, _ = dorm(admin, capsys, "branches", "demo")
-    assert out.splitlines()[1:] == ["feat    X=1", "main    -"]
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows == [["feat", "-", "-", "-", "X=1"], ["main", "-", "-", "-", "-"]]
     code, out, _ = dorm(admin, capsys, "branches", "demo", "--json")
     assert [b["name"] for b in orjson.loads(out)] == ["feat", "main"]
     assert dorm(admin, capsys, "branch", "rm", "demo/feat")[:2] == (0, "removed branch demo/feat\n")
