@@ -274,7 +274,10 @@ def run(rounds: int, gap: float) -> str:
         "| workload | contender | p50 ms | p99 ms | min ms | runs |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for (workload, name), xs in results.items():
+    for workload, name in sorted(
+        results, key=lambda k: (k[0] != "true", list(contenders).index(k[1]))
+    ):
+        xs = results[(workload, name)]
         lines.append(
             f"| {workload} | {name} | {statistics.median(xs):.2f} | {pct(xs, 99):.2f} | "
             f"{min(xs):.2f} | {len(xs)} |"
