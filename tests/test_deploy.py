@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -22,12 +23,13 @@ from typing import Any
 import pytest
 
 from gateway.admin import start_admin_server
+from gateway.appspec import BranchSpec, Limits, SpecError, overlay_spec, parse_app_spec
 from gateway.bundles import BundleStore, DeployError
 from gateway.cli import main
 from gateway.client import AdminClient
 from gateway.config import GatewayConfig
 from gateway.deploy import DeployApi
-from gateway.registry import Registry
+from gateway.registry import BundleRecord, Registry
 from tests.conftest import Gateway
 from tests.test_bundles import F, M, state, targz, upload
 
@@ -574,3 +576,115 @@ def test_ttl_and_activity_with_a_controlled_clock(harness: Harness) -> None:
     h.registry.touch("demo", "main", now + 5)
     h.run(h.registry.flush_activity())
     assert h.registry.branches[("demo", "main")].last_request == now + 5
+
+
+# -- effective spec and the registry's deploy state -----------------------------------------------
+def test_overlay_spec_rules() -> None:
+    base = parse_app_spec(
+        "demo",
+        {
+            "command": ["python3", "serve.py"],
+            "env": {"A": "app", "B": "app"},
+            "idle_timeout": "1m",
+            "limits": {"memory": "256MiB", "cpu": None, "pids": 64},
+        },
+    )
+    spec = overlay_spec(
+        base,
+        {
+            "runtime": "python-asgi",
+            "entry": "app:app",
+            "env": {"B": "bundle", "C": "bundle"},
+            "limits": {"memory": "1GiB", "cpu": 0.5},
+            "static": {"spa_fallback": "index.html"},
+        },
+    )
+    assert (spec.runtime, spec.entry, spec.idle_timeout) == ("python-asgi", "app:app", 60.0)
+    assert spec.env == {"A": "app", "B": "bundle", "C": "bundle"}
+    assert spec.limits == Limits(memory=256 * 1024**2, cpu=0.5, pids=64)
+    assert spec.static.spa_fallback == "index.html"
+    assert overlay_spec(base, {}) == base
+    for manifest, field in (
+        ({"runtime": "python-wsgi"}, "entry"),
+        ({"entry": "not an entry"}, "entry"),
+        ({"limits": {"memory": "lots"}}, "limits.memory"),
+        ({"static": {"index": ["a/b"]}}, "static.index.0"),
+        ({"static": {"spa_fallback": "../x"}}, "static.spa_fallback"),
+        ({"ttl": "0s"}, "ttl"),
+    ):
+        with pytest.raises(SpecError) as info:
+            overlay_spec(base, manifest)
+        assert info.value.field == field
+    boxed = parse_app_spec("demo", {"command": ["x"], "isolation": "sandbox"})
+    with pytest.raises(SpecError) as info:
+        overlay_spec(boxed, {"isolation": "process"})
+    assert info.value.field == "isolation"
+    assert overlay_spec(base, {"isolation": "sandbox"}).isolation == "sandbox"
+
+
+def test_registry_deploy_state_survives_restart(tmp_path: Path) -> None:
+    db = tmp_path / "dorm.sqlite"
+    # A database from before bundles existed: the new columns are added in place.
+    old = sqlite3.connect(db)
+    old.executescript(
+        "CREATE TABLE apps (name TEXT PRIMARY KEY, spec BLOB NOT NULL, created REAL NOT NULL,"
+        " updated REAL NOT NULL);"
+        "CREATE TABLE branches (app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,"
+        " name TEXT NOT NULL, spec BLOB NOT NULL, created REAL NOT NULL,"
+        " PRIMARY KEY (app, name));"
+        """INSERT INTO apps VALUES ('demo', '{"command": ["x"]}', 1, 1);"""
+        """INSERT INTO branches VALUES ('demo', 'old', '{"env": {"X": "1"}}', 5);"""
+    )
+    old.commit()
+    old.close()
+    digest_a, digest_b = "a" * 64, "b" * 64
+
+    async def first() -> None:
+        reg = Registry(db)
+        await reg.open()
+        assert reg.get_branch("demo", "old") == BranchSpec("demo", "old", {"X": "1"})
+        record = BundleRecord(digest_a, {"env": {"Y": "2"}}, 10, 1, 5, time.time())
+        branch = BranchSpec("demo", "feat", bundle=digest_a, deployed_at=100.0)
+        await reg.set_branch(branch, bundle=record)
+        spec = reg.effective_spec("demo", "feat")
+        assert spec is not None and spec.env == {"Y": "2"}
+        assert reg.effective_spec("demo", "old") == reg.get_app("demo")
+        assert reg.effective_spec("demo", "ghost") is None
+        # `branch set` replaces the overrides, never the bundles.
+        await reg.put_branch(BranchSpec("demo", "feat", {"Z": "3"}))
+        feat = reg.get_branch("demo", "feat")
+        assert feat is not None and (feat.env, feat.bundle) == ({"Z": "3"}, digest_a)
+        await reg.set_branch(
+            BranchSpec("demo", "feat", {"Z": "3"}, digest_b, digest_a, 200.0),
+            bundle=BundleRecord(digest_b, {"colour": "red"}, 1, 1, 1, 0.0),
+        )
+        with pytest.raises(SpecError) as info:
+            reg.effective_spec("demo", "feat")
+        assert info.value.field == "manifest.colour"
+        assert reg.referenced_bundles() == {digest_a, digest_b}
+        reg.touch("demo", "feat", 300.0)
+        reg.touch("ghost", "main", 300.0)  # an app that does not exist is not persisted
+        assert await reg.flush_activity() == 1
+        await reg.set_branch(
+            BranchSpec("new", "main"), app=parse_app_spec("new", {"command": ["y"]})
+        )
+        assert reg.get_app("new") is not None
+        await reg.close()
+
+    async def second() -> None:
+        reg = Registry(db)
+        await reg.open()
+        feat = reg.get_branch("demo", "feat")
+        assert feat is not None
+        assert (feat.bundle, feat.previous_bundle, feat.deployed_at) == (digest_b, digest_a, 200.0)
+        assert feat.last_request == 300.0 and feat.created is not None
+        assert set(reg.bundles) == {digest_a, digest_b}
+        assert reg.get_app("new") is not None
+        await reg.forget_bundles([digest_a, "c" * 64])
+        assert set(reg.bundles) == {digest_b}
+        assert await reg.delete_branch("demo", "feat")
+        assert reg.last_request("demo", "feat") is None
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(first(), 20))
+    asyncio.run(asyncio.wait_for(second(), 20))
