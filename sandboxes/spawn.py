@@ -113,7 +113,17 @@ def _rlimits(spec: SandboxSpec) -> tuple[tuple[int, int], ...]:
 class Sandbox:
     """Handle for one running sandbox, owned by the single-threaded caller that spawned it."""
 
-    __slots__ = ("_pidfd", "_reaped", "cgroup", "egress", "pid", "spec", "started_at", "status")
+    __slots__ = (
+        "_final",
+        "_pidfd",
+        "_reaped",
+        "cgroup",
+        "egress",
+        "pid",
+        "spec",
+        "started_at",
+        "status",
+    )
 
     def __init__(
         self,
@@ -131,6 +141,7 @@ class Sandbox:
         self.started_at = time.monotonic()
         self._reaped = False
         self.status: int | None = None  # wait status once reaped through ``wait``
+        self._final: dict[str, int | None] | None = None  # cgroup stats captured by cleanup
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (the kernel then kills its whole pid namespace) and every
@@ -176,10 +187,16 @@ class Sandbox:
         self._reaped = True
 
     def cleanup(self) -> None:
-        """After the pid was reaped: kill leftovers, remove the cgroup(s) and egress plumbing."""
+        """After the pid was reaped: kill leftovers, remove the cgroup(s) and egress plumbing.
+
+        The cgroup's final counters (OOM kills, peak memory, CPU) are captured first, so
+        ``oom_killed()`` and ``stats()`` still answer afterwards (the gateway reports an OOM to
+        the client and the instance list after the sandbox is gone). Idempotent."""
         self._reaped = True
         try:
             if self.cgroup is not None:
+                if self._final is None:
+                    self._final = self.cgroup.stats()
                 self.cgroup.remove()
         finally:
             if self.egress is not None:
@@ -190,11 +207,16 @@ class Sandbox:
                 self._pidfd = -1
 
     def oom_killed(self) -> bool:
+        """Did the kernel OOM-kill a process of this sandbox (also answers after cleanup)."""
+        if self._final is not None:
+            return bool(self._final.get("oom_kills"))
         return self.cgroup is not None and self.cgroup.oom_killed()
 
     def stats(self) -> dict[str, int | float | None]:
         out: dict[str, int | float | None] = {"pid": self.pid}
-        if self.cgroup is not None:
+        if self._final is not None:
+            out.update(self._final)
+        elif self.cgroup is not None:
             out.update(self.cgroup.stats())
         out["uptime_s"] = round(time.monotonic() - self.started_at, 3)
         return out

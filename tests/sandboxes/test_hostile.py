@@ -62,6 +62,7 @@ def test_memory_bomb_is_oom_killed_and_reported(sbx: Runner) -> None:
     assert sb.oom_killed() is True  # read from memory.oom_control (v1) / memory.events (v2)
     assert sb.stats()["oom_kills"] == 1
     sbx.finish(sb, out, err)
+    assert sb.oom_killed() is True  # still known after cleanup removed the cgroup
 
 
 @pytest.mark.parametrize(
@@ -400,3 +401,55 @@ def test_host_loopback_listener_unreachable(sbx: Runner) -> None:
     finally:
         listener.close()
     assert r.lines() == ["ECONNREFUSED", "['lo']"]
+
+
+def test_proc_knobs_are_not_writable_or_readable(sbx: Runner) -> None:
+    probes = [
+        ("/proc/sys/kernel/hostname", "w"),
+        ("/proc/sys/vm/drop_caches", "w"),
+        ("/proc/timer_list", "rb"),
+        ("/proc/sysrq-trigger", "w"),
+        ("/proc/kcore", "rb"),
+    ]
+    r = sbx.py(
+        "import errno\n"
+        f"for p, mode in {probes!r}:\n"
+        "    try:\n"
+        "        open(p, mode); print('OPEN')\n"
+        "    except OSError as e:\n"
+        "        print(errno.errorcode[e.errno])\n"
+        "print(open('/proc/kallsyms').readline().split()[0])\n"
+    )
+    # files this kernel does not have are simply absent; every present one is refused
+    expected = ["EACCES" if os.path.exists(p) else "ENOENT" for p, _ in probes]
+    assert r.lines()[:-1] == expected
+    assert set(r.lines()[-1]) == {"0"}  # kernel addresses hidden from the tenant
+
+
+def test_abstract_unix_sockets_are_private_per_sandbox(sbx: Runner) -> None:
+    name = f"dorm-test-{os.getpid()}"
+    server_code = (
+        "import socket, time\n"
+        f"s = socket.socket(socket.AF_UNIX); s.bind('\\0{name}'); s.listen(1)\n"
+        "print('listening', flush=True); time.sleep(30)\n"
+    )
+    a, a_out, a_err = sbx.start([PY, "-I", "-S", "-c", server_code])
+    try:
+        deadline = time.monotonic() + 10
+        while "listening" not in a_out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "listening" in a_out.read_text()
+        r = sbx.py(
+            "import errno, socket\n"
+            "try:\n"
+            f"    socket.socket(socket.AF_UNIX).connect('\\0{name}'); print('CONNECTED')\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno])\n"
+        )
+        assert r.out.strip() == "ECONNREFUSED"
+        host = socket.socket(socket.AF_UNIX)
+        with pytest.raises(ConnectionRefusedError):
+            host.connect(f"\0{name}")  # not on the host either
+        host.close()
+    finally:
+        sbx.finish(a, a_out, a_err, timeout=0)
