@@ -25,7 +25,6 @@ MACHINE: Final = platform.machine()
 _SYSCALLS: Final[dict[str, dict[str, int]]] = {
     "x86_64": {
         "pivot_root": 155,
-        "capget": 125,
         "capset": 126,
         "unshare": 272,
         "setns": 308,
@@ -39,7 +38,6 @@ _SYSCALLS: Final[dict[str, dict[str, int]]] = {
     },
     "aarch64": {
         "pivot_root": 41,
-        "capget": 90,
         "capset": 91,
         "unshare": 97,
         "setns": 268,
@@ -276,21 +274,6 @@ def capset_zero() -> None:
             ctypes.c_long(syscall_nr("capset")), ctypes.byref(_ZERO_HDR), ctypes.byref(_ZERO_DATA)
         ),
         "capset",
-    )
-
-
-def capget() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) of the calling thread as 64-bit masks."""
-    hdr = CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (CapData * 2)()
-    _check(
-        _syscall(ctypes.c_long(syscall_nr("capget")), ctypes.byref(hdr), ctypes.byref(data)),
-        "capget",
-    )
-    return (
-        data[0].effective | (data[1].effective << 32),
-        data[0].permitted | (data[1].permitted << 32),
-        data[0].inheritable | (data[1].inheritable << 32),
     )
 
 

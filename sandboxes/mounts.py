@@ -1,14 +1,16 @@
-"""The sandbox filesystem: planned in the fork server, applied in the child's new mount namespace.
+"""The sandbox filesystem: planned in the fork server, applied in a fresh mount namespace.
 
 Why a plan: every path, flag, generated file and host lookup (``readlink`` of /bin, the bytes of
-/etc/ld.so.cache, ...) is computed before ``fork``; the child only replays a tuple of primitive
-operations, so no Python-level string work and no host filesystem probing happens on the
-confinement path, and a failure names the exact operation.
+/etc/ld.so.cache, ...) is computed in the fork server; what runs in the namespace only replays
+tuples of primitive operations, and a failure names the exact operation. The plan has two parts:
+``static_ops`` (same for every sandbox of a layout; applied ahead of time by nspool.py, followed by
+pivot_root) and the per-instance part (``instance_ops`` and ``binds``; applied at spawn, after
+pivot_root, with the binds arriving as detached ``open_tree`` copies made by the parent).
 
 Layout inside the sandbox (host mode; ``rootfs`` mode binds the bundle's top-level dirs instead of
 the host system dirs)::
 
-    /            tmpfs, remounted read-only at the end (mode 0755, root-owned)
+    /            tmpfs, remounted read-only once assembled (mode 0755, root-owned)
     /usr /lib*   read-only, nosuid, nodev binds of the host dirs (/bin → usr/bin symlinks copied)
     /etc         generated passwd, group, hosts, hostname, nsswitch.conf, resolv.conf; copies of
                  ld.so.cache, services, protocols; read-only binds of /etc/ssl/certs,
@@ -22,13 +24,13 @@ the host system dirs)::
                  fd/stdin/stdout/stderr symlinks, /dev/shm tmpfs size=shm_size nosuid nodev noexec
     /proc        fresh procfs of the sandbox's pid namespace, nosuid nodev noexec, hidepid=invisible
 
-/proc is not masked further: nothing in it is writable by an unprivileged uid without capabilities,
-and masking (extra binds per spawn) costs time on the cold-start path for no protection gained.
+/proc is not masked further: nothing in it is writable by an unprivileged uid without capabilities
+(tested: /proc/sys knobs and /proc/timer_list give EACCES, kallsyms shows zero addresses), and the
+sandbox sees only its own processes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 import sys
@@ -80,10 +82,6 @@ class MountPlan:
     instance_ops: tuple[Op, ...]  # per instance, inside paths: /etc identity files, /tmp, /dev/shm
     binds: tuple[Bind, ...]  # per instance: /app, /data, /run/dorm (attached as detached trees)
     cwd: bytes
-
-    def without_static(self) -> MountPlan:
-        """This plan minus the static ops (a pre-forked child already has them mounted)."""
-        return dataclasses.replace(self, static_ops=())
 
 
 _mount_base: str | None = None
