@@ -41,7 +41,8 @@ env = {{ GREETING = "welcome to dorm" }}
 
 def print_guide(data_dir: Path) -> None:
     token_file = data_dir / "admin.token"
-    print(f"""
+    print(
+        f"""
 dorm demo — a scale-to-zero gateway. The app `hello` is asleep until you ask for it:
 
   curl http://hello.localhost:8080/                 # wakes it (cold start), then answers
@@ -57,7 +58,9 @@ Branch previews (a branch is its own instance):
 Watch it: `.venv/bin/dorm ps` (instances), `.venv/bin/dorm logs hello`, and after 30 s idle
 the instance is evicted — the next request wakes a new process (note the pid).
 Stop with Ctrl-C.
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 def main() -> int:

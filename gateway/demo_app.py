@@ -17,8 +17,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode("latin-1")
             if path == "/stream":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
                 for i in range(5):
                     line = f"tick {i}\n".encode()
                     writer.write(b"%x\r\n%s\r\n" % (len(line), line))
@@ -27,10 +29,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(b"0\r\n\r\n")
             else:
                 app, branch = os.environ["DORM_APP"], os.environ["DORM_BRANCH"]
-                body = (f"hello from {app}, branch {branch}, pid {os.getpid()}\n"
-                        f"greeting: {os.environ.get('GREETING', 'hi')}\n").encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                body = (
+                    f"hello from {app}, branch {branch}, pid {os.getpid()}\n"
+                    f"greeting: {os.environ.get('GREETING', 'hi')}\n"
+                ).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

@@ -114,20 +114,8 @@ class DeployApi:
         return f"http://{authority}/"
 
     def _sync_activity(self) -> None:
-        """Fold the instances' last requests into the registry's wall-clock record.
-
-        The data plane is expected to call `registry.touch`; reading the instances as well keeps
-        the record right whichever of the two reports activity.
-        """
-        table = getattr(self.instances, "instances", None)
-        if not isinstance(table, dict):
-            return
-        wall, mono = time.time(), time.monotonic()
-        for (app, branch), inst in list(table.items()):
-            seen = getattr(inst, "last_request", None)
-            if not isinstance(seen, float):
-                continue
-            when = wall - (mono - seen)
+        """Fold the instances' last requests into the registry's wall-clock record."""
+        for app, branch, when in self.instances.activity():
             known = self.registry.last_request(app, branch)
             if known is None or when > known + 0.001:
                 self.registry.touch(app, branch, when)
@@ -250,12 +238,8 @@ class DeployApi:
     ) -> None:
         """Move the branch's traffic to what the registry now says; on failure put the registry
         back as it was (`old`) and answer 422 with the reason."""
-        redeploy = getattr(self.instances, "redeploy", None)
         try:
-            if redeploy is not None:
-                await redeploy(app, branch)
-            else:
-                await self.instances.branch_changed(app, branch)
+            await self.instances.redeploy(app, branch)
         except Exception as exc:
             expected = isinstance(exc, DeployError)
             if not expected:
@@ -381,9 +365,7 @@ class DeployApi:
         times = [t for t in (branch.last_active(), self.registry.last_request(app, name)) if t]
         if times and now - max(times) < spec.ttl:
             return False
-        table = getattr(self.instances, "instances", None)
-        inst = table.get((app, name)) if isinstance(table, dict) else None
-        return not getattr(inst, "busy", False)  # an open stream is use, whatever the clock
+        return not self.instances.busy(app, name)  # an open stream is use, whatever the clock
 
     def request_gc(self) -> None:
         """Collect unreferenced bundles soon, in the background; requests coalesce."""

@@ -24,12 +24,14 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.appspec import AppSpec, BranchSpec
+from gateway.appspec import AppSpec, BranchSpec, SpecError
+from gateway.bundles import DeployError
 from gateway.config import GatewayConfig
 from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
-from gateway.logs import log_path
+from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
 
 if TYPE_CHECKING:
@@ -98,12 +100,16 @@ class Instance:
         self.lost: list[Callable[[str], None]] = []
         self.stopping = False
         self.retired = False  # replaced by a new spec: finish what it has, never start again
+        self.broken: str | None = None  # a spec that cannot run; answered 503 with this reason
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
         """Give `waiter` an upstream connection now, or queue it (waking the instance if cold)."""
         if self.retired:
             self.manager.reroute(self, waiter)
+            return
+        if self.broken is not None:
+            waiter.fail(503, f"app {self.app.name!r} cannot run: {self.broken}")
             return
         now = time.monotonic()
         self.last_activity = now
@@ -245,6 +251,8 @@ class InstanceManager:
         self._sweeper: asyncio.TimerHandle | None = None
         self.on_change: Callable[[], None] = lambda: None
         self.upstream_factory: Callable[[Instance], UpstreamConnection] | None = None
+        bundles = Path(cfg.data_dir) / "bundles"
+        self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
 
     async def start(self) -> None:
         await self.launcher.start()
@@ -257,12 +265,42 @@ class InstanceManager:
         inst = self.instances.get(key)
         if inst is not None:
             return inst
-        app = self.registry.get_app(app_name)
-        branch = self.registry.get_branch(app_name, branch_name)
-        if app is None or branch is None:
-            return None
-        inst = self.instances[key] = Instance(self, app, branch)
+        inst = self._build(app_name, branch_name)
+        if inst is not None:
+            self.instances[key] = inst
         return inst
+
+    def _build(self, app_name: str, branch_name: str) -> Instance | None:
+        """A new Instance for the branch's effective spec (app spec overlaid by its bundle)."""
+        branch = self.registry.get_branch(app_name, branch_name)
+        base = self.registry.get_app(app_name)
+        if branch is None or base is None:
+            return None
+        try:
+            spec = self.registry.effective_spec(app_name, branch_name) or base
+        except SpecError as exc:
+            inst = Instance(self, base, branch)
+            inst.broken = f"its bundle no longer fits the app spec: {exc}"
+            return inst
+        return Instance(self, spec, branch)
+
+    def busy(self, app: str, branch: str) -> bool:
+        """Whether the branch has in-flight requests, open tunnels or queued requests."""
+        inst = self.instances.get((app, branch))
+        return inst is not None and inst.busy
+
+    def activity(self) -> list[tuple[str, str, float]]:
+        """(app, branch, wall-clock time of the last request) for every instance that had one.
+
+        The data plane stamps requests with the monotonic clock (one float store per request);
+        converting here, off the hot path, is what the registry's periodic flush needs.
+        """
+        offset = time.time() - time.monotonic()
+        return [
+            (a, b, offset + i.last_request)
+            for (a, b), i in self.instances.items()
+            if i.last_request is not None
+        ]
 
     def warm_count(self) -> int:
         return sum(1 for i in self.instances.values() if i.state in WARM)
@@ -364,6 +402,7 @@ class InstanceManager:
         inst.ready_at = None
         inst.starts += 1
         inst.exited = asyncio.get_running_loop().create_future()
+        bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         env = {
             **BASE_ENV,
             "HOME": str(run_dir),
@@ -373,6 +412,10 @@ class InstanceManager:
             "DORM_APP": app.name,
             "DORM_BRANCH": branch.name,
         }
+        if bundle_dir is not None:
+            env["DORM_BUNDLE"] = bundle_dir
+            # Vendored Python dependencies are importable without an install step.
+            env.setdefault("PYTHONPATH", f"{bundle_dir}/vendor:{bundle_dir}")
         spec = LaunchSpec(
             id=instance_id,
             argv=list(app.command),
@@ -381,6 +424,7 @@ class InstanceManager:
             log_path=str(log_path(self.cfg.data_dir, app.name, branch.name)),
             log_max_bytes=self.cfg.log_max_bytes,
             log_keep=self.cfg.log_keep,
+            cwd=bundle_dir,
         )
         self.running[instance_id] = inst
         try:
@@ -582,6 +626,43 @@ class InstanceManager:
     async def branch_changed(self, app: str, branch: str) -> None:
         """A branch was created, changed or deleted: same as an app change, for one branch."""
         await self._retire([k for k in self.instances if k == (app, branch)], "branch changed")
+
+    async def redeploy(self, app: str, branch: str) -> None:
+        """Switch a branch to its newly deployed bundle without dropping a request.
+
+        A cold branch just forgets its instance (the next request starts the new bundle). A warm
+        one starts the new bundle beside the old; only when the new one is ready does traffic
+        switch, and the old one drains. If the new one will not start, the old keeps serving and
+        DeployError says why (with the end of its log).
+        """
+        key = (app, branch)
+        old = self.instances.get(key)
+        if old is None or old.state not in (State.READY, State.STARTING):
+            await self._retire([key] if old is not None else [], "redeployed")
+            self.on_change()
+            return
+        new = self._build(app, branch)
+        if new is None:
+            raise DeployError(f"app {app!r} branch {branch!r} no longer exists")
+        if new.broken is not None:
+            raise DeployError(new.broken)
+        new.state = State.STARTING
+        await self._start(new)
+        if new.state is not State.READY:
+            why = new.last_error or "it did not become ready"
+            await self._terminate(new, grace=0.0)
+            tail = await asyncio.to_thread(read_tail, log_path(self.cfg.data_dir, app, branch), 20)
+            raise DeployError(
+                f"the new bundle failed to start ({why}); the previous one keeps "
+                f"serving. Last log lines:\n{tail.decode('utf-8', 'replace')}"
+            )
+        self.instances[key] = new
+        old.retired = True
+        self.on_change()
+        waiters, old.waiters = old.waiters, deque()
+        for waiter in waiters:
+            self.reroute(old, waiter)
+        self._spawn_task(self.stop_instance(old, "replaced by a new deploy"))
 
     async def _retire(self, keys: list[tuple[str, str]], why: str) -> None:
         old = [self.instances.pop(key) for key in keys]

@@ -107,6 +107,7 @@ async def _run(config: Config) -> int:
             max_files=cfg.max_bundle_files,
         ),
     )
+    manager.bundle_path = store.path
     deploys = DeployApi(cfg, registry, manager, store)
     await deploys.start()
     await manager.start()

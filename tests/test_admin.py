@@ -54,6 +54,15 @@ class FakeInstances:
     async def branch_changed(self, app: str, branch: str) -> None:
         self.calls.append(("branch changed", app, branch))
 
+    async def redeploy(self, app: str, branch: str) -> None:
+        self.calls.append(("redeploy", app, branch))
+
+    def activity(self) -> list[tuple[str, str, float]]:
+        return []
+
+    def busy(self, app: str, branch: str) -> bool:
+        return False
+
 
 class AdminHarness:
     """The admin server on its own event loop thread, so tests can use blocking clients."""

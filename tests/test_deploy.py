@@ -62,22 +62,6 @@ async def main():
 asyncio.run(main())
 """
 
-# Until instances run from their bundle directory, the operator's command finds the branch's
-# bundle in the registry and runs its app.py from there (what the bundle manifest's command,
-# `python app.py` in the bundle directory, will do by itself).
-SHIM = """
-import os, runpy, sqlite3, sys
-data = sys.argv[1]
-db = sqlite3.connect(f"file:{data}/dorm.sqlite?mode=ro", uri=True)
-row = db.execute("SELECT bundle FROM branches WHERE app = ? AND name = ?",
-                 (os.environ["DORM_APP"], os.environ["DORM_BRANCH"])).fetchone()
-db.close()
-root = os.path.join(data, "bundles", row[0])
-os.chdir(root)
-sys.path.insert(0, root)
-runpy.run_path("app.py", run_name="__main__")
-"""
-
 
 def toml_value(value: Any) -> str:
     """A TOML literal: JSON spelling for scalars and lists, inline tables for dicts."""
@@ -104,7 +88,7 @@ def site_bundle(version: str, padding: bytes = b"", **extra: Any) -> bytes:
 def site_spec(gw: Gateway, **extra: Any) -> dict[str, Any]:
     return {
         "runtime": "command",
-        "command": [sys.executable, "-c", SHIM, str(gw.data_dir)],
+        "command": [sys.executable, "app.py"],  # the bundle's manifest says the same
         "startup_timeout": 10,
         **extra,
     }
@@ -457,6 +441,12 @@ class FakeInstances:
         self.calls.append(("redeploy", app, branch))
         if self.fail is not None:
             raise self.fail
+
+    def activity(self) -> list[tuple[str, str, float]]:
+        return []
+
+    def busy(self, app: str, branch: str) -> bool:
+        return False
 
 
 class Harness:
