@@ -50,6 +50,12 @@ LOST_REASON_WAIT = 0.5
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
+class StaticSite(Protocol):
+    """Serves a static bundle inside the gateway (gateway/static.py); no process is started."""
+
+    def serve(self, exchange: Any) -> None: ...
+
+
 class Waiter(Protocol):
     """What an instance needs from a request waiting for it (gateway.proxy.Exchange)."""
 
@@ -101,15 +107,14 @@ class Instance:
         self.stopping = False
         self.retired = False  # replaced by a new spec: finish what it has, never start again
         self.broken: str | None = None  # a spec that cannot run; answered 503 with this reason
+        self.site: StaticSite | None = None  # static runtime: answered in the gateway
+        self.special = False  # any of the three above: one check on the hot path
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
         """Give `waiter` an upstream connection now, or queue it (waking the instance if cold)."""
-        if self.retired:
-            self.manager.reroute(self, waiter)
-            return
-        if self.broken is not None:
-            waiter.fail(503, f"app {self.app.name!r} cannot run: {self.broken}")
+        if self.special:
+            self._acquire_special(waiter)
             return
         now = time.monotonic()
         self.last_activity = now
@@ -142,6 +147,15 @@ class Instance:
         self.waiters.append(waiter)
         if self.state in (State.COLD, State.FAILED):
             self.manager.wake(self)
+
+    def _acquire_special(self, waiter: Waiter) -> None:
+        if self.retired:
+            self.manager.reroute(self, waiter)
+        elif self.broken is not None:
+            waiter.fail(503, f"app {self.app.name!r} cannot run: {self.broken}")
+        elif self.site is not None:
+            self.last_request = self.last_activity = time.monotonic()
+            self.site.serve(waiter)
 
     def cancel(self, waiter: Waiter) -> None:
         """The client of a queued request went away."""
@@ -251,6 +265,7 @@ class InstanceManager:
         self._sweeper: asyncio.TimerHandle | None = None
         self.on_change: Callable[[], None] = lambda: None
         self.upstream_factory: Callable[[Instance], UpstreamConnection] | None = None
+        self.static_site: Callable[[Path, AppSpec], StaticSite] | None = None
         bundles = Path(cfg.data_dir) / "bundles"
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
 
@@ -281,8 +296,16 @@ class InstanceManager:
         except SpecError as exc:
             inst = Instance(self, base, branch)
             inst.broken = f"its bundle no longer fits the app spec: {exc}"
+            inst.special = True
             return inst
-        return Instance(self, spec, branch)
+        inst = Instance(self, spec, branch)
+        if spec.runtime == "static":
+            inst.special = True
+            if branch.bundle is None or self.static_site is None:
+                inst.broken = "the static runtime serves a bundle, and none is deployed"
+            else:
+                inst.site = self.static_site(self.bundle_path(branch.bundle), spec)
+        return inst
 
     def busy(self, app: str, branch: str) -> bool:
         """Whether the branch has in-flight requests, open tunnels or queued requests."""
@@ -657,7 +680,7 @@ class InstanceManager:
                 f"serving. Last log lines:\n{tail.decode('utf-8', 'replace')}"
             )
         self.instances[key] = new
-        old.retired = True
+        old.retired = old.special = True
         self.on_change()
         waiters, old.waiters = old.waiters, deque()
         for waiter in waiters:
@@ -667,7 +690,7 @@ class InstanceManager:
     async def _retire(self, keys: list[tuple[str, str]], why: str) -> None:
         old = [self.instances.pop(key) for key in keys]
         for inst in old:
-            inst.retired = True
+            inst.retired = inst.special = True
         self.on_change()  # cached routes may name a retired instance, or none where one now is
         for inst in old:
             if inst.state not in WARM:
