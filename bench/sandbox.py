@@ -15,6 +15,9 @@ Contenders:
   server does when idle; the timed part is ``spawn`` + wait: cgroup rename + limits, per-instance
   mounts, identity, privileges, seccomp, exec.
 * ``dorm (cold)`` — no idle child: spawn builds namespaces and forks on demand.
+* ``dorm zygote (prewarmed)`` — ``sandboxes.spawn_call``: same confinement, but the child calls
+  preloaded code (a no-op, or the same one-request server) instead of execve: no exec, no
+  interpreter start-up. This is what a runtime zygote gets.
 * ``bwrap`` — bubblewrap with the closest equivalent flags: all namespaces, ro /usr + python
   prefix, /proc, /dev, tmpfs /tmp, the socket dir at /run/dorm, uid 200001, --cap-drop ALL,
   --new-session, --die-with-parent, --clearenv, and dorm's own seccomp BPF via ``--seccomp``.
@@ -45,7 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandboxes import SandboxSpec, cleanup_stale, prefork, prewarm, seccomp, spawn
+from sandboxes import SandboxSpec, cleanup_stale, prefork, prewarm, seccomp, spawn, spawn_call
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "sandboxes.md"
@@ -65,6 +68,23 @@ SERVER = (
 )
 ENV = {"PATH": "/usr/bin:/bin"}
 TIMEOUT = 10.0
+
+
+def noop() -> int:
+    """Zygote-mode tenant for the ``true`` workload."""
+    return 0
+
+
+def serve_once() -> int:
+    """Zygote-mode tenant for the ``server`` workload: the same server as SERVER, preloaded."""
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sys.argv[1])
+    s.listen(1)
+    c, _ = s.accept()
+    c.recv(1024)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    c.close()
+    return 0
 
 
 class Bench:
@@ -123,6 +143,36 @@ class Bench:
         if not data.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"bad response {data[:40]!r}")
         return elapsed * 1000
+
+    def dorm_zygote(self, workload: str) -> float:
+        """Zygote mode (``spawn_call``): the confined child calls preloaded code, no execve and no
+        interpreter start-up: ``noop`` for ``true``, ``serve_once`` for ``server``."""
+        spec = self.spec()
+        prewarm(spec, 1)
+        time.sleep(0.005)
+        self.clear_socket()
+        target, argv = (
+            (f"{__name__}:noop", ["noop"])
+            if workload == "true"
+            else (f"{__name__}:serve_once", ["serve_once", "/run/dorm/app.sock"])
+        )
+        t = time.perf_counter()
+        sb = spawn_call(spec, target, argv, ENV, stdout_fd=self.devnull, stderr_fd=self.devnull)
+        try:
+            if workload == "server":
+                ms = self._request(t)
+                status = sb.wait(TIMEOUT)
+            else:
+                status = sb.wait(TIMEOUT)
+                ms = (time.perf_counter() - t) * 1000
+            if status != 0:
+                raise RuntimeError(f"dorm zygote {target} exited with status {status}")
+        finally:
+            with contextlib.suppress(TimeoutError):
+                sb.kill()
+                sb.wait(TIMEOUT)
+            sb.cleanup()
+        return ms
 
     def dorm(self, workload: str, warm: bool) -> float:
         spec = self.spec()
@@ -246,6 +296,7 @@ def run(rounds: int, gap: float) -> str:
     contenders: dict[str, Callable[[str], float]] = {
         "dorm (prewarmed)": lambda w: b.dorm(w, warm=True),
         "dorm (cold)": lambda w: b.dorm(w, warm=False),
+        "dorm zygote (prewarmed)": b.dorm_zygote,
         "bwrap": b.bwrap,
         "unshare": b.unshare,
     }

@@ -7,7 +7,7 @@ See docs/sandboxes.md for the confinement order, the filesystem layout and the m
 from .doctor import detect_isolation, host_report
 from .errors import CgroupUnavailable, SandboxError
 from .recovery import cleanup_stale
-from .spawn import STEPS, Sandbox, prepare_socket_dir, prewarm, spawn
+from .spawn import STEPS, Sandbox, prepare_socket_dir, prewarm, spawn, spawn_call
 from .spec import Rlimits, SandboxSpec, SandboxSpecError
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "prepare_socket_dir",
     "prewarm",
     "spawn",
+    "spawn_call",
 ]

@@ -17,10 +17,14 @@ import contextlib
 import errno
 import fcntl
 import gc
+import importlib
 import marshal
 import os
 import resource
 import signal
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -79,6 +83,7 @@ class ChildPlan:
     argv: tuple[bytes, ...]
     env: dict[bytes, bytes]
     path: tuple[bytes, ...]
+    call: str  # "" → execve(argv); "module:qualname" → call it in-process (zygote mode)
     rootless: bool
     outer_uid: int
     outer_gid: int
@@ -194,6 +199,58 @@ def step_execve(p: ChildPlan) -> NoReturn:
     raise OSError(last.errno, f"execve {first.decode(errors='replace')}: {last.strerror}")
 
 
+def resolve_target(spec: str) -> Callable[[], object]:
+    """``module:qualname`` → the callable; the module is normally already imported by the fork
+    server (a zygote), otherwise it must be importable from inside the sandbox."""
+    module_name, _, qualname = spec.partition(":")
+    obj: object = sys.modules.get(module_name) or importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+def run_call(p: ChildPlan, target: Callable[[], object]) -> NoReturn:
+    """Zygote mode: become the tenant without execve, fully confined (every step above ran).
+
+    The process keeps the fork server's preloaded modules (that is the point: no interpreter
+    start-up), gets exactly ``env`` as ``os.environ`` and ``argv`` as ``sys.argv``, default
+    signal handlers, fresh stdio objects, and only fds 0-2; closing the report channel tells
+    ``spawn`` the sandbox is up. Objects inherited from the fork server are frozen out of the
+    garbage collector, so no finalizer can ever close an fd number the tenant reuses.
+    """
+    os.environ.clear()
+    os.environ.update({k.decode(): v.decode() for k, v in p.env.items()})
+    sys.argv = [a.decode() for a in p.argv]
+    for sig in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    libc.close_range(3, 0xFFFFFFFF, 0)  # also closes the report channel: success
+    gc.freeze()
+    gc.enable()
+    code = 0
+    try:
+        result = target()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    os._exit(code & 0xFF)
+
+
 def rootless_userns(p: ChildPlan) -> None:
     # A process that changed uids is non-dumpable, which makes /proc/self/uid_map root-owned and
     # unwritable from the new namespace; execve resets dumpability anyway.
@@ -270,6 +327,11 @@ def confine(p: ChildPlan) -> NoReturn:
         caps.no_new_privs()
         step = "seccomp"
         seccomp.compiled_filter().load()
+        if p.call:
+            step = "resolve"
+            target = resolve_target(p.call)
+            step = "fds"
+            run_call(p, target)
         step = "fds"
         step_fds()
         step = "execve"

@@ -113,6 +113,7 @@ def _warmup_wire(mp: mounts.MountPlan) -> bytes:
         argv=(b"/bin/true",),
         env={b"PATH": b"/usr/bin:/bin"},
         path=(b"/usr/bin", b"/bin"),
+        call="",
         rootless=False,
         outer_uid=0,
         outer_gid=0,

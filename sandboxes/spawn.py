@@ -64,9 +64,9 @@ from typing import Any, Final
 from . import caps, cgroups, child, libc, mounts, prefork, seccomp
 from .child import STEPS
 from .errors import SandboxError
-from .spec import SandboxSpec, validate_argv, validate_env
+from .spec import SandboxSpec, SandboxSpecError, validate_argv, validate_env
 
-__all__ = ["STEPS", "Sandbox", "prepare_socket_dir", "prewarm", "spawn"]
+__all__ = ["STEPS", "Sandbox", "prepare_socket_dir", "prewarm", "spawn", "spawn_call"]
 
 NS_FLAGS_ROOTLESS: Final = (
     libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP
@@ -287,6 +287,7 @@ def _plan(
     *,
     rootless: bool,
     fds: tuple[int, int, int, int, tuple[int, ...], int, tuple[int, ...]],
+    call: str = "",
 ) -> child.ChildPlan:
     stdout_fd, stderr_fd, devnull_fd, report_fd, join_fds, netns_fd, bind_fds = fds
     return child.ChildPlan(
@@ -313,6 +314,7 @@ def _plan(
         argv=tuple(a.encode() for a in argv),
         env={k.encode(): v.encode() for k, v in env.items()},
         path=tuple(p.encode() for p in env.get("PATH", DEFAULT_PATH).split(":")),
+        call=call,
         rootless=rootless,
         outer_uid=os.geteuid(),
         outer_gid=os.getegid(),
@@ -328,6 +330,7 @@ def _send_plan(
     pid: int,
     sock: socket.socket,
     netns_fd: int,
+    call: str,
 ) -> None:
     """Hand the plan to the pre-forked child ``pid``; its fds travel by SCM_RIGHTS and the plan
     carries their indexes in the sent list."""
@@ -347,6 +350,7 @@ def _send_plan(
         mplan,
         rootless=False,
         fds=(0, 1, 2, -1, (), 3 + nb if netns_fd >= 0 else -1, tuple(range(3, 3 + nb))),
+        call=call,
     )
     try:
         socket.send_fds(sock, [plan.to_wire()], send)
@@ -367,12 +371,19 @@ def _start_rootless(
     mplan: mounts.MountPlan,
     stdio: tuple[int, int],
     netns_fd: int,
+    call: str,
 ) -> tuple[int, int]:
     """Fork directly (no pre-built namespaces); returns (intermediate pid, report read fd)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     r, w = _high_fd(r), _high_fd(w)
     plan = _plan(
-        spec, argv, env, mplan, rootless=True, fds=(*stdio, _devnull(), w, (), netns_fd, ())
+        spec,
+        argv,
+        env,
+        mplan,
+        rootless=True,
+        fds=(*stdio, _devnull(), w, (), netns_fd, ()),
+        call=call,
     )
     libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
     try:
@@ -400,6 +411,40 @@ def spawn(
     Must be called from a single-threaded process (the fork server). Returns once the child has
     exec'd; raises ``SandboxError`` naming the failed step otherwise.
     """
+    return _spawn(spec, argv, env, stdout_fd, stderr_fd, "")
+
+
+def spawn_call(
+    spec: SandboxSpec,
+    target: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stdout_fd: int,
+    stderr_fd: int,
+) -> Sandbox:
+    """Zygote mode: like ``spawn``, but instead of execve the confined child calls ``target``
+    ("module:qualname", normally pre-imported by the fork server) with ``sys.argv = argv`` and
+    ``os.environ = env``; its return value (int) or SystemExit code is the exit status.
+
+    Every confinement step still runs (uid, capabilities, no_new_privs, seccomp, fds), so the
+    tenant code runs exactly as confined as after execve, without interpreter start-up. Children
+    pre-forked by ``prewarm`` only know the modules the fork server had imported at that time.
+    Returns once the sandbox is confined and about to call ``target``.
+    """
+    if not isinstance(target, str) or ":" not in target:
+        raise SandboxSpecError("target", f"must be 'module:qualname', got {target!r}")
+    return _spawn(spec, argv, env, stdout_fd, stderr_fd, target)
+
+
+def _spawn(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    stdout_fd: int,
+    stderr_fd: int,
+    call: str,
+) -> Sandbox:
     validate_argv(argv)
     validate_env(env)
     rootless = os.geteuid() != 0
@@ -423,7 +468,7 @@ def spawn(
         mplan = _mount_plan(spec, rootless)
         if rootless:
             pid, report_fd = _start_rootless(
-                spec, argv, env, mplan, (stdout_fd, stderr_fd), netns_fd
+                spec, argv, env, mplan, (stdout_fd, stderr_fd), netns_fd, call
             )
         else:
             try:
@@ -440,7 +485,7 @@ def spawn(
                 raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
             pid, report = idle.pid, idle.sock
             idle = None
-            _send_plan(spec, argv, env, mplan, (stdout_fd, stderr_fd), pid, report, netns_fd)
+            _send_plan(spec, argv, env, mplan, (stdout_fd, stderr_fd), pid, report, netns_fd, call)
             report_fd = report.fileno()
         deadline = time.monotonic() + SPAWN_TIMEOUT
         try:
