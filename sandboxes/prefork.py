@@ -164,6 +164,11 @@ def fork_idle(
     """Create an idle cgroup and a namespace set, fork a child into both (in the fork server).
 
     With ``limits`` (the expected spec's), they are written now so ``spawn`` need not."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        # unshare(CLONE_NEWNS) needs an unshared fs_struct, and fork() from a threaded process
+        # copies locks other threads may hold: the fork server must be single-threaded.
+        raise OSError(22, f"the fork server must be single-threaded (it has {threads} threads)")
     backend = cgroups.detect()
     cg = backend.make(cgroup_parent, f"idle-{os.getpid()}-{next(_counter)}")
     join_fds: list[int] = []

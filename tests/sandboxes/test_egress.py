@@ -172,3 +172,26 @@ def test_default_mode_never_imports_pyroute2(cgroup_parent: str, tmp_path: Path)
         cwd=Path(__file__).resolve().parents[2],
     )
     assert r.stdout.split() == ["0", "False"], r.stderr
+
+
+def test_cleanup_stale_removes_egress_leftovers(cgroup_parent: str, tmp_path: Path) -> None:
+    """A crashed gateway leaves egress state files (the veth dies with the netns)."""
+    from sandboxes import SandboxSpec, cleanup_stale
+
+    sock = tmp_path / "sock"
+    sock.mkdir()
+    spec = SandboxSpec(
+        name="egress-crash", uid=299997, socket_dir=str(sock), cgroup_parent=cgroup_parent
+    )
+    try:
+        net = egress.setup(spec)  # as spawn would, then "crash" without teardown
+        state = net.state_file
+        veth = net.veth
+        os.close(net.netns_fd)
+        assert os.path.exists(state)
+        assert cleanup_stale(cgroup_parent) == 1
+        assert not os.path.exists(state)
+        with pyroute2.IPRoute() as ipr:
+            assert ipr.link_lookup(ifname=veth) == []
+    finally:
+        egress.shutdown()

@@ -237,3 +237,24 @@ def test_cleanup_stale_after_gateway_crash(tmp_path: Path) -> None:
         for child in backend.list_children(parent):
             backend.handle(parent, child).remove()
         backend.remove_parent(parent)
+
+
+def test_threaded_caller_is_refused_with_a_reason(sbx: Runner) -> None:
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, args=(10,))
+    t.start()
+    try:
+        prefork.POOL.clear()
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            with pytest.raises(SandboxError) as info:
+                spawn(sbx.spec(), ["/bin/true"], ENV, stdout_fd=fd, stderr_fd=fd)
+        finally:
+            os.close(fd)
+    finally:
+        stop.set()
+        t.join(5)
+    assert info.value.step == "namespaces"
+    assert "single-threaded" in info.value.message
