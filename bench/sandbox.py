@@ -48,7 +48,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sandboxes import SandboxSpec, cleanup_stale, prefork, prewarm, seccomp, spawn, spawn_call
+from sandboxes import (
+    SandboxSpec,
+    cgroups,
+    cleanup_stale,
+    prefork,
+    prewarm,
+    seccomp,
+    spawn,
+    spawn_call,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "sandboxes.md"
@@ -314,6 +323,8 @@ def run(rounds: int, gap: float) -> str:
     finally:
         prefork.POOL.clear()
         cleanup_stale(CGROUP_PARENT)
+        with contextlib.suppress(OSError):
+            cgroups.detect().remove_parent(CGROUP_PARENT)
         shutil.rmtree(workdir, ignore_errors=True)
     lines = [
         f"Command: `python -m bench.sandbox --rounds {rounds} --gap-ms {gap * 1000:g}` "
