@@ -25,6 +25,8 @@ from gateway.units import UnitError, format_size, parse_duration, parse_size
 RUNTIMES = ("command", "python-asgi", "python-wsgi", "static")
 PYTHON_RUNTIMES = ("python-asgi", "python-wsgi")
 ISOLATIONS = ("process", "sandbox")
+STARTS = ("zygote", "fresh")
+NETWORKS = ("none", "egress")
 MAX_ENV_ENTRIES = 256
 MAX_ENV_BYTES = 64 * 1024
 MAX_ARGV = 256
@@ -97,6 +99,10 @@ class AppSpec:
     limits: Limits = field(default_factory=Limits)
     static: StaticOptions = field(default_factory=StaticOptions)
     ttl: float | None = None  # branches other than main idle this long are deleted
+    start: str = "zygote"  # python runtimes: fork from the zygote, or a "fresh" interpreter
+    app_dir: str | None = None  # operator only: a host directory shown at /app (no bundle)
+    network: str = "none"  # "egress" grants outbound network (operator only)
+    volume: bool = False  # a persistent /data per branch (operator only)
 
     def to_json(self) -> dict[str, Any]:
         """The spec as the admin API shows it (sizes in readable units); parses back to itself."""
@@ -116,6 +122,10 @@ class AppSpec:
             "limits": self.limits.to_json(),
             "static": self.static.to_json(),
             "ttl": self.ttl,
+            "start": self.start,
+            "app_dir": self.app_dir,
+            "network": self.network,
+            "volume": self.volume,
         }
 
 
@@ -373,6 +383,20 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
     isolation = obj.get("isolation")
     if isolation is not None and isolation not in ISOLATIONS:
         raise SpecError("isolation", f"expected one of {', '.join(ISOLATIONS)}")
+    start = obj.get("start", "zygote")
+    if start not in STARTS:
+        raise SpecError("start", f"expected one of {', '.join(STARTS)}")
+    app_dir = obj.get("app_dir")
+    if app_dir is not None and (
+        not isinstance(app_dir, str) or not app_dir.startswith("/") or "\0" in app_dir
+    ):
+        raise SpecError("app_dir", "expected an absolute host directory path")
+    network = obj.get("network", "none")
+    if network not in NETWORKS:
+        raise SpecError("network", f"expected one of {', '.join(NETWORKS)}")
+    volume = obj.get("volume", False)
+    if not isinstance(volume, bool):
+        raise SpecError("volume", "expected true or false")
     return AppSpec(
         name=name,
         runtime=runtime,
@@ -389,6 +413,10 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
         limits=_limits(obj.get("limits", {})),
         static=_static(obj.get("static", {})),
         ttl=_ttl(obj),
+        start=start,
+        app_dir=app_dir,
+        network=network,
+        volume=volume,
     )
 
 
@@ -399,6 +427,10 @@ def _lower(base: N | None, wanted: N | None) -> N | None:
     if wanted is None:
         return base
     return min(base, wanted)
+
+
+# Keys that widen what a tenant can reach: a bundle may only set them to their safe value.
+_OPERATOR_ONLY: dict[str, Any] = {"app_dir": None, "network": "none", "volume": False}
 
 
 def overlay_spec(base: AppSpec, manifest: Mapping[str, Any]) -> AppSpec:
@@ -423,9 +455,14 @@ def overlay_spec(base: AppSpec, manifest: Mapping[str, Any]) -> AppSpec:
                 pids=_lower(limits.pids, wanted.pids) if "pids" in given else limits.pids,
             ).to_json()
         elif key == "isolation":
-            if base.isolation == "sandbox" and value != "sandbox":
-                raise SpecError("isolation", "a bundle cannot weaken the app's sandbox isolation")
+            # A tenant's own manifest may ask for more confinement, never for less.
+            if value != "sandbox":
+                raise SpecError("isolation", 'a bundle can only ask for "sandbox" isolation')
             merged["isolation"] = value
+        elif key in _OPERATOR_ONLY:
+            if value != _OPERATOR_ONLY[key]:
+                raise SpecError(key, "can only be granted by the operator, not by a bundle")
+            merged[key] = value
         else:
             merged[key] = value
     return parse_app_spec(base.name, merged)

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import importlib
 import os
 import selectors
 import shutil
@@ -24,9 +25,10 @@ import signal
 import socket
 import struct
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -171,10 +173,11 @@ class ForkServer:
         argv: list[str] = req["argv"]
         env: dict[str, str] = req["env"]
         cwd: str = req["cwd"] or str(run_dir)
+        call: str | None = req.get("call")
         try:
             pid = os.fork()
             if pid == 0:  # child: never returns
-                self._exec_child(argv, env, cwd, log_w, err_w)
+                self._exec_child(argv, env, cwd, log_w, err_w, call)
             os.close(log_w)
             os.close(err_w)
             failure = _read_all(err_r)
@@ -203,9 +206,13 @@ class ForkServer:
         return child
 
     def _exec_child(
-        self, argv: list[str], env: dict[str, str], cwd: str, out: int, err: int
+        self, argv: list[str], env: dict[str, str], cwd: str, out: int, err: int, call: str | None
     ) -> None:
-        """Runs in the forked child: detach, wire stdio, exec. Reports failures on `err`."""
+        """Runs in the forked child: detach, wire stdio, then exec `argv` or call `call`.
+
+        Failures before the tenant's code runs are reported on `err` (a CLOEXEC pipe the parent
+        reads until EOF): exec closes it; in zygote mode (`call`), it is closed explicitly.
+        """
         step = "setsid"
         try:
             os.setsid()
@@ -223,6 +230,9 @@ class ForkServer:
             os.closerange(err + 1, 0x7FFFFFFF)
             step = f"chdir {cwd}"
             os.chdir(cwd)
+            if call is not None:
+                step = f"call {call}"
+                _call_in_child(_resolve(call), argv, env, err)
             step = f"exec {argv[0]}"
             os.execvpe(argv[0], argv, env)
         except BaseException as exc:
@@ -303,6 +313,39 @@ class ForkServer:
 
 
 _SIGNALS = {s.value for s in signal.Signals}
+# Modules imported before any fork, so zygote-mode children start with them loaded (and share
+# their pages with the fork server): the python runtimes pull in granian and uvloop.
+PRELOAD = ("runtimes.python",)
+
+
+def _resolve(target: str) -> Any:
+    """ "module:qualname" → the object; the module is normally preloaded already."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _call_in_child(target: Any, argv: list[str], env: dict[str, str], err: int) -> NoReturn:
+    """Zygote mode: become the tenant by calling `target` in this forked child; never returns."""
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = list(argv)
+    os.close(err)  # set-up is done: from here on, failures are the tenant's, in its log
+    code = 1
+    try:
+        result = target()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def _read_all(fd: int) -> bytes:
@@ -327,6 +370,8 @@ def main() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         raise SystemExit("fork server: the gateway is already gone")
+    for module in PRELOAD:
+        importlib.import_module(module)
     server = ForkServer(control)
     server.serve()
 

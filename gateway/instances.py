@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +65,19 @@ class Waiter(Protocol):
 
     def attach(self, conn: UpstreamConnection) -> None: ...
     def fail(self, status: int, message: str, retry_after: int | None = None) -> None: ...
+
+
+PYTHON_TARGET = "runtimes.python:main"
+
+
+def launch_command(app: AppSpec) -> tuple[list[str], str | None, dict[str, str]]:
+    """(argv, zygote call target or None, runtime environment) that start `app`."""
+    if app.runtime in ("python-asgi", "python-wsgi"):
+        env = {"DORM_ENTRY": app.entry or "", "DORM_INTERFACE": app.runtime.removeprefix("python-")}
+        if app.start == "fresh":
+            return [sys.executable, "-m", "runtimes.python"], None, env
+        return ["dorm-python", app.entry or ""], PYTHON_TARGET, env
+    return list(app.command), None, {}
 
 
 class State(enum.Enum):
@@ -426,6 +440,8 @@ class InstanceManager:
         inst.starts += 1
         inst.exited = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
+        code_dir = bundle_dir or app.app_dir
+        argv, call, runtime_env = launch_command(app)
         env = {
             **BASE_ENV,
             "HOME": str(run_dir),
@@ -435,19 +451,20 @@ class InstanceManager:
             "DORM_APP": app.name,
             "DORM_BRANCH": branch.name,
         }
-        if bundle_dir is not None:
-            env["DORM_BUNDLE"] = bundle_dir
+        env.update(runtime_env)
+        if code_dir is not None and app.runtime == "command":
             # Vendored Python dependencies are importable without an install step.
-            env.setdefault("PYTHONPATH", f"{bundle_dir}/vendor:{bundle_dir}")
+            env.setdefault("PYTHONPATH", f"{code_dir}/vendor:{code_dir}")
         spec = LaunchSpec(
             id=instance_id,
-            argv=list(app.command),
+            argv=argv,
+            call=call,
             env=env,
             run_dir=str(run_dir),
             log_path=str(log_path(self.cfg.data_dir, app.name, branch.name)),
             log_max_bytes=self.cfg.log_max_bytes,
             log_keep=self.cfg.log_keep,
-            cwd=bundle_dir,
+            cwd=code_dir,
         )
         self.running[instance_id] = inst
         try:

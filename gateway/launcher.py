@@ -57,6 +57,7 @@ class LaunchSpec:
     log_max_bytes: int
     log_keep: int
     cwd: str | None = None
+    call: str | None = None  # zygote mode: "module:qualname" called in the forked child
     sandbox: dict[str, Any] | None = field(default=None)
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -84,7 +85,14 @@ class DataPlane:
             self._sweeper.cancel()
 
     def in_flight(self) -> int:
-        return sum(1 for c in self.connections if c.active is not None or c.tunnel is not None)
+        """Requests still being answered. Tunnels are not counted: they have no natural end."""
+        return sum(1 for c in self.connections if c.active is not None)
+
+    def close_tunnels(self) -> None:
+        """For shutdown, once requests have drained: WebSockets cannot be drained, only closed."""
+        for conn in list(self.connections):
+            if conn.tunnel is not None:
+                conn.close()
 
     def close_idle(self) -> None:
         """For shutdown: close connections between requests; busy ones close after answering."""
@@ -115,6 +123,7 @@ class Exchange:
         "keep_alive",
         "keep_client",
         "method",
+        "on_drain",
         "parts",
         "queued_at",
         "reject",
@@ -155,6 +164,9 @@ class Exchange:
         self.head_sent = False
         self.queued_at = 0.0
         self.reject: tuple[int, str] | None = None
+        # A response written by the gateway itself (gateway/static.py) waits here for the client
+        # to drain its write buffer; called from resume_writing.
+        self.on_drain: Callable[[], None] | None = None
 
     # -- called by the instance -------------------------------------------------------------------
     def attach(self, conn: UpstreamConnection) -> None:
@@ -348,6 +360,8 @@ class ClientConnection(asyncio.Protocol):
         up = self.tunnel or (self.active.upstream if self.active else None)
         if up is not None:
             up.resume()
+        elif self.active is not None and self.active.on_drain is not None:
+            self.active.on_drain()
 
     # -- flow control -----------------------------------------------------------------------------
     def pause(self, reason: int) -> None:

@@ -134,6 +134,7 @@ async def _run(config: Config) -> int:
     deadline = time.monotonic() + cfg.shutdown_timeout
     while plane.in_flight() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    plane.close_tunnels()
     plane.stop()
     await manager.shutdown(timeout=max(0.0, deadline - time.monotonic()))
     for conn in list(plane.connections):

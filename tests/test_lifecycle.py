@@ -1,4 +1,4 @@
-"""Instance lifecycle end to end: wake, shared starts, queueing, timeouts, eviction, crashes, shutdown."""
+"""Instance lifecycle end to end: wake, queueing, timeouts, eviction, crashes and shutdown."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def instance_pids(run_dir: Path) -> list[int]:
 def test_concurrent_first_requests_share_one_start(gateway: Gateway) -> None:
     gateway.put_app("slow", echo_spec(env={"ECHO_STARTUP_DELAY": "0.5"}))
     with ThreadPoolExecutor(100) as pool:
-        results = list(pool.map(lambda _: gateway.request("/pid", host="slow.localhost"),
-                                range(100)))
+        results = list(
+            pool.map(lambda _: gateway.request("/pid", host="slow.localhost"), range(100))
+        )
     assert [r.status for r in results] == [200] * 100
     assert len({r.body for r in results}) == 1  # one process answered them all
     inst = gateway.instance("slow")
@@ -53,8 +54,10 @@ def test_queue_full_is_503_with_retry_after(gateway: Gateway) -> None:
 
 
 def test_start_timeout_is_504_and_process_killed(gateway: Gateway) -> None:
-    gateway.put_app("late", echo_spec(env={"ECHO_STARTUP_DELAY": "30", "MARK": "late-marker"},
-                                      startup_timeout="0.5s"))
+    gateway.put_app(
+        "late",
+        echo_spec(env={"ECHO_STARTUP_DELAY": "30", "MARK": "late-marker"}, startup_timeout="0.5s"),
+    )
     started = time.monotonic()
     resp = gateway.request("/", host="late.localhost")
     assert resp.status == 504
@@ -119,7 +122,9 @@ def test_cap_with_no_idle_instance_is_503(gateway_factory) -> None:  # type: ign
     gw: Gateway = gateway_factory("max_warm_instances = 1")
     gw.put_app("busy", echo_spec())
     gw.put_app("other", echo_spec())
-    holder = threading.Thread(target=gw.request, args=("/sleep?s=2",), kwargs={"host": "busy.localhost"})
+    holder = threading.Thread(
+        target=gw.request, args=("/sleep?s=2",), kwargs={"host": "busy.localhost"}
+    )
     holder.start()
     try:
         gw.wait_state("busy", "ready")
@@ -239,8 +244,11 @@ def test_instance_output_reaches_logs_api(gateway: Gateway) -> None:
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=10)
-    conn.request("GET", "/v1/apps/echo/logs?branch=main&tail=10",
-                 headers={"Authorization": f"Bearer {gateway.token}"})
+    conn.request(
+        "GET",
+        "/v1/apps/echo/logs?branch=main&tail=10",
+        headers={"Authorization": f"Bearer {gateway.token}"},
+    )
     resp = conn.getresponse()
     text = resp.read().decode()
     conn.close()
@@ -251,9 +259,12 @@ def test_instance_output_reaches_logs_api(gateway: Gateway) -> None:
 def test_dead_fork_server_is_restarted(gateway: Gateway) -> None:
     pid = int(gateway.request("/pid").body)
     assert gateway.proc is not None
-    children = Path(f"/proc/{gateway.proc.pid}/task/{gateway.proc.pid}/children").read_text().split()
-    forkservers = [int(c) for c in children
-                   if b"gateway.forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    children = (
+        Path(f"/proc/{gateway.proc.pid}/task/{gateway.proc.pid}/children").read_text().split()
+    )
+    forkservers = [
+        int(c) for c in children if b"gateway.forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
     assert len(forkservers) == 1
     os.kill(forkservers[0], signal.SIGKILL)
     deadline = time.monotonic() + 5
@@ -290,3 +301,20 @@ def test_spec_change_lets_in_flight_finish_on_old_instance(gateway: Gateway) -> 
         time.sleep(0.05)
     else:
         raise AssertionError("the old instance was never stopped")
+
+
+def test_shutdown_closes_open_tunnels_without_waiting_out_the_drain(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = gateway_factory('shutdown_timeout = "20s"')
+    gw.put_app("echo", echo_spec())
+    with gw.connect() as sock:
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: echo.localhost\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(b"ping")
+        assert sock.recv(4096) == b"ping"
+        started = time.monotonic()
+        assert gw.stop() == 0
+        assert time.monotonic() - started < 5
+        assert sock.recv(4096) == b""  # the tunnel was closed, not left hanging
