@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class GatewayConfig:
     log_max_bytes: int = 10 * 1024**2
     log_keep: int = 3
     trust_forwarded: bool = False
+    cgroup_parent: str = "dorm"  # the cgroup subtree (per controller) this gateway's sandboxes use
+    uid_range: str = "200000-299999"  # unprivileged uids handed to sandboxed instances
     max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
     max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
     max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle
@@ -131,6 +134,17 @@ def _coerce(key: str, raw: Any, *, from_env: bool) -> Any:
     return raw
 
 
+def parse_uid_range(value: str) -> range:
+    """ "200000-299999" → range(200000, 300000); refuses root-ish and overlapping-system uids."""
+    low, sep, high = value.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ConfigError(f"uid_range: expected FIRST-LAST such as 200000-299999, got {value!r}")
+    first, last = int(low), int(high)
+    if first < 1000 or last < first or last >= 2**32 - 1:
+        raise ConfigError("uid_range: must lie within 1000..4294967294 with FIRST <= LAST")
+    return range(first, last + 1)
+
+
 def _validate(cfg: GatewayConfig) -> None:
     split_host_port(cfg.listen, "listen")
     split_host_port(cfg.admin_listen, "admin_listen")
@@ -140,6 +154,9 @@ def _validate(cfg: GatewayConfig) -> None:
         raise ConfigError("domains: at least one domain suffix is needed")
     if cfg.max_header_size < 1024:
         raise ConfigError("max_header_size: must be at least 1KiB")
+    parse_uid_range(cfg.uid_range)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.cgroup_parent):
+        raise ConfigError("cgroup_parent: expected a name of a-z, 0-9 and '-'")
     if cfg.max_warm_instances < 1:
         raise ConfigError("max_warm_instances: must be at least 1")
     if cfg.log_max_bytes < 4096:

@@ -4,9 +4,11 @@ Why a separate process: the gateway runs an event loop and helper threads, and f
 threaded process can deadlock the child on a lock some other thread held. This process is started
 once at boot, is single-threaded, holds no secrets (its environment is scrubbed), and does three
 things in one epoll loop:
-  1. spawns instances on request (process isolation here; sandboxes plug in through `sandbox`),
-  2. pumps each instance's stdout+stderr into its size-rotated log file,
-  3. reaps exited instances and reports how they ended (code, signal, OOM).
+  1. spawns instances on request: confined by `sandboxes` (namespaces, cgroups, uid, seccomp…)
+     or, in development, as plain processes; by exec, or in zygote mode by calling preloaded code;
+  2. pumps each instance's stdout+stderr into its size-rotated log file;
+  3. notices exits through one pidfd per instance (never waitpid(-1), which would also reap the
+     sandbox pool's idle children) and reports how each ended (code, signal, OOM).
 It talks to the gateway over one Unix stream socket with length-prefixed JSON frames. When the
 gateway goes away (EOF), it kills every instance and exits, so nothing outlives the gateway.
 """
@@ -38,6 +40,10 @@ FRAME = struct.Struct("!I")
 MAX_FRAME = 4 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_SIGNALS = {s.value for s in signal.Signals}
+# Modules imported before any fork, so zygote-mode children start with them loaded (and share
+# their pages with the fork server): the python runtimes pull in granian and uvloop.
+PRELOAD = ("runtimes.python",)
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -51,6 +57,7 @@ class Child:
 
     id: str
     pid: int
+    pidfd: int
     run_dir: Path
     log: RotatingLog
     log_fd: int
@@ -65,36 +72,35 @@ class ForkServer:
         self.control.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
-        self.by_pid: dict[int, Child] = {}
-        self.by_log_fd: dict[int, Child] = {}
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.running = True
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.sig_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the gateway, which tells us
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         self.selector.register(self.sig_r, selectors.EVENT_READ, "signal")
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.sandboxes: Any = None  # the module, imported on first sandboxed spawn
 
-    # -- main loop --------------------------------------------------------------------------------
+    # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         while self.running or self.children:
             for key, events in self.selector.select(timeout=1.0):
-                if key.data == "control":
+                data = key.data
+                if data == "control":
                     if events & selectors.EVENT_READ:
                         self.read_control()
                     if events & selectors.EVENT_WRITE:
                         self.flush()
-                elif key.data == "signal":
+                elif data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.sig_r, 4096)
-                    self.reap()
+                elif isinstance(data, tuple):  # ("exit", child): its pidfd became readable
+                    self.reap(data[1])
                 else:
-                    self.pump_log(key.data)
-            self.reap()
+                    self.pump_log(data)
 
     def stop(self) -> None:
         """Kill every instance; the loop ends once all are reaped."""
@@ -102,7 +108,7 @@ class ForkServer:
         for child in list(self.children.values()):
             self.kill(child, signal.SIGKILL)
 
-    # -- control channel --------------------------------------------------------------------------
+    # -- control channel ----------------------------------------------------------------------
     def read_control(self) -> None:
         try:
             data = self.control.recv(65536)
@@ -126,7 +132,7 @@ class ForkServer:
             self.handle(message)
 
     def send(self, message: dict[str, Any]) -> None:
-        if not self.running and self.control.fileno() < 0:
+        if self.control.fileno() < 0:
             return
         self.outbuf += encode_frame(message)
         self.flush()
@@ -159,7 +165,7 @@ class ForkServer:
         elif op == "shutdown":
             self.stop()
 
-    # -- spawning ---------------------------------------------------------------------------------
+    # -- spawning -----------------------------------------------------------------------------
     def spawn(self, req: dict[str, Any]) -> Child:
         instance_id: str = req["id"]
         if instance_id in self.children:
@@ -169,41 +175,73 @@ class ForkServer:
         run_dir.mkdir(parents=True, mode=0o700)
         log = RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        argv: list[str] = req["argv"]
-        env: dict[str, str] = req["env"]
-        cwd: str = req["cwd"] or str(run_dir)
-        call: str | None = req.get("call")
         try:
-            pid = os.fork()
-            if pid == 0:  # child: never returns
-                self._exec_child(argv, env, cwd, log_w, err_w, call)
-            os.close(log_w)
-            os.close(err_w)
-            failure = _read_all(err_r)
-        except BaseException:
-            for fd in (log_r, log_w, err_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            if req.get("sandbox") is not None:
+                sandbox = self._spawn_sandboxed(req, run_dir, log_w)
+                pid = sandbox.pid
+            else:
+                pid, sandbox = self._spawn_process(req, run_dir, log_w), None
+            pidfd = os.pidfd_open(pid)
+        except BaseException as exc:
+            os.close(log_r)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.write(f"[dorm] failed to start: {exc}\n".encode())
             log.close()
             raise
         finally:
-            os.close(err_r)
-        if failure:
-            os.close(log_r)
-            os.waitpid(pid, 0)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            log.write(b"[dorm] failed to start: " + failure + b"\n")
-            log.close()
-            raise RuntimeError(failure.decode("utf-8", "replace"))
+            os.close(log_w)
         fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
-        child = Child(id=instance_id, pid=pid, run_dir=run_dir, log=log, log_fd=log_r)
+        child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox)
         self.children[instance_id] = child
-        self.by_pid[pid] = child
-        self.by_log_fd[log_r] = child
         self.selector.register(log_r, selectors.EVENT_READ, child)
-        log.write(f"[dorm] started pid {pid}: {' '.join(argv)[:500]}\n".encode())
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
+        how = "sandboxed" if sandbox is not None else "unconfined"
+        what = req.get("call") or " ".join(req["argv"])
+        log.write(f"[dorm] started pid {pid} ({how}): {what[:500]}\n".encode())
         return child
+
+    def _spawn_sandboxed(self, req: dict[str, Any], run_dir: Path, log_w: int) -> Any:
+        """Confine per the request's sandbox spec (see the sandboxes package for the steps)."""
+        if self.sandboxes is None:
+            self.sandboxes = importlib.import_module("sandboxes")
+        sb = self.sandboxes
+        fields = dict(req["sandbox"])
+        fields["extra_ro_binds"] = tuple(fields.get("extra_ro_binds", ()))
+        if fields.get("data_dir") is not None:
+            _own_tree(fields["data_dir"], int(fields["uid"]))
+        spec = sb.SandboxSpec(socket_dir=str(run_dir), **fields)
+        sb.prepare_socket_dir(str(run_dir), spec.uid)
+        call = req.get("call")
+        if call is not None:
+            return sb.spawn_call(
+                spec, call, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w
+            )
+        return sb.spawn(spec, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w)
+
+    def _spawn_process(self, req: dict[str, Any], run_dir: Path, log_w: int) -> int:
+        """Development isolation: a plain child process in its own session, as the gateway's uid."""
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+            if pid == 0:  # child: never returns
+                self._exec_child(
+                    req["argv"],
+                    req["env"],
+                    req["cwd"] or str(run_dir),
+                    log_w,
+                    err_w,
+                    req.get("call"),
+                )
+            os.close(err_w)
+            failure = _read_all(err_r)
+        finally:
+            os.close(err_r)
+            with contextlib.suppress(OSError):
+                os.close(err_w)
+        if failure:
+            os.waitpid(pid, 0)
+            raise RuntimeError(failure.decode("utf-8", "replace"))
+        return pid
 
     def _exec_child(
         self, argv: list[str], env: dict[str, str], cwd: str, out: int, err: int, call: str | None
@@ -222,7 +260,7 @@ class ForkServer:
             os.dup2(self.devnull, 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             step = "close fds"
@@ -242,10 +280,20 @@ class ForkServer:
         finally:
             os._exit(127)
 
-    # -- running children -------------------------------------------------------------------------
+    # -- running children -----------------------------------------------------------------------
     def kill(self, child: Child, sig: int) -> None:
-        """Signal the instance's whole process group, so helpers it forked go too."""
+        """Signal an instance: its whole sandbox, or its process group."""
         if child.exit_status is not None:
+            return
+        if child.sandbox is not None:
+            if sig == signal.SIGKILL or not _catches(child.pid, sig):
+                # The tenant is pid 1 of its namespace: a signal it has no handler for is
+                # dropped, so waiting a grace period for it to act on SIGTERM would be waiting
+                # for nothing.
+                child.sandbox.kill()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, sig)
             return
         try:
             os.killpg(child.pid, sig)
@@ -265,38 +313,45 @@ class ForkServer:
             return
         self.selector.unregister(child.log_fd)
         os.close(child.log_fd)
-        self.by_log_fd.pop(child.log_fd, None)
         child.log_fd = -1
         self.maybe_finish(child)
 
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.by_pid.pop(pid, None)
-            if child is None:
-                continue
-            child.exit_status = status
+    def reap(self, child: Child) -> None:
+        """The child's pidfd is readable: it exited; collect its status."""
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        child.exit_status = status
+        if child.sandbox is not None:
+            child.sandbox.mark_reaped()
+            child.sandbox.kill()  # anything it left behind in its cgroup
+        else:
             # Orphans the instance left in its process group must not outlive it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            self.maybe_finish(child)
+        self.maybe_finish(child)
 
     def maybe_finish(self, child: Child) -> None:
         """Report an exit once the process is reaped and its log pipe is drained."""
         if child.exit_status is None:
             return
         if child.log_fd >= 0:
-            # Drain what is buffered; a grandchild holding the pipe was just killed, so EOF follows.
+            # Drain what is buffered; leftovers holding the pipe were just killed, so EOF follows.
             self.pump_log(child)
             return
-        status = child.exit_status
-        code = os.waitstatus_to_exitcode(status)
-        info: dict[str, Any] = {"ev": "exited", "id": child.id, "pid": child.pid, "oom": False}
+        code = os.waitstatus_to_exitcode(child.exit_status)
+        oom = False
+        if child.sandbox is not None:
+            with contextlib.suppress(Exception):
+                child.sandbox.cleanup()
+            with contextlib.suppress(Exception):
+                oom = bool(child.sandbox.oom_killed())
+        info: dict[str, Any] = {"ev": "exited", "id": child.id, "pid": child.pid, "oom": oom}
         if code < 0:
             info.update(code=None, signal=-code)
             how = (
@@ -305,6 +360,8 @@ class ForkServer:
         else:
             info.update(code=code, signal=None)
             how = f"exited with code {code}"
+        if oom:
+            how += " (out of memory: the kernel killed it at its memory limit)"
         child.log.write(f"[dorm] pid {child.pid} {how}\n".encode())
         child.log.close()
         shutil.rmtree(child.run_dir, ignore_errors=True)
@@ -312,10 +369,28 @@ class ForkServer:
         self.send(info)
 
 
-_SIGNALS = {s.value for s in signal.Signals}
-# Modules imported before any fork, so zygote-mode children start with them loaded (and share
-# their pages with the fork server): the python runtimes pull in granian and uvloop.
-PRELOAD = ("runtimes.python",)
+def _catches(pid: int, sig: int) -> bool:
+    """Whether `pid` has a handler for `sig` (the SigCgt mask in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _own_tree(path: str, uid: int) -> None:
+    """Give a persistent /data volume to the instance's uid (only when its owner changed)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_uid == uid:
+        return
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                os.lchown(os.path.join(root, name), uid, uid)
+    os.chown(path, uid, uid)
 
 
 def _resolve(target: str) -> Any:
@@ -366,10 +441,21 @@ def _read_all(fd: int) -> bytes:
 
 def main() -> None:
     fd = int(sys.argv[1])
+    # "--sandboxes <cgroup parent>": this gateway confines instances under that cgroup subtree.
+    cgroup_parent = sys.argv[3] if sys.argv[2:3] == ["--sandboxes"] else None
     control = socket.socket(fileno=fd)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         raise SystemExit("fork server: the gateway is already gone")
+    if cgroup_parent is not None:
+        sandboxes = importlib.import_module("sandboxes")
+        found = sandboxes.cleanup_stale(cgroup_parent)
+        if found:
+            print(
+                f"dorm fork server: removed {found} sandboxes left by a previous run",
+                file=sys.stderr,
+                flush=True,
+            )
     for module in PRELOAD:
         importlib.import_module(module)
     server = ForkServer(control)

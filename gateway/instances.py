@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.appspec import AppSpec, BranchSpec, SpecError
 from gateway.bundles import DeployError
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, parse_uid_range
 from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
 from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
@@ -68,6 +68,42 @@ class Waiter(Protocol):
 
 
 PYTHON_TARGET = "runtimes.python:main"
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin")
+
+
+def resolve_isolation(wanted: str) -> tuple[str, list[str]]:
+    """The isolation level instances get by default, and why it is not stronger.
+
+    "auto" means sandbox wherever the host allows it (root, or a user namespace for rootless
+    mode), else process; asking for "sandbox" where it cannot be had is a start-up error.
+    """
+    if wanted == "process":
+        return "process", ['isolation = "process" in the config']
+    from sandboxes.doctor import explain_isolation
+
+    level, reasons = explain_isolation()
+    if level in ("sandbox", "rootless"):
+        return "sandbox", reasons
+    if wanted == "sandbox":
+        raise ConfigError("isolation: sandbox is not available here: " + "; ".join(reasons))
+    return "process", reasons
+
+
+def python_binds() -> tuple[str, ...]:
+    """Host directories a sandbox needs read-only for Python tenants: the interpreter's prefix,
+    the virtualenv, and dorm's runtimes package (for the fresh-process path)."""
+    import runtimes
+
+    wanted = [sys.base_prefix, sys.prefix, str(Path(runtimes.__file__).resolve().parent)]
+    out: list[str] = []
+    for path in wanted:
+        real = str(Path(path).resolve())
+        if real.startswith(SYSTEM_DIRS) or real in out:
+            continue
+        if any(real.startswith(p + "/") for p in out):
+            continue
+        out.append(real)
+    return tuple(out)
 
 
 def launch_command(app: AppSpec) -> tuple[list[str], str | None, dict[str, str]]:
@@ -123,6 +159,7 @@ class Instance:
         self.broken: str | None = None  # a spec that cannot run; answered 503 with this reason
         self.site: StaticSite | None = None  # static runtime: answered in the gateway
         self.special = False  # any of the three above: one check on the hot path
+        self.uid: int | None = None  # the sandbox uid while a sandboxed process runs
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
@@ -262,6 +299,8 @@ class Instance:
             "starts": self.starts,
             "failures": self.failures,
             "last_error": self.last_error,
+            "isolation": self.app.isolation or self.manager.isolation,
+            "uid": self.uid,
         }
 
 
@@ -273,7 +312,12 @@ class InstanceManager:
         self.registry = registry
         self.instances: dict[tuple[str, str], Instance] = {}
         self.running: dict[str, Instance] = {}
-        self.launcher = Launcher(self._on_exit)
+        self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
+        self.launcher = Launcher(
+            self._on_exit, cfg.cgroup_parent if self.isolation == "sandbox" else None
+        )
+        self._free_uids = list(reversed(parse_uid_range(cfg.uid_range)))
+        self._python_binds = python_binds()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -284,6 +328,18 @@ class InstanceManager:
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
 
     async def start(self) -> None:
+        if self.isolation == "process":
+            log.warning(
+                "ISOLATION IS OFF: instances run as unconfined processes with the gateway's own "
+                "uid (%s). Use this for development only.",
+                "; ".join(self.isolation_reasons),
+            )
+        else:
+            log.info(
+                "instances run sandboxed (cgroup subtree %r, uids %s)",
+                self.cfg.cgroup_parent,
+                self.cfg.uid_range,
+            )
         await self.launcher.start()
         self._schedule_sweep()
 
@@ -442,19 +498,38 @@ class InstanceManager:
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
         argv, call, runtime_env = launch_command(app)
+        sandboxed = (app.isolation or self.isolation) == "sandbox"
+        if sandboxed and self.isolation != "sandbox":
+            inst.state = State.COLD
+            inst.fail_waiters(
+                503,
+                f"app {app.name!r} asks for sandbox isolation, which this "
+                f"host cannot provide: {'; '.join(self.isolation_reasons)}",
+            )
+            return
+        # What the instance sees: in a sandbox its code is /app and its socket /run/dorm.
+        seen_code = "/app" if sandboxed else code_dir
         env = {
             **BASE_ENV,
-            "HOME": str(run_dir),
+            "HOME": "/tmp" if sandboxed else str(run_dir),
             **app.env,
             **branch.env,
-            "DORM_SOCKET": inst.socket_path,
+            "DORM_SOCKET": "/run/dorm/http.sock" if sandboxed else inst.socket_path,
             "DORM_APP": app.name,
             "DORM_BRANCH": branch.name,
         }
         env.update(runtime_env)
-        if code_dir is not None and app.runtime == "command":
+        if seen_code is not None and app.runtime == "command":
             # Vendored Python dependencies are importable without an install step.
-            env.setdefault("PYTHONPATH", f"{code_dir}/vendor:{code_dir}")
+            env.setdefault("PYTHONPATH", f"{seen_code}/vendor:{seen_code}")
+        sandbox = None
+        if sandboxed:
+            inst.uid = self._free_uids.pop() if self._free_uids else None
+            if inst.uid is None:
+                inst.state = State.COLD
+                inst.fail_waiters(503, "no free sandbox uid: widen gateway.uid_range", 5)
+                return
+            sandbox = self._sandbox_spec(app, branch, instance_id, inst.uid, code_dir)
         spec = LaunchSpec(
             id=instance_id,
             argv=argv,
@@ -465,6 +540,7 @@ class InstanceManager:
             log_max_bytes=self.cfg.log_max_bytes,
             log_keep=self.cfg.log_keep,
             cwd=code_dir,
+            sandbox=sandbox,
         )
         self.running[instance_id] = inst
         try:
@@ -472,6 +548,7 @@ class InstanceManager:
         except LaunchError as exc:
             self.running.pop(instance_id, None)
             inst.id = None
+            self._release_uid(inst)
             self._record_failure(inst, f"could not start: {exc}")
             self._start_failed(inst, 502, f"app {app.name!r} could not start: {exc}")
             return
@@ -565,6 +642,34 @@ class InstanceManager:
         inst.state = State.FAILED if inst.failures >= CRASH_LOOP_FAILURES else State.COLD
         inst.fail_waiters(status, message)
 
+    def _sandbox_spec(
+        self, app: AppSpec, branch: BranchSpec, instance_id: str, uid: int, code_dir: str | None
+    ) -> dict[str, Any]:
+        """The sandboxes.SandboxSpec fields for one instance (sent to the fork server as JSON)."""
+        limits = app.limits
+        volume = None
+        if app.volume:
+            volume = str(Path(self.cfg.data_dir) / "volumes" / app.name / branch.name)
+        return {
+            "name": f"{app.name[:40]}-{instance_id}",
+            "uid": uid,
+            "app_dir": code_dir,
+            "data_dir": volume,
+            "cwd": "/app",
+            "hostname": app.name,
+            "memory": limits.memory,
+            "cpu": limits.cpu,
+            "pids": limits.pids,
+            "network": app.network,
+            "extra_ro_binds": self._python_binds,
+            "cgroup_parent": self.cfg.cgroup_parent,
+        }
+
+    def _release_uid(self, inst: Instance) -> None:
+        if inst.uid is not None:
+            self._free_uids.append(inst.uid)
+            inst.uid = None
+
     # -- exits ------------------------------------------------------------------------------------
     def _on_exit(self, instance_id: str, info: ExitInfo) -> None:
         inst = self.running.pop(instance_id, None)
@@ -574,6 +679,7 @@ class InstanceManager:
         reason = info.describe()
         inst.id = None
         inst.pid = None
+        self._release_uid(inst)
         for conn in list(inst.idle):
             conn.close()
         if was is State.DRAINING or inst.stopping:

@@ -66,8 +66,11 @@ class LaunchError(RuntimeError):
 
 
 class Launcher:
-    def __init__(self, on_exit: Callable[[str, ExitInfo], None]) -> None:
+    def __init__(
+        self, on_exit: Callable[[str, ExitInfo], None], cgroup_parent: str | None = None
+    ) -> None:
         self._on_exit = on_exit
+        self._cgroup_parent = cgroup_parent  # set: instances may be sandboxed under it
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -80,8 +83,11 @@ class Launcher:
         env = {k: os.environ[k] for k in FORKSERVER_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         # Popen without preexec_fn uses vfork/exec, which is safe from a threaded process.
+        argv = [sys.executable, "-m", "gateway.forkserver", str(child.fileno())]
+        if self._cgroup_parent is not None:
+            argv += ["--sandboxes", self._cgroup_parent]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.forkserver", str(child.fileno())],
+            argv,
             pass_fds=(child.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,

@@ -91,7 +91,9 @@ class Gateway:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     # -- admin API ------------------------------------------------------------------------------
-    def admin(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    def admin(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=15)
         headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
         data = None
@@ -116,7 +118,9 @@ class Gateway:
         items = body["instances"] if isinstance(body, dict) else body
         return next((i for i in items if i["app"] == app and i["branch"] == branch), None)
 
-    def wait_state(self, app: str, state: str, branch: str = "main", timeout: float = 15.0) -> dict[str, Any]:
+    def wait_state(
+        self, app: str, state: str, branch: str = "main", timeout: float = 15.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             inst = self.instance(app, branch)
@@ -134,8 +138,12 @@ class Gateway:
         self.log_path = self.data_dir.parent / "gateway.log"
         env = {**os.environ, "DORM_LOG_LEVEL": "INFO", **(extra_env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from gateway.server import serve; "
-             "sys.exit(serve(sys.argv[1]))", str(self.config_path)],
+            [
+                sys.executable,
+                "-c",
+                "import sys; from gateway.server import serve; sys.exit(serve(sys.argv[1]))",
+                str(self.config_path),
+            ],
             stdout=open(self.log_path, "ab"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
             env=env,
@@ -145,7 +153,10 @@ class Gateway:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited early:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.admin_port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.admin_port), 0.2),
+            ):
                 return
             time.sleep(0.05)
         raise AssertionError(f"gateway did not start:\n{self.log()}")
@@ -169,7 +180,7 @@ def read_until_close(sock: socket.socket, timeout: float) -> bytes:
     while time.monotonic() < deadline:
         try:
             data = sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             break
         except ConnectionResetError:
             break
@@ -179,8 +190,15 @@ def read_until_close(sock: socket.socket, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def write_config(path: Path, port: int, admin_port: int, data_dir: Path, run_dir: Path,
-                 token: str, extra: str = "") -> None:
+def write_config(
+    path: Path,
+    port: int,
+    admin_port: int,
+    data_dir: Path,
+    run_dir: Path,
+    token: str,
+    extra: str = "",
+) -> None:
     path.write_text(
         f"""[gateway]
 listen = "127.0.0.1:{port}"
@@ -195,10 +213,23 @@ admin_token = "{token}"
 
 
 def make_gateway(tmp_path: Path, extra_config: str = "") -> Gateway:
+    """A gateway config on free ports. Unless the test asks otherwise, instances run with
+    `isolation = "process"` (these suites test the gateway, and identify instances by pid; the
+    sandboxed path has its own suites), and every gateway gets its own cgroup subtree so that
+    gateways running side by side never clean up each other's sandboxes."""
+    if "isolation" not in extra_config:
+        extra_config += '\nisolation = "process"'
+    extra_config += f'\ncgroup_parent = "dorm-t{os.urandom(4).hex()}"'
     port, admin_port = free_port(), free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="dorm-", dir="/tmp"))
-    gw = Gateway(port=port, admin_port=admin_port, token="test-token-" + os.urandom(8).hex(),
-                 data_dir=tmp_path / "data", run_dir=run_dir, config_path=tmp_path / "dorm.toml")
+    gw = Gateway(
+        port=port,
+        admin_port=admin_port,
+        token="test-token-" + os.urandom(8).hex(),
+        data_dir=tmp_path / "data",
+        run_dir=run_dir,
+        config_path=tmp_path / "dorm.toml",
+    )
     write_config(gw.config_path, port, admin_port, gw.data_dir, run_dir, gw.token, extra_config)
     return gw
 
@@ -209,8 +240,11 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     made: list[Gateway] = []
 
     def factory(extra_config: str = "", start: bool = True) -> Gateway:
-        gw = make_gateway(tmp_path / f"gw{len(made)}", extra_config) if made else make_gateway(
-            tmp_path, extra_config)
+        gw = (
+            make_gateway(tmp_path / f"gw{len(made)}", extra_config)
+            if made
+            else make_gateway(tmp_path, extra_config)
+        )
         gw.data_dir.parent.mkdir(parents=True, exist_ok=True)
         made.append(gw)
         if start:
