@@ -100,7 +100,8 @@ async def websocket_echo(reader, writer, headers):
 
 def respond(writer, status, body, ctype="text/plain", extra=""):
     writer.write(
-        f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+        f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n".encode()
         + body
     )
 
@@ -110,7 +111,7 @@ async def handle(reader, writer):
     try:
         while True:
             try:
-                method, target, version, headers = await read_head(reader)
+                _method, target, _version, headers = await read_head(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             if drop_next:  # a keep-alive connection the app closes just as it is reused
@@ -164,7 +165,8 @@ async def handle(reader, writer):
                     await writer.drain()
             elif path == "/ws":
                 writer.write(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\n"
                 )
                 while data := await reader.read(65536):
                     writer.write(data)

@@ -30,19 +30,31 @@ def attempt(fn) -> dict:
 def route(path: str, args: dict) -> tuple[int, bytes]:
     if path == "/whoami":
         info = {
-            "uid": os.getresuid(), "gid": os.getresgid(), "groups": os.getgroups(),
-            "pid": os.getpid(), "hostname": socket.gethostname(), "cwd": os.getcwd(),
-            "env": sorted(os.environ), "socket": os.environ.get("DORM_SOCKET"),
+            "uid": os.getresuid(),
+            "gid": os.getresgid(),
+            "groups": os.getgroups(),
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "cwd": os.getcwd(),
+            "env": sorted(os.environ),
+            "socket": os.environ.get("DORM_SOCKET"),
             **status_fields(),
         }
         return 200, json.dumps(info).encode()
     if path == "/read":
-        result = attempt(lambda: len(open(args["path"], "rb").read()))
+
+        def read() -> int:
+            with open(args["path"], "rb") as fh:
+                return len(fh.read())
+
+        result = attempt(read)
         return 200, json.dumps(result).encode()
     if path == "/write":
+
         def write() -> int:
             with open(args["path"], "w") as fh:
                 return fh.write("x")
+
         return 200, json.dumps(attempt(write)).encode()
     if path == "/hog":
         hoard = []
@@ -60,7 +72,8 @@ async def handle(reader, writer):
             path, _, query = target.partition("?")
             args = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
             status, body = route(path, args)
-            writer.write(b"HTTP/1.1 %d OK\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+            head = b"HTTP/1.1 %d OK\r\nContent-Length: %d\r\n\r\n" % (status, len(body))
+            writer.write(head + body)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
