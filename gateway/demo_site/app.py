@@ -1,7 +1,8 @@
 """The demo tenant `make demo` registers: a dependency-free HTTP app on $DORM_SOCKET.
 
 It is deliberately tiny (stdlib asyncio only) so the demo shows dorm, not a framework: it greets
-with its app and branch, reports its pid (so you can watch eviction give you a new process), and
+with its app and branch, shows a per-process id (so you can watch eviction give you a new
+process), and
 streams a few chunks on /stream.
 """
 
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+
+# Which process answered: a new one after every wake (a sandboxed app is always pid 1).
+INSTANCE = os.urandom(4).hex()
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -30,7 +34,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             else:
                 app, branch = os.environ["DORM_APP"], os.environ["DORM_BRANCH"]
                 body = (
-                    f"hello from {app}, branch {branch}, pid {os.getpid()}\n"
+                    f"hello from {app}, branch {branch}, instance {INSTANCE}\n"
                     f"greeting: {os.environ.get('GREETING', 'hi')}\n"
                 ).encode()
                 writer.write(
