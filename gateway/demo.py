@@ -14,6 +14,7 @@ from pathlib import Path
 from gateway.server import serve
 
 DEMO_DIR = Path("demo-data")
+DEMO_SITE = Path(__file__).resolve().parent / "demo_site"
 
 
 def write_demo_config(directory: Path) -> Path:
@@ -32,7 +33,8 @@ run_dir = "{run_dir}"
 
 [apps.hello]
 runtime = "command"
-command = ["{sys.executable}", "-m", "gateway.demo_app"]
+command = ["{sys.executable}", "app.py"]
+app_dir = "{DEMO_SITE}"   # shown read-only at /app inside the sandbox
 idle_timeout = "30s"
 env = {{ GREETING = "welcome to dorm" }}
 """)
@@ -56,7 +58,7 @@ Branch previews (a branch is its own instance):
   curl http://feature-x--hello.localhost:8080/
 
 Watch it: `.venv/bin/dorm ps` (instances), `.venv/bin/dorm logs hello`, and after 30 s idle
-the instance is evicted — the next request wakes a new process (note the pid).
+the instance is evicted — the next request wakes a new process (note the instance id).
 Stop with Ctrl-C.
 """,
         flush=True,
