@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import shlex
 import socket
@@ -444,6 +445,50 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this host can give tenants: read locally, no gateway needed."""
+    from sandboxes import host_report
+
+    report = host_report()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    cgroup = report["cgroup"]
+    userns = report["user_namespaces"]
+    seccomp = report["seccomp"]
+
+    def yes(flag: object) -> str:
+        return "yes" if flag else "no"
+
+    controllers = ", ".join(cgroup["controllers"]) or "none"
+    if cgroup.get("reason"):
+        controllers += f" ({cgroup['reason']})"
+
+    lines = [
+        f"kernel            {report['kernel']} ({report['arch']})",
+        f"running as root   {yes(report['root'])} (euid {report['euid']})",
+        f"cgroups           v{cgroup['version'] or '-'}: {controllers}",
+        f"user namespaces   {_describe(userns)}",
+        f"seccomp           {_describe(seccomp)}",
+        f"overlayfs         {yes(report['overlayfs'])}",
+        f"pidfd             {yes(report['pidfd'])}",
+        f"mount_setattr     {yes(report['mount_setattr'])}",
+        f"isolation         {report['isolation']}",
+    ]
+    lines += [f"  - {reason}" for reason in report["isolation_reasons"]]
+    if report["missing_protections"]:
+        lines.append("missing in rootless mode:")
+        lines += [f"  - {item}" for item in report["missing_protections"]]
+    print("\n".join(lines))
+    return 0
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dorm", description="dorm: a scale-to-zero HTTP gateway with on-demand sandboxes"
@@ -458,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", cmd_serve, "run the gateway (public and admin listeners)")
+    p = add("doctor", cmd_doctor, "show what this host supports (cgroups, namespaces, seccomp)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("apps", cmd_apps, "list apps")
     p.add_argument("--json", action="store_true", help="print JSON")

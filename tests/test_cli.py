@@ -280,3 +280,14 @@ async def _put_app(admin: AdminHarness) -> None:
     from gateway.appspec import parse_app_spec
 
     await admin.registry.put_app(parse_app_spec("demo", {"command": ["x"]}))
+
+
+def test_doctor_reports_this_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--json"]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["root"] == (os.geteuid() == 0)
+    assert report["isolation"] in ("sandbox", "rootless", "process")
+    assert report["cgroup"]["version"] in (1, 2, None)
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert f"isolation         {report['isolation']}" in text
