@@ -160,6 +160,7 @@ class Instance:
         self.site: StaticSite | None = None  # static runtime: answered in the gateway
         self.special = False  # any of the three above: one check on the hot path
         self.uid: int | None = None  # the sandbox uid while a sandboxed process runs
+        self.internal = False  # one of dorm's own services: never evicted
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
@@ -318,6 +319,7 @@ class InstanceManager:
         )
         self._free_uids = list(reversed(parse_uid_range(cfg.uid_range)))
         self._python_binds = python_binds()
+        self.internal: dict[str, Instance] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -344,6 +346,20 @@ class InstanceManager:
         self._schedule_sweep()
 
     # -- lookups ----------------------------------------------------------------------------------
+    def add_internal(self, spec: AppSpec) -> Instance:
+        """Register a service of dorm's own (the code runner) as an always-routable instance.
+
+        It is not in the registry (operators cannot change or delete it), it is never evicted
+        for idleness or by the warm cap, and it is started, logged and restarted after a crash
+        like any tenant. `spec.isolation` says how it runs (the runner needs "process": it
+        creates sandboxes itself).
+        """
+        inst = Instance(self, spec, BranchSpec(app=spec.name, name="main"))
+        inst.internal = True
+        self.internal[spec.name] = inst
+        self.instances[(spec.name, "main")] = inst
+        return inst
+
     def get(self, app_name: str, branch_name: str) -> Instance | None:
         """The instance for (app, branch) if the registry knows both; created on first use."""
         key = (app_name, branch_name)
@@ -446,7 +462,7 @@ class InstanceManager:
         warm = [i for i in self.instances.values() if i.state in WARM and i is not inst]
         if len(warm) < self.cfg.max_warm_instances:
             return True
-        idle = [i for i in warm if i.state is State.READY and not i.busy]
+        idle = [i for i in warm if i.state is State.READY and not i.busy and not i.internal]
         if not idle:
             return False
         victim = min(idle, key=lambda i: i.last_activity)
@@ -811,6 +827,7 @@ class InstanceManager:
         self._spawn_task(self.stop_instance(old, "replaced by a new deploy"))
 
     async def _retire(self, keys: list[tuple[str, str]], why: str) -> None:
+        keys = [k for k in keys if not self.instances[k].internal]  # dorm's own stay put
         old = [self.instances.pop(key) for key in keys]
         for inst in old:
             inst.retired = inst.special = True
@@ -836,7 +853,8 @@ class InstanceManager:
                     f"{inst.app.startup_timeout:g}s of queueing",
                 )
             if (
-                inst.state is State.READY
+                not inst.internal
+                and inst.state is State.READY
                 and not inst.busy
                 and not inst.stopping
                 and now - inst.last_activity >= inst.app.idle_timeout

@@ -318,3 +318,43 @@ def test_shutdown_closes_open_tunnels_without_waiting_out_the_drain(gateway_fact
         assert gw.stop() == 0
         assert time.monotonic() - started < 5
         assert sock.recv(4096) == b""  # the tunnel was closed, not left hanging
+
+
+def test_internal_service_is_routable_and_never_evicted(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    """add_internal, exercised in-process against real instances through a real event loop."""
+    import asyncio
+
+    from gateway.appspec import parse_app_spec
+    from gateway.config import GatewayConfig
+    from gateway.instances import InstanceManager
+    from gateway.registry import Registry
+    from gateway.upstream import UpstreamConnection
+
+    gw: Gateway = gateway_factory(start=False)
+
+    async def scenario() -> None:
+        cfg = GatewayConfig(data_dir=str(gw.data_dir), run_dir=str(gw.run_dir),
+                            isolation="process")
+        registry = Registry(gw.data_dir / "dorm.sqlite")
+        await registry.open()
+        manager = InstanceManager(cfg, registry)
+        manager.upstream_factory = UpstreamConnection
+        await manager.start()
+        try:
+            spec = parse_app_spec("svc", echo_spec(idle_timeout="0.1s"))
+            inst = manager.add_internal(spec)
+            assert manager.get("svc", "main") is inst
+            manager.wake(inst)
+            deadline = time.monotonic() + 10
+            while inst.state.value != "ready" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert inst.state.value == "ready"
+            await asyncio.sleep(0.8)  # far beyond its idle_timeout
+            assert inst.state.value == "ready"
+            await manager.app_changed("svc")  # an operator's app of the same name
+            assert manager.get("svc", "main") is inst
+        finally:
+            await manager.shutdown(timeout=2)
+            await registry.close()
+
+    asyncio.run(scenario())
