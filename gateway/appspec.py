@@ -103,6 +103,7 @@ class AppSpec:
     app_dir: str | None = None  # operator only: a host directory shown at /app (no bundle)
     network: str = "none"  # "egress" grants outbound network (operator only)
     volume: bool = False  # a persistent /data per branch (operator only)
+    port: int | None = None  # command runtime: serves on 127.0.0.1:$PORT instead of DORM_SOCKET
 
     def to_json(self) -> dict[str, Any]:
         """The spec as the admin API shows it (sizes in readable units); parses back to itself."""
@@ -126,6 +127,7 @@ class AppSpec:
             "app_dir": self.app_dir,
             "network": self.network,
             "volume": self.volume,
+            "port": self.port,
         }
 
 
@@ -397,6 +399,9 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
     volume = obj.get("volume", False)
     if not isinstance(volume, bool):
         raise SpecError("volume", "expected true or false")
+    port = obj.get("port")
+    if port is not None:
+        port = _int(port, "port", minimum=1, maximum=65535)
     return AppSpec(
         name=name,
         runtime=runtime,
@@ -417,6 +422,7 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
         app_dir=app_dir,
         network=network,
         volume=volume,
+        port=port,
     )
 
 
