@@ -28,6 +28,7 @@ from gateway.deploy import DeployApi
 from gateway.instances import InstanceManager
 from gateway.proxy import DataPlane
 from gateway.registry import Registry
+from gateway.static import StaticFiles
 from gateway.upstream import UpstreamConnection
 
 log = logging.getLogger("dorm")
@@ -98,6 +99,8 @@ async def _run(config: Config) -> int:
             await registry.put_app(spec)
     manager = InstanceManager(cfg, registry)
     manager.upstream_factory = UpstreamConnection
+    static = StaticFiles()  # the static runtime: bundles served by the gateway, no process
+    manager.static_site = static.site
     plane = DataPlane(cfg, manager)
     store = BundleStore(
         Path(cfg.data_dir) / "bundles",
@@ -137,6 +140,7 @@ async def _run(config: Config) -> int:
     plane.close_tunnels()
     plane.stop()
     await manager.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+    static.close()
     for conn in list(plane.connections):
         conn.abort()
     await deploys.close()
