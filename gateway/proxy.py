@@ -105,68 +105,40 @@ class DataPlane:
 class Exchange:
     """One request and its response, from the head being parsed to the last byte relayed."""
 
-    __slots__ = (
-        "body_received",
-        "buffer",
-        "buffered",
-        "chunked",
-        "client",
-        "connection_tokens",
-        "content_length",
-        "expect_continue",
-        "forwarded_given",
-        "head_sent",
-        "head_size",
-        "host",
-        "http10",
-        "instance",
-        "keep_alive",
-        "keep_client",
-        "method",
-        "on_drain",
-        "parts",
-        "queued_at",
-        "reject",
-        "request_done",
-        "transfer_encoding",
-        "upgrade",
-        "upgrade_value",
-        "upstream",
-        "url",
-        "xff",
-    )
+    # Defaults live on the class: a request sets only what it has, so creating an Exchange
+    # costs three attribute writes, not thirty (this runs once per request).
+    url = b""
+    method = b""
+    head_size = 0
+    host: bytes | None = None
+    content_length: int | None = None
+    chunked = False
+    transfer_encoding = b""
+    expect_continue = False
+    connection_tokens = b""
+    upgrade_value = b""
+    xff = b""
+    forwarded_given: frozenset[bytes] | set[bytes] = frozenset()
+    http10 = False
+    keep_alive = True
+    keep_client = False
+    upgrade = False
+    instance: Instance | None = None
+    upstream: UpstreamConnection | None = None
+    buffered = 0
+    body_received = 0
+    request_done = False
+    head_sent = False
+    queued_at = 0.0
+    reject: tuple[int, str] | None = None
+    # A response written by the gateway itself (gateway/static.py) waits here for the client
+    # to drain its write buffer; called from resume_writing.
+    on_drain: Callable[[], None] | None = None
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
-        self.url = b""
-        self.method = b""
         self.parts: list[bytes] = []
-        self.head_size = 0
-        self.host: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.transfer_encoding = b""
-        self.expect_continue = False
-        self.connection_tokens = b""
-        self.upgrade_value = b""
-        self.xff = b""
-        self.forwarded_given: set[bytes] = set()
-        self.http10 = False
-        self.keep_alive = True
-        self.keep_client = False
-        self.upgrade = False
-        self.instance: Instance | None = None
-        self.upstream: UpstreamConnection | None = None
         self.buffer: list[bytes] = []
-        self.buffered = 0
-        self.body_received = 0
-        self.request_done = False
-        self.head_sent = False
-        self.queued_at = 0.0
-        self.reject: tuple[int, str] | None = None
-        # A response written by the gateway itself (gateway/static.py) waits here for the client
-        # to drain its write buffer; called from resume_writing.
-        self.on_drain: Callable[[], None] | None = None
 
     # -- called by the instance -------------------------------------------------------------------
     def attach(self, conn: UpstreamConnection) -> None:
@@ -211,6 +183,20 @@ class Exchange:
 
     def request_head(self) -> bytes:
         client = self.client
+        if not (self.xff or self.forwarded_given or self.chunked or self.upgrade):
+            # The common case, from bytes precomputed per connection.
+            return b"".join(
+                [
+                    self.method,
+                    b" ",
+                    self.url,
+                    b" HTTP/1.1\r\n",
+                    *self.parts,
+                    client.forwarded,
+                    self.host or b"",
+                    b"\r\n\r\n",
+                ]
+            )
         xff = self.xff + b", " + client.peer if self.xff else client.peer
         extra = [b"X-Forwarded-For: " + xff + b"\r\n"]
         given = self.forwarded_given
@@ -236,6 +222,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "deadline_kind",
         "eof",
+        "forwarded",
         "head_bytes",
         "lingering",
         "parser",
@@ -266,6 +253,9 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.eof = False
+        self.forwarded = (
+            b"X-Forwarded-For: unknown\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+        )
         self.lingering = False
         self.head_bytes = 0
         self.deadline = 0.0
@@ -277,6 +267,11 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = peer[0].encode()
+            self.forwarded = (
+                b"X-Forwarded-For: "
+                + self.peer
+                + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+            )
         plane = self.plane
         if len(plane.connections) >= plane.cfg.max_connections:
             self.transport.write(error_response(503, "too many connections", retry_after=1))
@@ -430,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.xff = ex.xff + b", " + value if ex.xff else value
             else:
                 ex.parts.append(name + b": " + value + b"\r\n")
-                ex.forwarded_given.add(lname)
+                ex.forwarded_given = ex.forwarded_given | {lname}
 
     def on_headers_complete(self) -> None:
         ex = self.parsing

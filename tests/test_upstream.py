@@ -25,3 +25,24 @@ def test_request_with_body_is_not_retried(gateway: Gateway) -> None:
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 502 ")
         assert b"closed the connection" in answer
+
+
+def test_hop_by_hop_response_headers_are_dropped(gateway: Gateway) -> None:
+    resp = gateway.request("/hop")
+    assert resp.status == 200 and resp.body == b"hop"
+    assert "keep-alive" not in resp.headers
+    assert resp.headers.get("connection", "") != "keep-alive"
+
+
+def test_bytes_past_content_length_are_not_relayed_nor_reused(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /overlong HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        first = b""
+        while not first.endswith(b"abc"):
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and b"def" not in first
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.localhost\r\n\r\n")
+        second = sock.recv(65536)
+        assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"hello from echo/main\n")
+    inst = gateway.instance("echo")
+    assert inst is not None and inst["connections"] <= 1  # the out-of-sync one was closed

@@ -12,6 +12,8 @@ Routes (each exists to exercise one gateway behaviour):
   /ws               a WebSocket-ish upgrade: answers 101 then echoes raw bytes
   /pid              the process id
   /then-drop        answers, then closes this connection when the next request arrives
+  /hop              a response carrying hop-by-hop headers (Connection, Keep-Alive)
+  /overlong         a body longer than its Content-Length says
   /env?name=        the value of an environment variable ("" when unset)
   /status?code=     an empty response with that status (no Content-Length for 1xx/204/304)
   /garbage          bytes that are not HTTP, then close
@@ -148,6 +150,12 @@ async def handle(reader, writer):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
                 await writer.drain()
                 os._exit(4)
+            elif path == "/hop":
+                respond(
+                    writer, 200, b"hop", extra="Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+                )
+            elif path == "/overlong":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef")
             elif path == "/then-drop":
                 drop_next = True
                 respond(writer, 200, b"ok")
