@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-proxy clean
+.PHONY: demo test lint bench bench-proxy bench-sandbox bench-coldstart bench-runner clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,23 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: bench-proxy
+# Every benchmark; each rewrites its own section of docs/benchmarks.md. BENCH_ARGS=--quick for a
+# laptop-sized run.
+bench: bench-proxy bench-sandbox bench-coldstart bench-runner
 
 bench-proxy: $(STAMP)
 	bash bench/install-baselines.sh
-	$(PY) -m bench.proxy
+	$(PY) -m bench.proxy $(BENCH_ARGS)
+
+bench-sandbox: $(STAMP)
+	bash bench/install-baselines.sh
+	$(PY) -m bench.sandbox --write $(BENCH_ARGS)
+
+bench-coldstart: $(STAMP)
+	$(PY) -m bench.coldstart $(BENCH_ARGS)
+
+bench-runner: $(STAMP)
+	$(PY) -m bench.runner $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -37,7 +37,6 @@ import contextlib
 import os
 import platform
 import random
-import re
 import shutil
 import socket
 import statistics
@@ -48,6 +47,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import write_section
 from sandboxes import (
     SandboxSpec,
     cgroups,
@@ -60,8 +60,6 @@ from sandboxes import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "sandboxes.md"
-SECTION = "## Benchmark"
 UID = 200001
 PY = os.path.join(sys.base_prefix, "bin", "python3")
 CGROUP_PARENT = "dorm-bench"
@@ -347,29 +345,20 @@ def run(rounds: int, gap: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(body: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Sandboxes\n"
-    block = f"{SECTION}\n\n{body}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _m: block + "\n", text)
-        if pattern.search(text)
-        else (text.rstrip("\n") + "\n\n" + block)
-    )
-    DOC.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each start")
-    ap.add_argument("--write", action="store_true", help="rewrite the Benchmark section")
+    ap.add_argument("--quick", action="store_true", help="10 rounds (a laptop-sized run)")
+    ap.add_argument(
+        "--write", action="store_true", help="rewrite the Sandbox section of docs/benchmarks.md"
+    )
     args = ap.parse_args()
-    rounds = max(1, min(args.rounds, 500))
+    rounds = 10 if args.quick else max(1, min(args.rounds, 500))
     body = run(rounds, max(0.0, args.gap_ms) / 1000)
     print(body)
     if args.write:
-        write_section(body)
+        write_section("Sandbox", body)
 
 
 if __name__ == "__main__":
