@@ -256,6 +256,7 @@ class AdminServer:
         app = req.params["app"]
         try:
             spec = parse_app_spec(app, req.json())
+            self.registry.check_runtime(spec)  # an uploaded runtime must exist
         except SpecError as exc:
             raise ApiError(400, exc.field, exc.message) from None
         created = await self.registry.put_app(spec)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from gateway.names import InvalidName, check_app_name, check_branch_name
 from gateway.units import UnitError, format_size, parse_duration, parse_size
 
-RUNTIMES = ("command", "python-asgi", "python-wsgi", "static")
+RUNTIMES = ("command", "python-asgi", "python-wsgi", "static")  # built in; others are uploaded
 PYTHON_RUNTIMES = ("python-asgi", "python-wsgi")
 ISOLATIONS = ("process", "sandbox")
 STARTS = ("zygote", "fresh")
@@ -37,6 +37,9 @@ MAX_STATIC_INDEX = 16
 MIN_TTL = 1.0
 N = TypeVar("N", int, float)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+# Uploaded runtime names: lowercase DNS labels, like app and branch names (they name directories
+# and appear in logs and URLs).
+_RUNTIME_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -178,6 +181,15 @@ class BranchSpec:
         return max(times) if times else None
 
 
+def is_uploaded_runtime(name: str) -> bool:
+    """Whether an app's `runtime` names an operator-uploaded runtime rather than a built-in.
+
+    Only the syntax is known here (parsing stays pure): whether such a runtime exists is checked
+    where a spec is accepted (`Registry.check_runtime`) and again when an instance starts.
+    """
+    return name not in RUNTIMES
+
+
 def is_digest(value: object) -> bool:
     """A lowercase sha256 hex digest, as bundles are named."""
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
@@ -301,6 +313,26 @@ def _entry(value: Any) -> str:
     return value
 
 
+def _runtime_entry(value: Any) -> str:
+    """What an uploaded runtime's `{entry}` placeholder becomes (a script path, a jar, ...).
+
+    The runtime decides what it means, so only what could never be a sane argument is refused:
+    it is passed as one argv element (never through a shell), so no quoting rules apply.
+    """
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_ARG_LEN
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise SpecError(
+            "entry",
+            f"expected a non-empty string without control characters, at most "
+            f'{MAX_ARG_LEN} chars, such as "server.js"',
+        )
+    return value
+
+
 def _relative_path(value: Any, path: str) -> str:
     """A path inside the bundle: relative, no `..`, no NUL; static files are looked up by it."""
     if (
@@ -362,8 +394,14 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
     if "name" in obj and obj["name"] != name:
         raise SpecError("name", f"does not match the app in the URL ({name!r})")
     runtime = obj.get("runtime", "command")
-    if not isinstance(runtime, str) or runtime not in RUNTIMES:
-        raise SpecError("runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    if not isinstance(runtime, str) or (
+        runtime not in RUNTIMES and _RUNTIME_NAME.fullmatch(runtime) is None
+    ):
+        raise SpecError(
+            "runtime",
+            f"unknown runtime {runtime!r}: expected a built-in ({', '.join(RUNTIMES)}) or the "
+            "name of an uploaded runtime (a lowercase DNS label)",
+        )
     command: tuple[str, ...] = ()
     if runtime == "command":
         if "command" not in obj:
@@ -371,7 +409,9 @@ def parse_app_spec(name: str, obj: Any) -> AppSpec:
         command = _command(obj["command"])
     elif obj.get("command") not in (None, []):
         command = _command(obj["command"])
-    entry = None if obj.get("entry") is None else _entry(obj["entry"])
+    entry = obj.get("entry")
+    if entry is not None:
+        entry = _runtime_entry(entry) if is_uploaded_runtime(runtime) else _entry(entry)
     if runtime in PYTHON_RUNTIMES and entry is None:
         raise SpecError("entry", f'required for the {runtime} runtime, e.g. "app:app"')
     health = obj.get("health")

@@ -498,28 +498,32 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, tree: _Tree) -> None
         raise _refuse(raw, f"unsupported file type {kind:o}")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The parsed `dorm.toml` at the bundle root, or BundleError naming `manifest`."""
-    path = root / MANIFEST
+def read_manifest(root: Path, name: str = MANIFEST) -> dict[str, Any]:
+    """The parsed manifest (`dorm.toml`, or a runtime bundle's `runtime.toml`) at the bundle
+    root, or BundleError naming `manifest`."""
+    path = root / name
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        raise BundleError(400, "manifest", f"the bundle has no {MANIFEST} at its root") from None
+        raise BundleError(400, "manifest", f"the bundle has no {name} at its root") from None
     if not stat.S_ISREG(info.st_mode):
-        raise BundleError(400, "manifest", f"{MANIFEST} must be a regular file")
+        raise BundleError(400, "manifest", f"{name} must be a regular file")
     if info.st_size > MAX_MANIFEST:
-        raise BundleError(400, "manifest", f"{MANIFEST} is larger than {MAX_MANIFEST} bytes")
+        raise BundleError(400, "manifest", f"{name} is larger than {MAX_MANIFEST} bytes")
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        raise BundleError(400, "manifest", f"{MANIFEST} is not UTF-8") from None
+        raise BundleError(400, "manifest", f"{name} is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise BundleError(400, "manifest", f"{MANIFEST} is not valid TOML: {exc}") from None
+        raise BundleError(400, "manifest", f"{name} is not valid TOML: {exc}") from None
 
 
-def extract(archive: Path, fmt: str, dest: Path, limits: BundleLimits) -> Extracted:
-    """Unpack `archive` into the new directory `dest` and read its manifest, or raise
-    BundleError; `dest` is removed on any failure. Blocking: run it on a thread."""
+def extract(
+    archive: Path, fmt: str, dest: Path, limits: BundleLimits, manifest: str = MANIFEST
+) -> Extracted:
+    """Unpack `archive` into the new directory `dest` and read its manifest (file `manifest`
+    at its root), or raise BundleError; `dest` is removed on any failure. Blocking: run it on a
+    thread."""
     size = archive.stat().st_size
     os.mkdir(dest, 0o700)
     try:
@@ -538,8 +542,8 @@ def extract(archive: Path, fmt: str, dest: Path, limits: BundleLimits) -> Extrac
         except (UnicodeError, ValueError, struct.error) as exc:
             raise BundleError(400, "bundle", f"corrupt {fmt} archive: {exc}") from None
         tree.finish()
-        manifest = read_manifest(dest)
-        return Extracted(dest, tree.files, tree.unpacked, manifest)
+        parsed = read_manifest(dest, manifest)
+        return Extracted(dest, tree.files, tree.unpacked, parsed)
     except BaseException:
         remove_tree(dest)
         raise
@@ -725,8 +729,11 @@ class BundleStore:
         """Remove a spooled file or an extracted tree that will not be activated."""
         await asyncio.shield(self._run(remove_tree, path))
 
-    async def unpack(self, spooled: Spooled, fmt: str | None) -> Extracted:
-        """Extract a spooled upload into a fresh directory in `tmp/` (see `extract`)."""
+    async def unpack(
+        self, spooled: Spooled, fmt: str | None, manifest: str = MANIFEST
+    ) -> Extracted:
+        """Extract a spooled upload into a fresh directory in `tmp/` (see `extract`); runtime
+        bundles pass `manifest="runtime.toml"`."""
         if fmt is None:
             head: bytes = await self._run(_head, spooled.path)
             fmt = sniff_format(head)
@@ -736,7 +743,7 @@ class BundleStore:
                 )
         dest = self.tmp / f"tree-{secrets.token_hex(8)}"
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, extract, spooled.path, fmt, dest, self.limits
+            self._executor, extract, spooled.path, fmt, dest, self.limits, manifest
         )
         try:
             result: Extracted = await asyncio.shield(future)

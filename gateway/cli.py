@@ -32,6 +32,8 @@ from gateway.client import AdminClient, AdminError, error_message, path_quote
 from gateway.config import ConfigError, load_config, split_host_port
 from gateway.names import InvalidName, check_app_name, check_branch_name
 from gateway.registry import DEFAULT_BRANCH
+from gateway.runtimespec import RUNTIME_TOML
+from gateway.units import format_size
 
 
 class UsageError(Exception):
@@ -317,12 +319,12 @@ def cmd_branches(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _bundle_file(source: Path) -> Iterator[tuple[IO[bytes], int, str]]:
+def _bundle_file(source: Path, manifest: str = MANIFEST) -> Iterator[tuple[IO[bytes], int, str]]:
     """The archive to upload as (file, size, sha256 hex): a directory is packed into a
     temporary file first (so it is streamed from disk, not held in memory)."""
     if source.is_dir():
-        if not (source / MANIFEST).is_file():
-            raise UsageError(f"{source}: no {MANIFEST} at the top of the directory")
+        if not (source / manifest).is_file():
+            raise UsageError(f"{source}: no {manifest} at the top of the directory")
         with tempfile.TemporaryFile() as tmp:
             pack(source, tmp, warn=lambda msg: print(f"dorm: {msg}", file=sys.stderr))
             yield tmp, *_rewind_and_hash(tmp)
@@ -400,6 +402,69 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         print(f"deployed {answer['bundle'][:12]} to {app}/{branch}")
         print(answer["url"])
+    return 0
+
+
+def _runtime_name(text: str) -> str:
+    try:
+        return check_branch_name(text)  # runtime names are DNS labels too
+    except InvalidName as exc:
+        raise UsageError(f"runtime name: {exc}") from None
+
+
+def cmd_runtimes(args: argparse.Namespace) -> int:
+    runtimes = _client(args).call("GET", "/v1/runtimes")["runtimes"]
+    if args.json:
+        _print_json(runtimes)
+        return 0
+    now = time.time()
+    rows = [
+        (
+            r["name"],
+            "built-in" if r["builtin"] else ("INVALID" if "error" in r else "uploaded"),
+            (r.get("digest") or "")[:12],
+            "" if r.get("size") is None else format_size(r["size"]),
+            _ago(r.get("uploaded"), now) or "",
+            ",".join(r.get("used_by", [])),
+            r.get("error") or r.get("description", ""),
+        )
+        for r in runtimes
+    ]
+    _table(("NAME", "KIND", "DIGEST", "SIZE", "UPLOADED", "USED_BY", "DESCRIPTION"), rows)
+    return 0
+
+
+def cmd_runtime_push(args: argparse.Namespace) -> int:
+    name = _runtime_name(args.name)
+    client = _client(args)
+    with _bundle_file(Path(args.source), RUNTIME_TOML) as (fh, size, digest):
+        status, answer = client.upload(
+            f"/v1/runtimes/{path_quote(name)}",
+            fh,
+            size,
+            headers=[("x-content-sha256", digest)],
+            timeout=args.timeout,
+        )
+    if status >= 400:
+        raise error_message(status, answer)
+    if args.json:
+        _print_json(answer)
+    else:
+        verb = "uploaded" if status == 201 else "replaced"
+        print(f"{verb} runtime {name} ({answer['digest'][:12]}, {format_size(answer['size'])})")
+    return 0
+
+
+def cmd_runtime_show(args: argparse.Namespace) -> int:
+    name = _runtime_name(args.name)
+    _print_json(_client(args).call("GET", f"/v1/runtimes/{path_quote(name)}"))
+    return 0
+
+
+def cmd_runtime_rm(args: argparse.Namespace) -> int:
+    name = _runtime_name(args.name)
+    _client(args).call("DELETE", f"/v1/runtimes/{path_quote(name)}")
+    print(f"removed runtime {name}")
     return 0
 
 
@@ -574,6 +639,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the preview URL answers")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the upload and --wait")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    p = add("runtimes", cmd_runtimes, "list runtimes: built-in and uploaded")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    runtime = sub.add_parser(
+        "runtime", help="upload, show or remove a runtime", description="manage uploaded runtimes"
+    )
+    runtime_sub = runtime.add_subparsers(dest="runtime_command", metavar="ACTION", required=True)
+    p = runtime_sub.add_parser(
+        "push", help=f"upload a runtime (a directory with {RUNTIME_TOML} and rootfs/, or archive)"
+    )
+    _global_flags(p, suppress=True)
+    p.set_defaults(func=cmd_runtime_push)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("source", metavar="DIR|FILE")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the upload")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p = runtime_sub.add_parser("show", help="show a runtime as JSON")
+    _global_flags(p, suppress=True)
+    p.set_defaults(func=cmd_runtime_show)
+    p.add_argument("name", metavar="NAME")
+    p = runtime_sub.add_parser("rm", help="remove an uploaded runtime no app uses")
+    _global_flags(p, suppress=True)
+    p.set_defaults(func=cmd_runtime_rm)
+    p.add_argument("name", metavar="NAME")
 
     p = add("rollback", cmd_rollback, "return a branch to its previous bundle (APP: main)")
     p.add_argument("target", metavar="APP[/BRANCH]")

@@ -194,18 +194,24 @@ class DeployApi:
         if the app does not exist yet; ApiError naming `manifest.<field>` if it does not fit."""
         try:
             base = self.registry.get_app(app)
+            create: AppSpec | None = None
             if base is not None:
-                overlay_spec(base, manifest)
-                return None
-            # A new app: its operator-level spec comes from the manifest, with default limits
-            # (a bundle may lower limits, never choose its own ceiling).
-            parse_app_spec(app, manifest)
-            spec = parse_app_spec(app, {k: v for k, v in manifest.items() if k != "limits"})
-            overlay_spec(spec, manifest)
-            return spec
+                effective = overlay_spec(base, manifest)
+            else:
+                # A new app: its operator-level spec comes from the manifest, with default
+                # limits (a bundle may lower limits, never choose its own ceiling).
+                parse_app_spec(app, manifest)
+                create = parse_app_spec(app, {k: v for k, v in manifest.items() if k != "limits"})
+                effective = overlay_spec(create, manifest)
         except SpecError as exc:
             field = "manifest" if exc.field == "body" else f"manifest.{exc.field}"
             raise ApiError(400, field, exc.message) from None
+        try:
+            self.registry.check_runtime(effective)  # an uploaded runtime must exist
+        except SpecError as exc:
+            field = f"manifest.{exc.field}" if exc.field in manifest else exc.field
+            raise ApiError(400, field, exc.message) from None
+        return create
 
     async def _commit(
         self, app: str, branch: str, record: BundleRecord, extracted: Extracted | None

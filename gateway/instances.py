@@ -30,12 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.appspec import AppSpec, BranchSpec, SpecError
+from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
 from gateway.bundles import DeployError
 from gateway.config import ConfigError, GatewayConfig, parse_uid_range
 from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
 from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
+from gateway.runtimespec import ROOTFS_DIR, RuntimeRecord
 
 if TYPE_CHECKING:
     from gateway.upstream import UpstreamConnection
@@ -135,8 +136,23 @@ def python_binds() -> tuple[str, ...]:
     return tuple(out)
 
 
-def launch_command(app: AppSpec) -> tuple[list[str], str | None, dict[str, str]]:
-    """(argv, zygote call target or None, runtime environment) that start `app`."""
+def launch_command(
+    app: AppSpec, runtimes: Callable[[str], RuntimeRecord | None] = lambda _: None
+) -> tuple[list[str], str | None, dict[str, str]]:
+    """(argv, zygote call target or None, runtime environment) that start `app`.
+
+    `runtimes` looks up operator-uploaded runtimes: their command runs (inside their rootfs,
+    see `_sandbox_spec`) with its placeholders filled, and their `env` is set except where the
+    app's own spec sets the same variable.
+    """
+    if is_uploaded_runtime(app.runtime):
+        record = runtimes(app.runtime)
+        if record is None:  # deleted since the spec was accepted: _start reports it
+            raise LookupError(f"no runtime named {app.runtime!r}")
+        rd = record.definition
+        env = {k: v for k, v in rd.env.items() if k not in app.env}
+        env["DORM_RUNTIME"] = app.runtime
+        return rd.argv(app), None, env
     if app.runtime in ("python-asgi", "python-wsgi"):
         env = {"DORM_ENTRY": app.entry or "", "DORM_INTERFACE": app.runtime.removeprefix("python-")}
         if app.start == "fresh":
@@ -358,6 +374,7 @@ class InstanceManager:
         self.static_site: Callable[[Path, AppSpec], StaticSite] | None = None
         bundles = Path(cfg.data_dir) / "bundles"
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
+        self.runtime_defs: Callable[[str], RuntimeRecord | None] = registry.runtimes.get
 
     async def start(self) -> None:
         if self.isolation == "process":
@@ -553,7 +570,7 @@ class InstanceManager:
         inst.exited = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
-        argv, call, runtime_env = launch_command(app)
+        argv, call, runtime_env = launch_command(app, self.runtime_defs)
         sandboxed = (app.isolation or self.isolation) == "sandbox"
         if sandboxed and self.isolation != "sandbox":
             inst.state = State.COLD
@@ -711,6 +728,14 @@ class InstanceManager:
         volume = None
         if app.volume:
             volume = str(Path(self.cfg.data_dir) / "volumes" / app.name / branch.name)
+        rootfs = None
+        binds = self._python_binds
+        record = self.runtime_defs(app.runtime) if is_uploaded_runtime(app.runtime) else None
+        if record is not None:
+            # The runtime's own root instead of the host's system dirs, and nothing of the
+            # host's Python: the app sees exactly what the operator uploaded.
+            rootfs = str(self.bundle_path(record.digest) / ROOTFS_DIR)
+            binds = ()
         return {
             "name": f"{app.name[:40]}-{instance_id}",
             "uid": uid,
@@ -722,7 +747,8 @@ class InstanceManager:
             "cpu": limits.cpu,
             "pids": limits.pids,
             "network": app.network,
-            "extra_ro_binds": self._python_binds,
+            "extra_ro_binds": binds,
+            "rootfs": rootfs,
             "cgroup_parent": self.cfg.cgroup_parent,
         }
 

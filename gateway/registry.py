@@ -29,9 +29,16 @@ from gateway.appspec import (
     AppSpec,
     BranchSpec,
     SpecError,
+    is_uploaded_runtime,
     overlay_spec,
     parse_app_spec,
     parse_branch_spec,
+)
+from gateway.runtimespec import (
+    RuntimeRecord,
+    check_app,
+    parse_runtime_def,
+    resolve_app,
 )
 
 log = logging.getLogger("dorm.registry")
@@ -60,6 +67,15 @@ CREATE TABLE IF NOT EXISTS bundles (
     files INTEGER NOT NULL,
     unpacked INTEGER NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runtimes (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    definition BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    unpacked INTEGER NOT NULL,
+    uploaded REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS activity (
     app TEXT NOT NULL,
@@ -104,10 +120,14 @@ class Registry:
         # Stored rows that failed validation when loaded: name (or app/branch) → reason.
         self.invalid: dict[str, str] = {}
         self.bundles: dict[str, BundleRecord] = {}
+        # Operator-uploaded runtimes by name; their trees live in the bundle store too.
+        self.runtimes: dict[str, RuntimeRecord] = {}
         # (app, branch) → Unix time of the last request: written by the data plane (`touch`),
         # and what of it is already on disk.
         self.last_requests: dict[tuple[str, str], float] = {}
         self._flushed: dict[tuple[str, str], float] = {}
+        # Stored runtimes whose definition no longer validates: name → digest (tree kept).
+        self.invalid_runtimes: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dorm-registry")
         self._db: sqlite3.Connection | None = None
 
@@ -134,6 +154,19 @@ class Registry:
             self.bundles[digest] = BundleRecord(
                 digest, orjson.loads(manifest), size, files, unpacked, created
             )
+        for row in db.execute(
+            "SELECT name, digest, definition, size, files, unpacked, uploaded FROM runtimes"
+        ):
+            name, digest, definition, size, files, unpacked, uploaded = row
+            try:
+                rd = parse_runtime_def(orjson.loads(definition))
+            except (SpecError, orjson.JSONDecodeError) as exc:
+                # Its tree stays referenced (below) so a corrected upload or a DELETE decides.
+                self.invalid[f"runtime {name}"] = str(exc)
+                log.error("registry: runtime %r is not valid any more, skipped: %s", name, exc)
+                self.invalid_runtimes[name] = digest
+                continue
+            self.runtimes[name] = RuntimeRecord(name, digest, rd, size, files, unpacked, uploaded)
         for app, branch, when in db.execute("SELECT app, branch, last_request FROM activity"):
             self.last_requests[(app, branch)] = self._flushed[(app, branch)] = when
         # A row that no longer validates (the rules tightened since it was stored) must not keep
@@ -199,23 +232,47 @@ class Registry:
         found = self.get_branch(app, branch)
         if spec is None or found is None:
             return None
-        if found.bundle is None:
-            return spec
-        record = self.bundles.get(found.bundle)
-        if record is None:
-            raise SpecError("bundle", f"bundle {found.bundle} is not in the registry")
-        try:
-            return overlay_spec(spec, record.manifest)
-        except SpecError as exc:
-            raise SpecError(f"manifest.{exc.field}", exc.message) from None
+        if found.bundle is not None:
+            record = self.bundles.get(found.bundle)
+            if record is None:
+                raise SpecError("bundle", f"bundle {found.bundle} is not in the registry")
+            try:
+                spec = overlay_spec(spec, record.manifest)
+            except SpecError as exc:
+                raise SpecError(f"manifest.{exc.field}", exc.message) from None
+        if is_uploaded_runtime(spec.runtime):
+            runtime = self.runtimes.get(spec.runtime)
+            check_app(spec, runtime)
+            assert runtime is not None
+            spec = resolve_app(spec, runtime.definition)
+        return spec
+
+    def check_runtime(self, spec: AppSpec) -> None:
+        """Raise SpecError naming the field if `spec` names an uploaded runtime it cannot run on
+        (none by that name, or the runtime needs an `entry` the spec lacks). Built-ins pass."""
+        if is_uploaded_runtime(spec.runtime):
+            check_app(spec, self.runtimes.get(spec.runtime))
+
+    def runtime_users(self, name: str) -> list[str]:
+        """Apps (and "app/branch" for branches whose bundle asks for it) using runtime `name`."""
+        users = [app for app, spec in sorted(self.apps.items()) if spec.runtime == name]
+        for (app, branch), found in sorted(self.branches.items()):
+            record = self.bundles.get(found.bundle) if found.bundle is not None else None
+            if record is not None and record.manifest.get("runtime") == name:
+                users.append(f"{app}/{branch}")
+        return users
 
     def last_request(self, app: str, branch: str) -> float | None:
         """When the branch last served a request (Unix time), as far as the registry knows."""
         return self.last_requests.get((app, branch))
 
     def referenced_bundles(self) -> set[str]:
-        """Every bundle some branch runs or can roll back to; the rest may be collected."""
-        return {digest for b in self.branches.values() for digest in b.bundles}
+        """Every bundle some branch runs or can roll back to, and every uploaded runtime's tree;
+        the rest may be collected."""
+        refs = {digest for b in self.branches.values() for digest in b.bundles}
+        refs.update(r.digest for r in self.runtimes.values())
+        refs.update(self.invalid_runtimes.values())
+        return refs
 
     def branches_of(self, app: str) -> list[BranchSpec]:
         out = [b for (a, _), b in self.branches.items() if a == app]
@@ -367,6 +424,50 @@ class Registry:
         await self._run(write)
         for digest in doomed:
             self.bundles.pop(digest, None)
+
+    async def put_runtime(self, record: RuntimeRecord) -> bool:
+        """Create or replace an uploaded runtime. Returns True if it was created."""
+        row = (
+            record.name,
+            record.digest,
+            orjson.dumps(record.definition.to_json()),
+            record.size,
+            record.files,
+            record.unpacked,
+            record.uploaded,
+        )
+
+        def write() -> None:
+            assert self._db is not None
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO runtimes(name, digest, definition, size, files, unpacked, "
+                    "uploaded) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "digest=excluded.digest, definition=excluded.definition, size=excluded.size, "
+                    "files=excluded.files, unpacked=excluded.unpacked, uploaded=excluded.uploaded",
+                    row,
+                )
+
+        await self._run(write)
+        created = record.name not in self.runtimes
+        self.runtimes[record.name] = record
+        self.invalid.pop(f"runtime {record.name}", None)
+        self.invalid_runtimes.pop(record.name, None)
+        return created
+
+    async def delete_runtime(self, name: str) -> bool:
+        """Forget an uploaded runtime; its tree goes at the next bundle GC."""
+
+        def write() -> bool:
+            assert self._db is not None
+            with self._db:
+                return self._db.execute("DELETE FROM runtimes WHERE name = ?", (name,)).rowcount > 0
+
+        deleted = await self._run(write)
+        self.runtimes.pop(name, None)
+        self.invalid.pop(f"runtime {name}", None)
+        self.invalid_runtimes.pop(name, None)
+        return deleted
 
     def touch(self, app: str, branch: str, when: float) -> None:
         """Record a request to (app, branch) at Unix time `when`. Hot path: one dict write;

@@ -77,7 +77,7 @@ def test_to_json_round_trips() -> None:
     ("fields", "field"),
     [
         ({"colour": "red"}, "colour"),
-        ({"runtime": "docker"}, "runtime"),
+        ({"runtime": "Docker!"}, "runtime"),
         ({"runtime": ["command"]}, "runtime"),
         ({"command": []}, "command"),
         ({"command": "python3 app.py"}, "command"),
