@@ -9,6 +9,7 @@ python3 is not) with the app's bundle at /app.
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.client
 import json
 import shutil
@@ -112,7 +113,10 @@ def static_server() -> Path | str:
     gcc = shutil.which("gcc")
     if gcc is None:
         return "gcc is not installed"
-    out = Path(f"/tmp/dorm-test-runtime-server-{abs(hash(SERVER_C)):x}")
+    # Named by the source's hash (str hashes are salted per process; sha256 is stable).
+    out = Path(
+        f"/tmp/dorm-test-runtime-server-{hashlib.sha256(SERVER_C.encode()).hexdigest()[:16]}"
+    )
     if out.exists():
         return out
     src = out.with_suffix(".c")
