@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -260,8 +261,10 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "uvloop": _pkg_version("uvloop"),
         "httptools": _pkg_version("httptools"),
-        "nginx": _cmd_version(["nginx", "-v"]).removeprefix("nginx version: "),
-        "wrk": _cmd_version(["wrk", "-v"]).split(" [")[0],
+        "nginx": _cmd_version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"])
+        .removeprefix("nginx version: ")
+        .removeprefix("nginx/"),
+        "wrk": _cmd_version(["wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
     }
 
 
@@ -342,3 +345,77 @@ def git_revision(paths: Sequence[str] = ("gateway",)) -> str:
     if dirty:
         return f"{head} + uncommitted changes in {', '.join(paths)}"
     return head
+
+
+# -- process trees and memory ---------------------------------------------------------------------
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants, parents first (an instance may fork workers)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < 10_000:  # bounded: a fork bomb must not hang a benchmark
+        p = todo.pop()
+        if not pid_alive(p):
+            continue
+        out.append(p)
+        todo += child_pids(p)
+    return out
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup in bytes (Rss, Pss, Private_Dirty, …); {} if the process is gone.
+
+    PSS is the honest per-process share of memory when pages are shared (forked children of a
+    zygote share its pages with it and with each other); Private_* is what killing it frees.
+    """
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                out[key.strip()] = int(parts[0]) * 1024
+    return out
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """smaps_rollup summed over `pid` and its descendants, plus `processes` (how many)."""
+    total: dict[str, int] = {"processes": 0}
+    for p in process_tree(pid):
+        roll = smaps_rollup(p)
+        if not roll:
+            continue
+        total["processes"] += 1
+        for key, value in roll.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of `pid`'s live tree plus everything its members have reaped (cutime/cstime).
+
+    A benchmark that starts and stops many short-lived children under one long-lived parent
+    (dorm's fork server) accounts their CPU this way even after they are gone.
+    """
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+    return total
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; with few samples p99 is ~ the max."""
+    if not values:
+        raise ValueError("percentile of no values")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def pkg_version(name: str) -> str:
+    """An installed distribution's version, or "not installed" (for the Software line)."""
+    return _pkg_version(name)

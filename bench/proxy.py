@@ -948,9 +948,9 @@ def reading(s: Summary, pairs: list[float], rounds: int, quick: bool) -> str:
             f"({d['sys_share']:.0%} in the kernel), nginx's worker {n['proxy_us']:.1f} µs "
             f"({n['sys_share']:.0%} kernel) and the minimal Python proxy {m['proxy_us']:.1f} µs "
             f"({m['sys_share']:.0%} kernel): of dorm's {d['proxy_us'] - n['proxy_us']:+.1f} µs "
-            f"over nginx, {m['proxy_us'] - n['proxy_us']:+.1f} µs is the floor of any Python "
-            f"proxy on uvloop + httptools and {d['proxy_us'] - m['proxy_us']:+.1f} µs is dorm's "
-            "own per-request work (routing, deadlines, header rewriting, pooling, accounting)."
+            f"over nginx, {m['proxy_us'] - n['proxy_us']:+.1f} µs is what even the minimal Python "
+            f"proxy costs over nginx and {d['proxy_us'] - m['proxy_us']:+.1f} µs is dorm's own "
+            "per-request work (routing, deadlines, header rewriting, pooling, accounting)."
         )
     parts.append(
         f"The minimal proxy reached {m['rps'] / n['rps']:.3f}x nginx in the same run, "
@@ -1113,16 +1113,20 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str, py_spy: str | None) ->
     s = summarize(targets)
     table = render_table(s)
     para = reading(s, paired_ratios(targets, "dorm", "nginx"), args.rounds, args.quick)
-    if repeated:
-        para += (
-            f" {repeated} run(s) were repeated because other processes took more than "
-            f"{DISTURBED:.0%} of the machine's CPU during them."
-        )
     prof_md = render_inprocess(costs) + "\n\n" + render_profile(prof)
     print(f"\n{table}\n\n{para}\n\n{prof_md}")
     if not args.no_write:
         section = render_section(
-            started, revision, machine_info(), cmd, args, bench.pinning, table, para, prof_md
+            started,
+            revision,
+            machine_info(),
+            cmd,
+            args,
+            bench.pinning,
+            repeated,
+            table,
+            para,
+            prof_md,
         )
         write_section(SECTION, section)
         print(f"\nbench.proxy: wrote '## {SECTION}' in docs/benchmarks.md", file=sys.stderr)
@@ -1139,6 +1143,7 @@ def render_section(
     cmd: str,
     args: argparse.Namespace,
     pinning: str,
+    repeated: int,
     table: str,
     para: str,
     prof_md: str,
@@ -1155,9 +1160,10 @@ TCP loopback. Interleaved rounds (the order rotates each round); medians across 
 - **Software:** Python {info["python"]}, uvloop {info["uvloop"]}, httptools {info["httptools"]},
   nginx {info["nginx"]}, wrk {info["wrk"]}
 - **Command:** `make bench-proxy`, i.e. `{cmd}`
-- **Load:** `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency -H "Host: {HOST}"`,
-  {args.rounds} rounds x {len(TARGETS)} paths, after an unrecorded {WARMUP_SECONDS:g} s warm-up
-  of each
+- **Load:** `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency -H "Host: {HOST}"`;
+  {args.rounds} rounds x {len(TARGETS)} paths after an unrecorded {WARMUP_SECONDS:g} s warm-up
+  of each; a run during which other processes took over {DISTURBED:.0%} of the CPU is repeated
+  (at most {MAX_REPEATS} times): {repeated} run(s) were repeated here
 - **Pinning:** {pinning}
 - **nginx:** 1 worker, `access_log off`, upstream `server unix:…; keepalive 64`,
   `proxy_http_version 1.1`, `Connection ""`, Host passed through, X-Forwarded-For/-Host/-Proto
