@@ -56,6 +56,7 @@ class GatewayConfig:
     trust_forwarded: bool = False
     cgroup_parent: str = "dorm"  # the cgroup subtree (per controller) this gateway's sandboxes use
     uid_range: str = "200000-299999"  # unprivileged uids handed to sandboxed instances
+    prewarm: int = 2  # idle pre-confined sandboxes kept per recent shape (0: none)
     max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
     max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
     max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle

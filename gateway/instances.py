@@ -361,7 +361,9 @@ class InstanceManager:
         self.running: dict[str, Instance] = {}
         self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
         self.launcher = Launcher(
-            self._on_exit, cfg.cgroup_parent if self.isolation == "sandbox" else None
+            self._on_exit,
+            cfg.cgroup_parent if self.isolation == "sandbox" else None,
+            cfg.prewarm,
         )
         self._free_uids = list(reversed(parse_uid_range(cfg.uid_range)))
         self._python_binds = python_binds()
@@ -428,7 +430,7 @@ class InstanceManager:
             spec = self.registry.effective_spec(app_name, branch_name) or base
         except SpecError as exc:
             inst = Instance(self, base, branch)
-            inst.broken = f"its bundle no longer fits the app spec: {exc}"
+            inst.broken = f"its spec cannot run here: {exc}"
             inst.special = True
             return inst
         inst = Instance(self, spec, branch)
@@ -570,7 +572,12 @@ class InstanceManager:
         inst.exited = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
-        argv, call, runtime_env = launch_command(app, self.runtime_defs)
+        try:
+            argv, call, runtime_env = launch_command(app, self.runtime_defs)
+        except LookupError as exc:  # its runtime was deleted since the spec was accepted
+            inst.state = State.COLD
+            inst.fail_waiters(503, f"app {app.name!r} cannot start: {exc}")
+            return
         sandboxed = (app.isolation or self.isolation) == "sandbox"
         if sandboxed and self.isolation != "sandbox":
             inst.state = State.COLD
@@ -682,9 +689,7 @@ class InstanceManager:
 
     async def _healthy(self, inst: Instance) -> bool:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(inst.socket_path), 2.0
-            )
+            reader, writer = await asyncio.wait_for(self._open_stream(inst), 2.0)
         except (OSError, TimeoutError):
             return False
         try:
@@ -699,6 +704,20 @@ class InstanceManager:
             return False
         finally:
             writer.close()
+
+    async def _open_stream(
+        self, inst: Instance
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain stream connection to the app (for health checks), wherever it listens."""
+        if inst.app.port is None:
+            return await asyncio.open_unix_connection(inst.socket_path)
+        sock = tcp_socket(inst.netns_fd)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", inst.app.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
     def _record_failure(self, inst: Instance, reason: str) -> None:
         now = time.monotonic()

@@ -67,8 +67,12 @@ class LaunchError(RuntimeError):
 
 class Launcher:
     def __init__(
-        self, on_exit: Callable[[str, ExitInfo], None], cgroup_parent: str | None = None
+        self,
+        on_exit: Callable[[str, ExitInfo], None],
+        cgroup_parent: str | None = None,
+        prewarm: int = 0,
     ) -> None:
+        self._prewarm = prewarm
         self._on_exit = on_exit
         self._cgroup_parent = cgroup_parent  # set: instances may be sandboxed under it
         self._proc: subprocess.Popen[bytes] | None = None
@@ -85,7 +89,7 @@ class Launcher:
         # Popen without preexec_fn uses vfork/exec, which is safe from a threaded process.
         argv = [sys.executable, "-m", "gateway.forkserver", str(child.fileno())]
         if self._cgroup_parent is not None:
-            argv += ["--sandboxes", self._cgroup_parent]
+            argv += ["--sandboxes", self._cgroup_parent, "--prewarm", str(self._prewarm)]
         self._proc = subprocess.Popen(
             argv,
             pass_fds=(child.fileno(),),

@@ -50,3 +50,10 @@ def test_tcp_app_in_sandboxes_share_a_port_without_interfaces(gateway_factory: A
     assert gw.instance("tcp1")["isolation"] == "sandbox"  # type: ignore[index]
     gw.wait_state("tcp1", "cold")
     assert gw.request("/", host="tcp1.localhost").status == 200
+
+
+def test_tcp_app_with_health_path_becomes_ready(gateway_factory: Any) -> None:
+    gw: Gateway = gateway_factory()
+    gw.put_app("tcph", tcp_spec(free_port(), health="/healthz"))
+    resp = gw.request("/", host="tcph.localhost")
+    assert resp.status == 200 and b"tcp app" in resp.body
