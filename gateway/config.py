@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.appspec import AppSpec, SpecError, parse_app_spec
+from gateway.names import InvalidName, check_app_name
 from gateway.units import UnitError, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATHS = ("dorm.toml", "/etc/dorm/dorm.toml")
@@ -73,11 +74,99 @@ class GatewayConfig:
         return Path(self.data_dir) / "admin.token"
 
 
+PYTHON_MODES = ("zygote", "fresh")
+_RUNNER_DURATIONS = frozenset(
+    {"run_timeout", "compile_timeout", "run_cpu_time", "compile_cpu_time"}
+)
+_RUNNER_SIZES = frozenset(
+    {"run_memory", "compile_memory", "output_max_size", "max_file_size", "tmp_size", "max_body"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """[runner]: the Piston-compatible code runner (runtimes/runner, docs/runner.md).
+
+    Durations and sizes are the server's maxima for one stage, which are also the defaults a
+    request gets; requests may only lower them. Durations are kept in seconds and sizes in bytes
+    here; the runner speaks milliseconds on its API, as Piston does.
+    """
+
+    enabled: bool = True
+    host: str = "run"  # answered at <host>.<domain> (and /api/v2/* on the admin listener)
+    max_concurrency: int = 0  # executions at once; 0: CPUs x 2
+    queue: int = 64  # executions waiting for a slot; beyond: 503
+    rate_per_minute: int = 300  # per client IP; 0: off
+    max_per_client: int = 8  # concurrent executions per client IP; 0: off
+    api_keys: tuple[str, ...] = ()
+    api_key_file: str = ""  # one key per line
+    uid_range: str = "400000-409999"  # one uid per execution, distinct from gateway.uid_range
+    python_mode: str = "zygote"  # or "fresh"
+    languages_dir: str = ""  # extra TOML language definitions
+    run_timeout: float = 3.0
+    compile_timeout: float = 10.0
+    run_cpu_time: float = 3.0
+    compile_cpu_time: float = 10.0
+    run_memory: int = 256 * 1024**2
+    compile_memory: int = 512 * 1024**2
+    output_max_size: int = 64 * 1024  # per stream
+    max_processes: int = 64
+    max_open_files: int = 2048
+    max_file_size: int = 10_000_000
+    tmp_size: int = 64 * 1024**2  # the sandbox's /tmp (work dir), charged to its memory
+    max_body: int = 2 * 1024**2
+    prewarm: int = 4  # pre-forked sandboxes kept ready
+    spawners: int = 1  # processes forking sandboxes
+
+    def settings(self, cgroup_parent: str, internal_token: str) -> dict[str, Any]:
+        """What the runner service gets (as JSON in its environment)."""
+        uids = parse_uid_range(self.uid_range)
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            keys += read_key_file(self.api_key_file)
+        return {
+            "cgroup_parent": f"{cgroup_parent}-runner",
+            "uid_first": uids.start,
+            "uid_last": uids.stop - 1,
+            "max_concurrency": self.max_concurrency,
+            "queue": self.queue,
+            "rate_per_minute": self.rate_per_minute,
+            "max_per_client": self.max_per_client,
+            "api_keys": keys,
+            "internal_token": internal_token,
+            "python_mode": self.python_mode,
+            "languages_dir": self.languages_dir,
+            "run_timeout": round(self.run_timeout * 1000),
+            "compile_timeout": round(self.compile_timeout * 1000),
+            "run_cpu_time": round(self.run_cpu_time * 1000),
+            "compile_cpu_time": round(self.compile_cpu_time * 1000),
+            "run_memory": self.run_memory,
+            "compile_memory": self.compile_memory,
+            "output_max_size": self.output_max_size,
+            "max_processes": self.max_processes,
+            "max_open_files": self.max_open_files,
+            "max_file_size": self.max_file_size,
+            "tmp_size": self.tmp_size,
+            "max_body": self.max_body,
+            "prewarm": self.prewarm,
+            "spawners": self.spawners,
+        }
+
+
+def read_key_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    except OSError as exc:
+        raise ConfigError(f"runner.api_key_file: cannot read {path}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     apps: tuple[AppSpec, ...] = ()
     source: str = "(defaults)"
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:
@@ -187,10 +276,10 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         source = str(path)
-    unknown_sections = sorted(set(data) - {"gateway", "apps"})
+    unknown_sections = sorted(set(data) - {"gateway", "apps", "runner"})
     if unknown_sections:
         raise ConfigError(
-            f"{source}: unknown section [{unknown_sections[0]}] (known: gateway, apps)"
+            f"{source}: unknown section [{unknown_sections[0]}] (known: gateway, apps, runner)"
         )
     section = data.get("gateway", {})
     if not isinstance(section, dict):
@@ -222,4 +311,90 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
             apps.append(parse_app_spec(name, spec))
         except SpecError as exc:
             raise ConfigError(f"{source}: apps.{name}.{exc.field}: {exc.message}") from None
-    return Config(gateway=cfg, apps=tuple(apps), source=source)
+    runner = _load_runner(data.get("runner", {}), environ, source)
+    tenants, runs = parse_uid_range(cfg.uid_range), parse_uid_range(runner.uid_range)
+    if tenants.start < runs.stop and runs.start < tenants.stop:
+        raise ConfigError(f"{source}: runner.uid_range must not overlap gateway.uid_range")
+    return Config(gateway=cfg, apps=tuple(apps), source=source, runner=runner)
+
+
+def _coerce_runner(key: str, raw: Any, *, from_env: bool) -> Any:
+    default = getattr(RunnerConfig(), key)
+    try:
+        if key in _RUNNER_DURATIONS:
+            return parse_duration(raw)
+        if key in _RUNNER_SIZES:
+            return parse_size(raw)
+    except UnitError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if (
+            from_env
+            and isinstance(raw, str)
+            and raw.lower() in ("1", "true", "yes", "0", "false", "no")
+        ):
+            return raw.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        if from_env and isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise ConfigError(f"{key}: expected a whole number >= 0, got {raw!r}")
+        return raw
+    if isinstance(default, tuple):
+        if from_env and isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+            raise ConfigError(f"{key}: expected a list of non-empty strings, got {raw!r}")
+        return tuple(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a string, got {raw!r}")
+    return raw
+
+
+def _load_runner(section: Any, environ: Mapping[str, str], source: str) -> RunnerConfig:
+    """[runner], with DORM_RUNNER_<KEY> overrides; unknown keys are errors naming the key."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [runner] must be a table")
+    known = {f.name for f in dataclasses.fields(RunnerConfig)}
+    values: dict[str, Any] = {}
+    try:
+        for key, raw in section.items():
+            if key not in known:
+                raise ConfigError(f"unknown key runner.{key}")
+            values[key] = _coerce_runner(key, raw, from_env=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: runner.{exc}".replace("runner.unknown", "unknown")) from None
+    for key in known:
+        env_key = "DORM_RUNNER_" + key.upper()
+        if env_key in environ:
+            try:
+                values[key] = _coerce_runner(key, environ[env_key], from_env=True)
+            except ConfigError as exc:
+                raise ConfigError(f"{env_key}: {exc}") from None
+    runner = RunnerConfig(**values)
+    try:
+        check_app_name(runner.host)
+    except InvalidName as exc:
+        raise ConfigError(f"{source}: runner.host: {exc}") from None
+    if runner.python_mode not in PYTHON_MODES:
+        raise ConfigError(
+            f"{source}: runner.python_mode: expected one of {', '.join(PYTHON_MODES)}"
+        )
+    try:
+        runner_uids = parse_uid_range(runner.uid_range)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: runner.{exc}") from None
+    if runner.spawners < 1 or runner.spawners > 16:
+        raise ConfigError(f"{source}: runner.spawners: expected 1 to 16")
+    if runner.run_memory < 4 * 1024**2 or runner.compile_memory < 4 * 1024**2:
+        raise ConfigError(f"{source}: runner.run_memory and compile_memory: at least 4MiB")
+    if runner.output_max_size < 1 or runner.tmp_size < 1024**2:
+        raise ConfigError(f"{source}: runner.output_max_size >= 1 and tmp_size >= 1MiB")
+    if runner.languages_dir and not Path(runner.languages_dir).is_dir():
+        raise ConfigError(
+            f"{source}: runner.languages_dir: {runner.languages_dir} is not a directory"
+        )
+    return dataclasses.replace(runner, uid_range=f"{runner_uids.start}-{runner_uids.stop - 1}")

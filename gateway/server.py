@@ -28,6 +28,7 @@ from gateway.deploy import DeployApi
 from gateway.instances import InstanceManager
 from gateway.proxy import DataPlane
 from gateway.registry import Registry
+from gateway.runner import RunnerHook
 from gateway.runtime_bundles import RuntimeApi
 from gateway.static import StaticFiles
 from gateway.upstream import UpstreamConnection
@@ -114,14 +115,15 @@ async def _run(config: Config) -> int:
     manager.bundle_path = store.path
     deploys = DeployApi(cfg, registry, manager, store)
     runtimes = RuntimeApi(registry, manager, store, deploys.request_gc)
+    runner = RunnerHook(config, manager)  # the code runner: an internal instance (docs/runner.md)
+    runner.register()
     await deploys.start()
     await manager.start()
     plane.start()
     loop = asyncio.get_running_loop()
     public = await loop.create_server(plane.protocol, sock=public_sock)
-    admin = await start_admin_server(
-        cfg, registry, manager, token, extra_routes=[*deploys.routes(), *runtimes.routes()]
-    )
+    routes = [*deploys.routes(), *runtimes.routes(), *runner.routes()]
+    admin = await start_admin_server(cfg, registry, manager, token, extra_routes=routes)
     log.info(
         "dorm serving %s on http://%s (admin http://%s, data %s, db %s)",
         ", ".join(cfg.domains),

@@ -1,0 +1,180 @@
+"""The gateway's side of the code runner: register the service, forward admin-port requests.
+
+The runner (runtimes/runner) is a service of dorm's own, started and supervised by the instance
+manager like a tenant (`add_internal`): routable as `<runner.host>.<domain>`, never evicted,
+restarted after a crash, logged to `<data_dir>/logs/<host>/main/instance.log`. It runs with
+process isolation because it is root and confines every execution in a sandbox of its own.
+
+The admin listener answers `/api/v2/runtimes` and `/api/v2/execute` too, behind the admin token:
+those requests are forwarded to the service's Unix socket (waking it if cold) with a per-start
+internal token instead of the caller's Authorization header, so the admin token never reaches the
+runner and API keys are not needed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h11
+import orjson
+
+from gateway.admin import Request, Response, Route
+from gateway.appspec import parse_app_spec
+from gateway.config import Config
+
+if TYPE_CHECKING:
+    from gateway.instances import Instance, InstanceManager
+
+log = logging.getLogger("dorm.runner")
+
+STARTUP_TIMEOUT = 60.0
+FORWARD_TIMEOUT = 300.0
+MAX_RESPONSE = 64 * 1024**2
+PATHS = ("/api/v2/runtimes", "/api/v2/execute", "/api/v2/piston/runtimes", "/api/v2/piston/execute")
+
+
+def runner_unavailable(manager: InstanceManager) -> str | None:
+    """Why this host cannot run untrusted code (None if it can): the runner needs real root and
+    full sandboxes for its per-execution uids and cgroups; it never falls back to less."""
+    if os.geteuid() != 0:
+        return "the gateway is not running as root"
+    if manager.isolation != "sandbox":
+        return "; ".join(manager.isolation_reasons) or "sandboxes are not available"
+    return None
+
+
+class RunnerHook:
+    """Registers the runner as an internal instance and provides its admin routes."""
+
+    def __init__(self, config: Config, manager: InstanceManager) -> None:
+        self.config = config
+        self.manager = manager
+        self.token = secrets.token_hex(32)
+        self.instance: Instance | None = None
+
+    def register(self) -> bool:
+        runner = self.config.runner
+        if not runner.enabled:
+            return False
+        why = runner_unavailable(self.manager)
+        if why is not None:
+            log.warning("code runner disabled: %s", why)
+            return False
+        settings = runner.settings(self.config.gateway.cgroup_parent, self.token)
+        root = str(Path(__file__).resolve().parent.parent)
+        spec = parse_app_spec(
+            runner.host,
+            {
+                "runtime": "command",
+                "command": [sys.executable, "-m", "runtimes.runner.service"],
+                "isolation": "process",
+                "idle_timeout": "1000d",
+                "startup_timeout": STARTUP_TIMEOUT,
+                "stop_timeout": 15,
+                "max_body": runner.max_body,
+                "max_queue": max(100, runner.queue),
+                "env": {
+                    "DORM_RUNNER_SETTINGS": orjson.dumps(settings).decode(),
+                    "PYTHONPATH": root,
+                },
+            },
+        )
+        self.instance = self.manager.add_internal(spec)
+        log.info("code runner at %s.<domain> (and /api/v2/* on the admin listener)", runner.host)
+        return True
+
+    def routes(self) -> list[Route]:
+        if self.instance is None:
+            return []
+        out = []
+        for path in PATHS:
+            if path.endswith("runtimes"):
+                out.append(Route("GET", path, self.forward))
+            else:
+                out.append(Route("POST", path, self.forward, max_body=self.config.runner.max_body))
+        return out
+
+    async def _socket(self) -> str:
+        """The service's socket path once it is ready, waking it if cold."""
+        from gateway.instances import State
+
+        inst = self.instance
+        assert inst is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while inst.state is not State.READY:
+            if inst.state in (State.COLD, State.FAILED):
+                self.manager.wake(inst)
+            if time.monotonic() > deadline:
+                raise TimeoutError(inst.last_error or "the runner did not start")
+            await asyncio.sleep(0.01)
+        return inst.socket_path
+
+    async def forward(self, req: Request) -> Response:
+        try:
+            path = await self._socket()
+        except TimeoutError as exc:
+            return _error(503, f"the code runner is not available: {exc}")
+        headers = [
+            ("host", "runner"),
+            ("x-dorm-runner-internal", self.token),
+            ("connection", "close"),
+        ]
+        content_type = req.header(b"content-type")
+        if content_type is not None:
+            headers.append(("content-type", content_type.decode("latin-1")))
+        if req.method == "POST":
+            headers.append(("content-length", str(len(req.body))))
+        client = h11.Connection(h11.CLIENT)
+        data = client.send(h11.Request(method=req.method, target=req.path, headers=headers))
+        data = (data or b"") + (client.send(h11.Data(data=req.body)) if req.body else b"")
+        data += client.send(h11.EndOfMessage()) or b""
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            return _error(502, f"the code runner is not reachable: {exc.strerror or exc}")
+        try:
+            writer.write(data)
+            return await asyncio.wait_for(_read_response(client, reader), FORWARD_TIMEOUT)
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            return _error(502, f"the code runner failed: {exc}")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _read_response(client: h11.Connection, reader: asyncio.StreamReader) -> Response:
+    status = 502
+    headers: list[tuple[str, str]] = []
+    content_type = "application/json"
+    body = bytearray()
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await reader.read(65536))
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            for name, value in event.headers:
+                if name == b"retry-after":
+                    headers.append(("retry-after", value.decode("latin-1")))
+                elif name == b"content-type":
+                    content_type = value.decode("latin-1")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_RESPONSE:
+                raise OSError("the runner's answer is too large")
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return Response(status, bytes(body), content_type=content_type, headers=headers)
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(status, orjson.dumps({"message": message}))
