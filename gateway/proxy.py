@@ -51,6 +51,7 @@ class DataPlane:
         self.manager = manager
         self.suffixes = tuple(sorted(("." + d for d in cfg.domains), key=len, reverse=True))
         self.hosts = HostCache()
+        self.host_entries = self.hosts.entries  # read directly: one dict lookup per request
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -58,7 +59,7 @@ class DataPlane:
 
     def route(self, host: bytes) -> Instance | None:
         """The instance a Host header names (cached per Host value)."""
-        found = self.hosts.get(host)
+        found = self.host_entries.get(host)
         if found is None:
             route = parse_host(host.decode("latin-1"), self.suffixes)
             inst = None if route is None else self.manager.get(route.app, route.branch)
@@ -453,6 +454,10 @@ class ClientConnection(asyncio.Protocol):
             self._drop_connection_listed(ex)
         if ex.reject is not None:
             ex.keep_alive = False
+        elif self.active is None and not self.pending and not self.closed:
+            self.active = ex  # the common case: nothing pipelined ahead of it
+            ex.instance.acquire(ex)  # type: ignore[union-attr]
+            return
         self.pending.append(ex)
         if self.active is None:
             self.next_exchange()

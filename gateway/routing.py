@@ -61,21 +61,22 @@ def parse_host(host: str, suffixes: tuple[str, ...]) -> Route | None:
 class HostCache:
     """A bounded dict from raw Host header bytes to a routing result of any type."""
 
-    __slots__ = ("_entries", "_limit")
+    __slots__ = ("_limit", "entries")
 
     def __init__(self, limit: int = MAX_CACHE) -> None:
-        self._entries: dict[bytes, object] = {}
+        self.entries: dict[bytes, object] = {}  # the data plane reads this dict directly
         self._limit = limit
 
     def get(self, host: bytes) -> object | None:
-        return self._entries.get(host)
+        return self.entries.get(host)
 
     def put(self, host: bytes, value: object) -> None:
-        if len(self._entries) >= self._limit:
+        if len(self.entries) >= self._limit:
             # Random hosts from a scanner must not grow memory without bound; dropping
             # everything is simpler than LRU bookkeeping on the hot path and refills in µs.
-            self._entries.clear()
-        self._entries[host] = value
+            # (Cleared in place: the data plane holds a reference to this very dict.)
+            self.entries.clear()
+        self.entries[host] = value
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
