@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import shlex
+import signal as signal_module
 import socket
 import sys
 import tempfile
@@ -548,6 +549,97 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_EXTENSIONS = {
+    ".py": "python",
+    ".sh": "bash",
+    ".bash": "bash",
+    ".c": "c",
+    ".cc": "c++",
+    ".cpp": "c++",
+    ".cxx": "c++",
+    ".js": "javascript",
+    ".mjs": "javascript",
+}
+
+
+def _runner_target(args: argparse.Namespace) -> tuple[str, int, str, str]:
+    """(host, port, Host header, path prefix) of the code runner: --url, $DORM_RUNNER_URL, or the
+    local config's public listener with `Host: <runner.host>.<first domain>`."""
+    url = args.url or os.environ.get("DORM_RUNNER_URL")
+    if url:
+        split = urlsplit(url)
+        if split.scheme != "http" or not split.hostname:
+            raise UsageError(f"--url {url!r}: expected http://HOST[:PORT][/PREFIX]")
+        host_header = split.netloc
+        return split.hostname, split.port or 80, host_header, split.path.rstrip("/")
+    config = load_config(args.config)
+    host, port = split_host_port(config.gateway.listen, "listen")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return host, port, f"{config.runner.host}.{config.gateway.domains[0]}", ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a file on the code runner; print its output and exit with its exit code."""
+    path = Path(args.file)
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{args.file}: {exc.strerror}") from None
+    language = args.language or RUN_EXTENSIONS.get(path.suffix.lower())
+    if language is None:
+        raise UsageError(f"cannot tell the language of {path.name}: give --language")
+    stdin = args.stdin
+    if stdin == "-":
+        stdin = sys.stdin.read()
+    try:
+        file: dict[str, str] = {"name": path.name, "content": source.decode("utf-8")}
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.file} is not UTF-8 text") from None
+    body = {
+        "language": language,
+        "version": args.version,
+        "files": [file],
+        "stdin": stdin or "",
+        "args": args.arg or [],
+    }
+    host, port, host_header, prefix = _runner_target(args)
+    headers = {"Host": host_header, "Content-Type": "application/json"}
+    key = args.api_key or os.environ.get("DORM_RUNNER_KEY")
+    if key:
+        headers["Authorization"] = key
+    conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
+    try:
+        conn.request("POST", prefix + "/api/v2/execute", body=orjson.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as exc:
+        raise AdminError(f"cannot reach the code runner at {host}:{port}: {exc}") from None
+    finally:
+        conn.close()
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    if resp.status != 200 or not isinstance(answer, dict):
+        message = answer.get("message") if isinstance(answer, dict) else None
+        raise AdminError(f"runner answered {resp.status}: {message or raw[:200]!r}")
+    stage = answer["run"]
+    compiled = answer.get("compile")
+    if compiled is not None and compiled is not stage and compiled != stage:
+        sys.stderr.write(compiled.get("stderr") or "")
+    sys.stdout.write(stage.get("stdout") or "")
+    sys.stdout.flush()
+    sys.stderr.write(stage.get("stderr") or "")
+    if stage.get("status") in ("TO", "OL", "EL", "XX"):
+        sys.stderr.write(f"dorm: {stage.get('message')}\n")
+    sys.stderr.flush()
+    if stage.get("signal"):
+        with contextlib.suppress(AttributeError, ValueError):
+            return 128 + int(getattr(signal_module, stage["signal"]))
+        return 128
+    return int(stage.get("code") or 0)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
@@ -570,6 +662,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the gateway (public and admin listeners)")
     p = add("doctor", cmd_doctor, "show what this host supports (cgroups, namespaces, seccomp)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("run", cmd_run, "run a file on the code runner; exit with the program's code")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--language", "-l", help="language or alias (default: from the extension)")
+    p.add_argument("--version", default="*", help="version selector (default: *)")
+    p.add_argument("--stdin", help="text for the program's stdin (- reads this stdin)")
+    p.add_argument("--arg", action="append", metavar="A", help="program argument (repeatable)")
+    p.add_argument("--url", help="runner URL (env DORM_RUNNER_URL; default: the local config)")
+    p.add_argument("--api-key", dest="api_key", help="runner API key (env DORM_RUNNER_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
 
     p = add("apps", cmd_apps, "list apps")
     p.add_argument("--json", action="store_true", help="print JSON")

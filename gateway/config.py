@@ -115,8 +115,8 @@ class RunnerConfig:
     max_file_size: int = 10_000_000
     tmp_size: int = 64 * 1024**2  # the sandbox's /tmp (work dir), charged to its memory
     max_body: int = 2 * 1024**2
-    prewarm: int = 4  # pre-forked sandboxes kept ready
-    spawners: int = 1  # processes forking sandboxes
+    prewarm: int = 2  # pre-forked sandboxes each spawner keeps ready
+    spawners: int = 3  # processes forking sandboxes (refilling a pool blocks one for ~10 ms)
 
     def settings(self, cgroup_parent: str, internal_token: str) -> dict[str, Any]:
         """What the runner service gets (as JSON in its environment)."""

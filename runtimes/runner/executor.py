@@ -68,6 +68,7 @@ class SpawnerClient:
         self.pending: dict[str, Pending] = {}
         self.ready: asyncio.Future[None] | None = None
         self.load = 0
+        self.busy = False  # topping up its pool of pre-forked sandboxes (blocks it for ms)
         self.closing = False
 
     async def start(self) -> None:
@@ -109,6 +110,9 @@ class SpawnerClient:
         if kind == "ready":
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(None)
+            return
+        if kind == "busy":
+            self.busy = bool(ev["busy"])
             return
         pending = self.pending.get(ev.get("id", ""))
         if pending is None:
@@ -275,6 +279,7 @@ class Executor:
         ]
         self.free_uids = list(range(settings.uid_last, settings.uid_first - 1, -1))
         self.ids = itertools.count(1)
+        self.turn = 0
         self.python_path: list[str] = []
 
     async def start(self) -> None:
@@ -284,7 +289,10 @@ class Executor:
         await asyncio.gather(*(s.close() for s in self.spawners))
 
     def _spawner(self) -> SpawnerClient:
-        return min(self.spawners, key=lambda s: s.load)
+        """An idle spawner (not refilling its pool) with the fewest executions; ties rotate."""
+        self.turn = (self.turn + 1) % len(self.spawners)
+        order = self.spawners[self.turn :] + self.spawners[: self.turn]
+        return min(order, key=lambda s: (s.busy, s.load))
 
     async def execute(self, job: Job) -> dict[str, Any]:
         """The full Piston response body for one job."""

@@ -42,8 +42,8 @@ class Settings:
     max_body: int = 2 << 20
     max_files: int = 64
     cpus: float = 1.0  # CPU quota of one sandbox
-    prewarm: int = 4
-    spawners: int = 1
+    prewarm: int = 2
+    spawners: int = 3
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Settings:

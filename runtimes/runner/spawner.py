@@ -153,14 +153,17 @@ class Spawner:
 
     def top_up(self) -> None:
         """Pre-fork one idle child when nothing else is pending (each costs 1-20 ms)."""
-        if POOL.available(*self._pool_key()) >= self.prewarm_count:
+        have = POOL.available(*self._pool_key())
+        if have >= self.prewarm_count:
             return
+        # Tell the service we are blocked for a while, so it sends work to another spawner.
+        self.send({"ev": "busy", "busy": True})
         try:
-            have = POOL.available(*self._pool_key())
             sandboxes.prewarm(self.template, have + 1)
         except Exception as exc:  # a failed prewarm only makes the next spawn slower
             print(f"runner spawner: prewarm failed: {exc}", file=sys.stderr, flush=True)
             self.prewarm_count = 0
+        self.send({"ev": "busy", "busy": False})
 
     # -- control ------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
