@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -39,6 +40,7 @@ from typing import Any, NoReturn
 from runtimes.runner.wire import MAGIC, MAX_HEADER, PREFIX, STATUS, WORK_DIR
 
 _CHUNK = 256 * 1024
+PR_SET_DUMPABLE = 4
 _STDLIB = tuple(
     {p for p in (sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib")) if p}
 )
@@ -127,6 +129,9 @@ def _run_python(job: dict[str, Any]) -> NoReturn:
     flushed). Modules dorm itself loaded are dropped from sys.modules (they stay in memory: see
     docs/runner.md for what a zygote shares).
     """
+    # A fork of the init inherits its non-dumpable flag (it changed uid), which would make the
+    # snippet's own /proc/self/{environ,fd,...} root-owned; execve resets it, so do the same.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     main = job["argv"][1] if len(job["argv"]) > 1 else job["main"]
     path = os.path.join(WORK_DIR, main)
     sys.argv = list(job["argv"][1:])
@@ -163,10 +168,10 @@ def _run_python(job: dict[str, Any]) -> NoReturn:
         code = _exit_code(exc)
     except BaseException as exc:
         tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        while tb is not None and tb.tb_frame.f_globals is globals():  # hide our own frame
             tb = tb.tb_next
         with contextlib.suppress(BaseException):
-            sys.excepthook(type(exc), exc, tb)
+            sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         code = 1
     code = _shutdown(code)
     os._exit(code)
