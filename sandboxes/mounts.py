@@ -260,10 +260,12 @@ def _static_ops(key: LayoutKey) -> tuple[Op, ...]:
         prefixes = []
     for path in prefixes:
         # rootless: a prefix the unprivileged caller cannot read (e.g. under /root) is useless
+        if _under_tmp(path):
+            continue  # per instance, on top of its /tmp: see _instance
         if not pl.covered(path) and (not rootless or os.access(path, os.R_OK | os.X_OK)):
             pl.bind(path, path, RO_ATTRS)
     for path in extra_ro_binds:
-        if not pl.covered(path):
+        if not _under_tmp(path) and not pl.covered(path):
             pl.bind(path, path, RO_ATTRS)
     for mountpoint in ("/app", "/data", "/run/dorm", "/tmp", "/proc"):
         pl.mkdirs(mountpoint)
@@ -328,12 +330,40 @@ def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
         )
     )
     binds: list[Bind] = []
+    # Read-only binds that live under /tmp on the host (a virtualenv in a CI checkout, say) would
+    # be hidden by the instance's own /tmp tmpfs: they are attached on top of it instead, on
+    # root-owned mount points in the sticky /tmp, which the tenant can neither remove nor write.
+    made: set[str] = set()
+    for path in _tmp_binds(spec):
+        parts = path.strip("/").split("/")
+        for depth in range(2, len(parts) + 1):
+            sub = "/" + "/".join(parts[:depth])
+            if sub not in made:
+                made.add(sub)
+                ops.append((OP_MKDIR, sub.encode(), 0o755, None))
+        binds.append((path.encode(), path.encode(), RO_ATTRS))
     if spec.app_dir is not None:
         binds.append((spec.app_dir.encode(), b"/app", RO_ATTRS))
     if spec.data_dir is not None:
         binds.append((spec.data_dir.encode(), b"/data", RW_ATTRS))
     binds.append((spec.socket_dir.encode(), b"/run/dorm", RW_NOEXEC_ATTRS))
     return tuple(ops), tuple(binds)
+
+
+def _under_tmp(path: str) -> bool:
+    return path.startswith("/tmp/")
+
+
+def _tmp_binds(spec: SandboxSpec) -> list[str]:
+    """The read-only binds (extra ones, and the Python prefix) that sit under /tmp."""
+    wanted = list(spec.extra_ro_binds)
+    if spec.rootfs is None:
+        wanted.append(os.path.realpath(sys.base_prefix))
+    out: list[str] = []
+    for path in sorted(p for p in wanted if _under_tmp(p)):
+        if not any(path == o or path.startswith(o + "/") for o in out):
+            out.append(path)
+    return out
 
 
 def plan(

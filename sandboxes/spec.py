@@ -174,6 +174,8 @@ class SandboxSpec:
         for i, path in enumerate(self.extra_ro_binds):
             _abs_path(f"extra_ro_binds[{i}]", path, must_exist=True)
             for reserved in RESERVED_PATHS:
+                if reserved == "/tmp" and path.startswith("/tmp/"):
+                    continue  # mounted on top of the instance's /tmp (see mounts._instance)
                 if path == reserved or (reserved != "/" and path.startswith(reserved + "/")):
                     raise SandboxSpecError(
                         f"extra_ro_binds[{i}]", f"{path!r} overlaps the reserved path {reserved!r}"
