@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,6 +193,30 @@ def test_extra_ro_bind_makes_a_venv_usable(sbx: Runner) -> None:
     spec = sbx.spec(extra_ro_binds=(str(venv),), memory=256 << 20)
     r = sbx.run([str(venv / "bin" / "python"), "-c", "import uvloop, orjson; print('ok')"], spec)
     assert (r.out.strip(), r.exit_code) == ("ok", 0), r.err
+
+
+def test_extra_ro_bind_under_tmp_sits_on_top_of_the_sandbox_tmp(sbx: Runner) -> None:
+    """A read-only bind whose host path is under /tmp (a checkout's venv in CI, say) stays
+    visible over the sandbox's own /tmp tmpfs, read-only, next to a writable /tmp."""
+    host = Path(tempfile.mkdtemp(prefix="dorm-ro-", dir="/tmp"))
+    try:
+        (host / "inside").mkdir()
+        (host / "inside" / "marker.txt").write_text("from the host\n")
+        for path in (host, host / "inside"):
+            path.chmod(0o755)
+        (host / "inside" / "marker.txt").chmod(0o644)
+        spec = sbx.spec(extra_ro_binds=(str(host),))
+        script = (
+            f"cat {host}/inside/marker.txt; "
+            f"( echo x > {host}/inside/new ) 2>/dev/null || echo read-only; "
+            "echo ok > /tmp/writable && cat /tmp/writable"
+        )
+        r = sbx.run(["/bin/sh", "-c", script], spec)
+        assert r.exit_code == 0, r.err
+        assert r.out.split() == ["from", "the", "host", "read-only", "ok"]
+        assert not (host / "inside" / "new").exists()
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
 
 
 def test_cleanup_stale_after_gateway_crash(tmp_path: Path) -> None:
