@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import importlib
 import os
 import selectors
@@ -506,6 +507,10 @@ def main() -> None:
             )
     for module in PRELOAD:
         importlib.import_module(module)
+    # Everything imported so far is shared with every zygote child; freezing it keeps the
+    # children's garbage collections from touching (and so privately copying) those pages.
+    gc.collect()
+    gc.freeze()
     server = ForkServer(control, prewarm)
     server.serve()
 

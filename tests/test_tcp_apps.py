@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -57,3 +58,24 @@ def test_tcp_app_with_health_path_becomes_ready(gateway_factory: Any) -> None:
     gw.put_app("tcph", tcp_spec(free_port(), health="/healthz"))
     resp = gw.request("/", host="tcph.localhost")
     assert resp.status == 200 and b"tcp app" in resp.body
+
+
+def test_tcp_app_deployed_as_a_bundle(gateway_factory: Any) -> None:
+    """The real-app case of issue 4: a TCP-only command app, deployed as a bundle with its own
+    manifest, woken by a request, evicted and woken again."""
+    from tests.test_bundles import F, M, targz, upload
+
+    gw: Gateway = gateway_factory()
+    port = free_port()
+    manifest = (
+        f'runtime = "command"\ncommand = [{json.dumps(sys.executable)}, "tcp_only.py"]\n'
+        f'port = {port}\nidle_timeout = "1s"\n'
+    ).encode()
+    source = (ROOT / "tests" / "apps" / "tcp_only.py").read_bytes()
+    status, body = upload(gw, "tcpb", "feat", targz(M(manifest), F("tcp_only.py", source)))
+    assert status == 201, body
+    first = gw.request("/", host="feat--tcpb.localhost")
+    assert first.status == 200 and f"on port {port}".encode() in first.body
+    gw.wait_state("tcpb", "cold", branch="feat")
+    again = gw.request("/", host="feat--tcpb.localhost")
+    assert again.status == 200 and again.body != first.body
