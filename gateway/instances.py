@@ -104,16 +104,25 @@ def tcp_socket(netns_fd: int) -> socket.socket:
 def resolve_isolation(wanted: str) -> tuple[str, list[str]]:
     """The isolation level instances get by default, and why it is not stronger.
 
-    "auto" means sandbox wherever the host allows it (root, or a user namespace for rootless
-    mode), else process; asking for "sandbox" where it cannot be had is a start-up error.
+    "auto" means sandbox wherever the host allows it (as root), else process, with the reasons;
+    asking for "sandbox" where it cannot be had is a start-up error.
     """
     if wanted == "process":
         return "process", ['isolation = "process" in the config']
     from sandboxes.doctor import explain_isolation
 
     level, reasons = explain_isolation()
-    if level in ("sandbox", "rootless"):
+    if level == "sandbox":
         return "sandbox", reasons
+    if level == "rootless":
+        # The sandboxes package can confine through a user namespace, but the gateway still
+        # hands each instance its own uid and cgroup, which needs root: run as root for
+        # sandboxes (or isolation = "process", said plainly, for development).
+        reasons = [
+            *reasons,
+            "running without root: the gateway's sandboxes need root "
+            "(per-instance uids and cgroups); rootless sandboxes are not wired in yet",
+        ]
     if wanted == "sandbox":
         raise ConfigError("isolation: sandbox is not available here: " + "; ".join(reasons))
     return "process", reasons
