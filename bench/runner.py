@@ -202,13 +202,15 @@ def run(quick: bool) -> str:
     finally:
         gw.stop()
     info = machine_info()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
         "## Runner",
         "",
         f"Command: `{command_line()}` ({now_utc()}, {git_revision(['runtimes', 'gateway'])})",
         "",
         f"Machine: {info['cpu_model']} x {info['cpus']}, Linux {info['kernel']}, "
-        f"Python {info['python']}; load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        f"Python {info['python']}; load average at end {load} (a shared machine: other "
+        "benchmarks and test suites ran at the same time).",
         "",
         "End to end through the gateway's public listener (`Host: run.localhost`, keep-alive), "
         "one fresh sandbox per execution (per stage for C), default limits, per-client limits "

@@ -209,10 +209,13 @@ def _shutdown(code: int) -> int:
 
 
 def _reap_everything() -> None:
-    """Kill every other process of the namespace (we are pid 1: kill(-1) spares only us)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)
+    """Kill every other process of the namespace (we are pid 1: kill(-1) spares only us).
+
+    Again before every wait: a fork bomb may have created a process while the previous kill(-1)
+    walked the task list."""
     while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:

@@ -82,6 +82,10 @@ class SpawnerClient:
             env=env,
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            # Its own session: the SIGTERM the gateway sends our process group on shutdown must
+            # not kill it before it has reaped its sandboxes and removed their cgroups (it stops
+            # when told to, or when we are gone: parent-death signal, EOF on its socket).
+            start_new_session=True,
         )
         child.close()
         parent.setblocking(False)

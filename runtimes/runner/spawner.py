@@ -35,6 +35,7 @@ from typing import Any
 # The init every sandbox runs; imported here so pre-forked children already have it.
 import runtimes.runner.boot  # noqa: F401  (preloaded for spawn_call)
 import sandboxes
+import sandboxes.cgroups
 from sandboxes import Rlimits, SandboxSpec
 from sandboxes.prefork import POOL
 from sandboxes.spawn import _mount_plan
@@ -307,6 +308,9 @@ def main() -> None:
     if found:
         print(f"runner spawner: removed {found} stale sandboxes", file=sys.stderr, flush=True)
     Spawner(ctl, settings).serve()
+    # Every sandbox is reaped and the pool dismissed: leave no empty cgroup directories behind.
+    with contextlib.suppress(Exception):
+        sandboxes.cgroups.detect().remove_parent(settings["cgroup_parent"])
 
 
 if __name__ == "__main__":
