@@ -335,10 +335,18 @@ class V1Backend(CgroupBackend):
         by_controller = handle.by_controller
         mem = by_controller["memory"]
         if limits.memory is not None:
-            _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory))
+            limit = os.path.join(mem, "memory.limit_in_bytes")
             memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):  # swap accounting on: memory+swap == memory → no swap
-                _write(memsw, str(limits.memory))
+            if not os.path.exists(memsw):
+                _write(limit, str(limits.memory))
+            else:
+                # swap accounting on: memory+swap == memory → no swap. v1 requires
+                # memsw >= limit at every moment, so a raise writes memsw first, a cut limit first.
+                with open(limit) as fh:
+                    raising = limits.memory > int(fh.read())
+                order = (memsw, limit) if raising else (limit, memsw)
+                for path in order:
+                    _write(path, str(limits.memory))
         _write(os.path.join(mem, "memory.swappiness"), "0")
         if limits.pids is not None:
             _write(os.path.join(by_controller["pids"], "pids.max"), str(limits.pids))

@@ -154,3 +154,25 @@ def test_v2_limits_written() -> None:
         handle.remove()
         backend.remove_parent(name)
     assert not os.path.exists(handle.path)
+
+
+def test_v1_memory_limit_can_be_raised_and_lowered_again() -> None:
+    """v1 needs memsw >= limit at every write: raising must write memsw first."""
+    backend = cg.detect()
+    if backend.version != 1:
+        pytest.skip(f"cgroup v{backend.version} here; this is the v1 ordering rule")
+    parent = f"dorm-raise-{os.getpid()}"
+    handle = backend.create(parent, "raise", cg.Limits(memory=64 << 20))
+    try:
+        mem = handle.by_controller["memory"]  # type: ignore[attr-defined]
+        for value in (256 << 20, 32 << 20, 512 << 20):
+            backend.apply_limits(handle, cg.Limits(memory=value))
+            with open(os.path.join(mem, "memory.limit_in_bytes")) as fh:
+                assert int(fh.read()) == value
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                with open(memsw) as fh:
+                    assert int(fh.read()) == value
+    finally:
+        handle.remove()
+        backend.remove_parent(parent)
