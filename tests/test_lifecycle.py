@@ -333,8 +333,7 @@ def test_internal_service_is_routable_and_never_evicted(gateway_factory) -> None
     gw: Gateway = gateway_factory(start=False)
 
     async def scenario() -> None:
-        cfg = GatewayConfig(data_dir=str(gw.data_dir), run_dir=str(gw.run_dir),
-                            isolation="process")
+        cfg = GatewayConfig(data_dir=str(gw.data_dir), run_dir=str(gw.run_dir), isolation="process")
         registry = Registry(gw.data_dir / "dorm.sqlite")
         await registry.open()
         manager = InstanceManager(cfg, registry)
