@@ -172,6 +172,18 @@ class Exchange:
         if self.client.active is self and not self.client.closed:
             self.client.send_error(status, message, retry_after=retry_after)
 
+    def abandon(self) -> None:
+        """Give up on this exchange's upstream side: a half-used connection is discarded (it
+        cannot be reused), a queued request leaves its queue."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.close()
+            conn.inst.release(conn, False)
+        elif self.instance is not None:
+            self.instance.cancel(self)
+
     def retryable(self) -> bool:
         """Safe to send again on another connection: idempotent, bodiless, fully read."""
         return (
@@ -336,14 +348,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending.clear()
         if ex is None:
             return
-        if ex.upstream is not None:
-            conn = ex.upstream
-            ex.upstream = None
-            conn.exchange = None
-            conn.close()
-            conn.inst.release(conn, False)
-        elif ex.instance is not None:
-            ex.instance.cancel(ex)
+        ex.abandon()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -583,14 +588,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject_active(self, ex: Exchange) -> None:
         status, message = ex.reject  # type: ignore[misc]
-        if ex.upstream is not None:
-            conn = ex.upstream
-            ex.upstream = None
-            conn.exchange = None
-            conn.close()
-            conn.inst.release(conn, False)
-        elif ex.instance is not None:
-            ex.instance.cancel(ex)
+        ex.abandon()
         if ex.head_sent:
             self.abort()
             return
