@@ -28,6 +28,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class Child:
     log_fd: int
     sandbox: Any = None  # sandboxes.Sandbox when confined
     exit_status: int | None = None
+    timing: dict[str, Any] = field(default_factory=dict)  # how the start went (see `spawn`)
     pending: bytearray = field(default_factory=bytearray)
 
 
@@ -89,6 +91,7 @@ class ForkServer:
         self.selector.register(self.sig_r, selectors.EVENT_READ, "signal")
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.sandboxes: Any = None  # the module, imported on first sandboxed spawn
+        self._claim = (0.0, False)  # the last spawn's claim-or-fork seconds, and pool hit
 
     # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -169,11 +172,17 @@ class ForkServer:
             except Exception as exc:  # any failure is reported, never fatal to the server
                 self.send({"ev": "spawn_failed", "id": message["id"], "error": str(exc)})
             else:
-                self.send({"ev": "spawned", "id": child.id, "pid": child.pid})
+                self.send({"ev": "spawned", "id": child.id, "pid": child.pid, **child.timing})
         elif op == "signal":
             found = self.children.get(message["id"])
             if found is not None:
                 self.kill(found, int(message["sig"]))
+        elif op == "note":
+            # A line from the gateway for the instance's log (its "ready in" breakdown): the
+            # fork server is the log's only writer, so rotation never races.
+            noted = self.children.get(message["id"])
+            if noted is not None and noted.log_fd >= 0:
+                noted.log.write(f"[dorm] {message['text'][:500]}\n".encode())
         elif op == "shutdown":
             self.stop()
 
@@ -187,6 +196,8 @@ class ForkServer:
         run_dir.mkdir(parents=True, mode=0o700)
         log = RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        began = time.perf_counter()
+        self._claim = (0.0, False)
         try:
             if req.get("sandbox") is not None:
                 sandbox = self._spawn_sandboxed(req, run_dir, log_w)
@@ -203,19 +214,31 @@ class ForkServer:
         finally:
             os.close(log_w)
         fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
-        child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox)
+        elapsed = (time.perf_counter() - began) * 1000
+        claim_ms, hit = self._claim
+        claim_ms *= 1000
+        # Which path served the start: an idle pre-confined child (pool), a fork of this
+        # process made for the request (zygote), or a new interpreter (fresh: exec).
+        path = "fresh" if not req.get("call") else ("pool" if hit else "zygote")
+        timing = {
+            "path": path,
+            "claim_ms": round(claim_ms, 3),
+            "confine_ms": round(max(0.0, elapsed - claim_ms), 3),
+        }
+        child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
         self.children[instance_id] = child
         self.selector.register(log_r, selectors.EVENT_READ, child)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
         how = "sandboxed" if sandbox is not None else "unconfined"
         what = req.get("call") or " ".join(req["argv"])
-        log.write(f"[dorm] started pid {pid} ({how}): {what[:500]}\n".encode())
+        log.write(f"[dorm] started pid {pid} ({how}, {path}): {what[:500]}\n".encode())
         return child
 
     def _spawn_sandboxed(self, req: dict[str, Any], run_dir: Path, log_w: int) -> Any:
         """Confine per the request's sandbox spec (see the sandboxes package for the steps)."""
         if self.sandboxes is None:
             self.sandboxes = importlib.import_module("sandboxes")
+            self._time_claims()
         sb = self.sandboxes
         fields = dict(req["sandbox"])
         fields["extra_ro_binds"] = tuple(fields.get("extra_ro_binds", ()))
@@ -235,7 +258,10 @@ class ForkServer:
         """Development isolation: a plain child process in its own session, as the gateway's uid."""
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
+            forking = time.perf_counter()
             pid = os.fork()
+            if pid != 0:
+                self._claim = (time.perf_counter() - forking, False)
             if pid == 0:  # child: never returns
                 self._exec_child(
                     req["argv"],
@@ -292,6 +318,25 @@ class ForkServer:
                 os.write(err, f"{step}: {detail}".encode())
         finally:
             os._exit(127)
+
+    def _time_claims(self) -> None:
+        """Time the sandbox pool's `take` (and note whether it found an idle child).
+
+        `sandboxes.spawn_call` takes a child and confines it in one call; wrapping the pool's
+        `take` on our own instance splits that call into "claim or fork" and "confinement"
+        without the sandboxes package knowing anything about timing.
+        """
+        pool = importlib.import_module("sandboxes.prefork").POOL
+        take = pool.take
+
+        def timed_take(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            before = set(pool.idle_pids())
+            idle = take(*args, **kwargs)
+            self._claim = (time.perf_counter() - began, idle.pid in before)
+            return idle
+
+        pool.take = timed_take
 
     # -- prewarming ------------------------------------------------------------------------------
     def remember_shape(self, spec: Any) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
 from gateway.bundles import DeployError
+from gateway.coldstart import ColdStartStats, StartStages
 from gateway.config import ConfigError, GatewayConfig, parse_uid_range
 from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
 from gateway.logs import log_path, read_tail
@@ -52,6 +53,29 @@ STABLE_AFTER = 10.0  # an instance ready this long before it died resets the fai
 KILL_WAIT = 5.0
 LOST_REASON_WAIT = 0.5
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+_first_byte_classes: dict[type, type] = {}
+
+
+def first_byte_class(base: type[UpstreamConnection]) -> type[UpstreamConnection]:
+    """`base` plus a note to its instance when the first response bytes have been relayed.
+
+    Only the connection made by the readiness probe (which carries the request that woke the
+    instance) is of this class, so the rest of the data path pays nothing for the timing.
+    """
+    cls = _first_byte_classes.get(base)
+    if cls is None:
+
+        class FirstByte(base):  # type: ignore[valid-type, misc]
+            __slots__ = ()
+
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                inst = self.inst
+                if inst.first_byte_pending:
+                    inst.first_byte_relayed()
+
+        cls = _first_byte_classes[base] = FirstByte
+    return cls
 
 
 class StaticSite(Protocol):
@@ -216,6 +240,15 @@ class Instance:
         self.uid: int | None = None  # the sandbox uid while a sandboxed process runs
         self.internal = False  # one of dorm's own services: never evicted
         self.netns_fd = -1  # a sandboxed TCP app's network namespace, to connect inside it
+        self.woken_at: float | None = None  # when the request that started it was queued
+        self.stages: StartStages | None = None  # the last start, stage by stage
+        self.first_byte_pending = False
+
+    def first_byte_relayed(self) -> None:
+        """The first response of this start reached the client: close its timing."""
+        self.first_byte_pending = False
+        if self.stages is not None and self.ready_at is not None:
+            self.stages.first_byte = (time.monotonic() - self.ready_at) * 1000
 
     # -- hot path ---------------------------------------------------------------------------------
     def acquire(self, waiter: Waiter) -> None:
@@ -357,6 +390,7 @@ class Instance:
             "last_error": self.last_error,
             "isolation": self.app.isolation or self.manager.isolation,
             "uid": self.uid,
+            "last_start": self.stages.as_dict() if self.stages is not None else None,
         }
 
 
@@ -386,6 +420,7 @@ class InstanceManager:
         bundles = Path(cfg.data_dir) / "bundles"
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
         self.runtime_defs: Callable[[str], RuntimeRecord | None] = registry.runtimes.get
+        self.coldstarts = ColdStartStats()
 
     async def start(self) -> None:
         if self.isolation == "process":
@@ -497,9 +532,11 @@ class InstanceManager:
             return
         waiter.attach(conn)
 
-    async def _open(self, inst: Instance) -> UpstreamConnection:
-        factory = self.upstream_factory
+    async def _open(self, inst: Instance, *, first: bool = False) -> UpstreamConnection:
+        factory: Callable[[Instance], UpstreamConnection] | None = self.upstream_factory
         assert factory is not None
+        if first and isinstance(factory, type):
+            factory = first_byte_class(factory)
         loop = asyncio.get_running_loop()
         if inst.app.port is None:
             _, conn = await loop.create_unix_connection(lambda: factory(inst), inst.socket_path)
@@ -518,6 +555,7 @@ class InstanceManager:
     def wake(self, inst: Instance) -> None:
         if inst.state in (State.COLD, State.FAILED):
             inst.state = State.STARTING
+            inst.woken_at = time.monotonic()
             self._spawn_task(self._start(inst))
 
     def _spawn_task(self, coro: Any) -> None:
@@ -577,6 +615,8 @@ class InstanceManager:
         inst.socket_path = str(run_dir / "http.sock")
         inst.started_at = time.monotonic()
         inst.ready_at = None
+        inst.stages = None
+        inst.first_byte_pending = False
         inst.starts += 1
         inst.exited = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
@@ -635,7 +675,9 @@ class InstanceManager:
         )
         self.running[instance_id] = inst
         try:
-            inst.pid = await self.launcher.spawn(spec)
+            spawned = await self.launcher.spawn(spec)
+            spawned_at = time.monotonic()
+            inst.pid = spawned.pid
             if sandboxed and app.port is not None:
                 # Held while it runs: connections to the app are made inside this namespace.
                 inst.netns_fd = os.open(f"/proc/{inst.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -666,13 +708,24 @@ class InstanceManager:
         inst.ready_at = time.monotonic()
         inst.last_activity = inst.ready_at
         inst.idle.append(conn)
-        log.info(
-            "%s/%s ready in %.1f ms (pid %s)",
-            app.name,
-            branch.name,
-            (inst.ready_at - inst.started_at) * 1000,
-            inst.pid,
+        woken = inst.woken_at if inst.woken_at is not None else inst.started_at
+        inst.stages = stages = StartStages(
+            path=spawned.path,
+            queue=(inst.started_at - woken) * 1000,
+            spawn=(spawned_at - inst.started_at) * 1000,
+            claim=spawned.claim_ms,
+            confine=spawned.confine_ms,
+            app=(inst.ready_at - spawned_at) * 1000,
+            total=(inst.ready_at - woken) * 1000,
         )
+        inst.first_byte_pending = True
+        self.coldstarts.record(stages)
+        ready_in = f"ready in {(inst.ready_at - inst.started_at) * 1000:.1f} ms"
+        # "(pid N)" right after the time: bench/coldstart.py parses that form.
+        log.info(
+            "%s/%s %s (pid %s) [%s]", app.name, branch.name, ready_in, inst.pid, stages.describe()
+        )
+        self.launcher.note(instance_id, f"{ready_in} ({stages.describe()})")
         inst.dispatch_waiters()
 
     async def _wait_ready(self, inst: Instance, deadline: float) -> UpstreamConnection | None:
@@ -681,7 +734,7 @@ class InstanceManager:
         pause = 0.0005
         while not inst.exited.done():
             try:
-                conn = await self._open(inst)
+                conn = await self._open(inst, first=True)
             except OSError:
                 pass
             else:

@@ -61,6 +61,16 @@ class LaunchSpec:
     sandbox: dict[str, Any] | None = field(default=None)
 
 
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """The fork server's answer to a spawn: the pid and how the start went on its side."""
+
+    pid: int
+    path: str  # "pool" (an idle pre-confined child), "zygote" (forked for it), "fresh" (exec)
+    claim_ms: float  # taking the idle child, or forking one
+    confine_ms: float  # confinement until the tenant code was about to run
+
+
 class LaunchError(RuntimeError):
     """The fork server could not start an instance; the message says why."""
 
@@ -78,7 +88,7 @@ class Launcher:
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
         self._closing = False
 
@@ -106,11 +116,12 @@ class Launcher:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def spawn(self, spec: LaunchSpec) -> int:
-        """Start an instance; returns its pid once it has exec'd, or raises LaunchError."""
+    async def spawn(self, spec: LaunchSpec) -> Spawned:
+        """Start an instance; returns once it has exec'd (or is calling its entry point), or
+        raises LaunchError."""
         if self._writer is None:
             raise LaunchError("the fork server is not running")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
         self._writer.write(encode_frame(message))
@@ -120,6 +131,11 @@ class Launcher:
             raise LaunchError("the fork server did not answer in time") from None
         finally:
             self._pending.pop(spec.id, None)
+
+    def note(self, instance_id: str, text: str) -> None:
+        """Append a `[dorm] text` line to a running instance's log (the fork server writes it)."""
+        if self._writer is not None and instance_id in self._running:
+            self._writer.write(encode_frame({"op": "note", "id": instance_id, "text": text}))
 
     def signal(self, instance_id: str, sig: int) -> None:
         if self._writer is not None and instance_id in self._running:
@@ -147,7 +163,14 @@ class Launcher:
             self._running.add(instance_id)
             future = self._pending.get(instance_id)
             if future is not None and not future.done():
-                future.set_result(int(message["pid"]))
+                future.set_result(
+                    Spawned(
+                        int(message["pid"]),
+                        str(message.get("path", "fresh")),
+                        float(message.get("claim_ms", 0.0)),
+                        float(message.get("confine_ms", 0.0)),
+                    )
+                )
         elif ev == "spawn_failed":
             future = self._pending.get(instance_id)
             if future is not None and not future.done():

@@ -23,6 +23,7 @@ import uvloop
 from gateway.admin import start_admin_server
 from gateway.auth import load_admin_token
 from gateway.bundles import BundleLimits, BundleStore
+from gateway.coldstart import ColdStartApi
 from gateway.config import Config, ConfigError, GatewayConfig, load_config, split_host_port
 from gateway.deploy import DeployApi
 from gateway.instances import InstanceManager
@@ -122,7 +123,8 @@ async def _run(config: Config) -> int:
     plane.start()
     loop = asyncio.get_running_loop()
     public = await loop.create_server(plane.protocol, sock=public_sock)
-    routes = [*deploys.routes(), *runtimes.routes(), *runner.routes()]
+    coldstarts = ColdStartApi(manager)  # start timing and warm pools
+    routes = [*deploys.routes(), *runtimes.routes(), *runner.routes(), *coldstarts.routes()]
     admin = await start_admin_server(cfg, registry, manager, token, extra_routes=routes)
     log.info(
         "dorm serving %s on http://%s (admin http://%s, data %s, db %s)",

@@ -1,0 +1,131 @@
+"""Per-stage timing of cold starts, kept per instance and summarized per start path.
+
+Why: "cold start" is one number to a user but five to whoever has to make it smaller: the request
+waiting for the start to begin, the fork server claiming (or forking) a child, confining it, the
+app importing and binding its socket, and the first response. Each start records all five; the
+last start of an instance is shown with it, and the recent starts of each path (pool, zygote,
+fresh) are summarized so a regression in one stage shows up without a profiler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.admin import ApiError, Request, Response, Route, json_response
+
+if TYPE_CHECKING:
+    from gateway.instances import InstanceManager
+
+STAGES = ("queue", "claim", "confine", "app", "first_byte")
+PATHS = ("pool", "zygote", "fresh")
+KEEP = 1000  # recent starts kept per path for the summary
+
+
+@dataclass(slots=True)
+class StartStages:
+    """One cold start, in milliseconds per stage (None: the stage did not happen, or not yet)."""
+
+    path: str  # "pool" | "zygote" | "fresh"
+    queue: float | None = None  # first request queued → the start began
+    spawn: float | None = None  # launch request sent → the fork server answered "spawned"
+    claim: float | None = None  # (fork server) taking an idle child, or forking one
+    confine: float | None = None  # (fork server) confinement steps until the tenant code runs
+    app: float | None = None  # "spawned" → the instance's socket accepted
+    first_byte: float | None = None  # ready → the first response head relayed
+    total: float | None = None  # first request queued → ready
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "queue_ms": _round(self.queue),
+            "spawn_ms": _round(self.spawn),
+            "claim_ms": _round(self.claim),
+            "confine_ms": _round(self.confine),
+            "app_ms": _round(self.app),
+            "first_byte_ms": _round(self.first_byte),
+            "total_ms": _round(self.total),
+        }
+
+    def describe(self) -> str:
+        """The log line's breakdown: "pool: claim 0.1 ms, confine 1.2 ms, app 6.0 ms"."""
+        parts = [
+            f"{name} {value:.1f} ms"
+            for name, value in (("claim", self.claim), ("confine", self.confine), ("app", self.app))
+            if value is not None
+        ]
+        return f"{self.path}: {', '.join(parts)}"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of a non-empty list (no interpolation: a value that happened)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class ColdStartStats:
+    """The last `KEEP` starts per path; summarized on demand (stats reads are rare)."""
+
+    def __init__(self) -> None:
+        self.recent: dict[str, deque[StartStages]] = {p: deque(maxlen=KEEP) for p in PATHS}
+        self.counts: dict[str, int] = dict.fromkeys(PATHS, 0)
+
+    def record(self, stages: StartStages) -> None:
+        """Add a start; its first_byte may still be filled in later (same object)."""
+        self.recent.setdefault(stages.path, deque(maxlen=KEEP)).append(stages)
+        self.counts[stages.path] = self.counts.get(stages.path, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for path, starts in self.recent.items():
+            stages: dict[str, Any] = {}
+            for stage in (*STAGES, "spawn", "total"):
+                values = [v for s in starts if (v := getattr(s, stage)) is not None]
+                if values:
+                    stages[stage] = {
+                        "n": len(values),
+                        "p50_ms": round(percentile(values, 50), 3),
+                        "p99_ms": round(percentile(values, 99), 3),
+                    }
+            out[path] = {"count": self.counts.get(path, 0), "stages": stages}
+        return out
+
+
+class ColdStartApi:
+    """Admin endpoints for start timing and warm pools (mounted as extra routes).
+
+    GET /v1/instances/{app}/{branch}   one instance, with its last start stage by stage
+    GET /v1/stats                      cold starts summarized per path (count, p50, p99 per stage)
+    """
+
+    def __init__(self, manager: InstanceManager) -> None:
+        self.manager = manager
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/v1/instances/{app}/{branch}", self.get_instance),
+            Route("GET", "/v1/stats", self.stats),
+        ]
+
+    async def get_instance(self, req: Request) -> Response:
+        app, branch = req.params["app"], req.params["branch"]
+        found = next(
+            (i for i in self.manager.snapshot() if i["app"] == app and i["branch"] == branch),
+            None,
+        )
+        if found is None:
+            raise ApiError(404, "branch", f"no instance for {app}/{branch}")
+        return json_response(200, found)
+
+    async def stats(self, req: Request) -> Response:
+        return json_response(
+            200,
+            {"cold_starts": self.manager.coldstarts.summary(), "paths": list(PATHS)},
+        )
