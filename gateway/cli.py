@@ -258,6 +258,52 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pools(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.set is not None:
+        low, _, high = args.set.partition(":")
+        if not (low.isdigit() and high.isdigit()):
+            raise SystemExit("dorm pools: --set expects MIN:MAX, such as 2:8")
+        body = {"min_idle": int(low), "max_idle": int(high)}
+        _print_json(client.call("PUT", f"/v1/pools/{path_quote(args.set_runtime)}", body))
+        return 0
+    answer = client.call("GET", "/v1/pools")
+    if args.json:
+        _print_json(answer)
+        return 0
+    if not answer.get("enabled"):
+        print(f"warm pools are off (isolation {answer.get('isolation')}, or max_idle = 0)")
+    rows = [
+        (
+            p.get("runtime"),
+            p.get("shape", {}).get("memory"),
+            p.get("idle"),
+            f"{p.get('min_idle')}-{p.get('max_idle')}",
+            p.get("target"),
+            p.get("claimed"),
+            p.get("forking"),
+            p.get("misses"),
+            f"{p.get('refill_rate', 0) * 60:.0f}/min",
+        )
+        for p in answer.get("pools", [])
+    ]
+    _table(
+        (
+            "RUNTIME",
+            "MEMORY",
+            "IDLE",
+            "MIN-MAX",
+            "TARGET",
+            "CLAIMED",
+            "FORKING",
+            "MISSES",
+            "REFILL",
+        ),
+        rows,
+    )
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     app, branch = _app_branch(args.target, default=None)
     path = f"/v1/apps/{path_quote(app)}"
@@ -727,6 +773,13 @@ def build_parser() -> argparse.ArgumentParser:
     _global_flags(p, suppress=True)
     p.set_defaults(func=cmd_branch_rm)
     p.add_argument("target", metavar="APP/BRANCH")
+
+    p = add(
+        "pools", cmd_pools, "show warm pools (idle, claimed, misses), or set a runtime's bounds"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--set", metavar="MIN:MAX", help="set min_idle:max_idle for --runtime")
+    p.add_argument("--runtime", dest="set_runtime", default="python-asgi", help="runtime for --set")
 
     p = add("branches", cmd_branches, "list an app's branches")
     p.add_argument("app", metavar="APP")

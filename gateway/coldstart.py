@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.admin import ApiError, Request, Response, Route, json_response
+from gateway.appspec import RUNTIMES
+from gateway.launcher import LaunchError
 
 if TYPE_CHECKING:
     from gateway.instances import InstanceManager
@@ -103,6 +105,8 @@ class ColdStartApi:
 
     GET /v1/instances/{app}/{branch}   one instance, with its last start stage by stage
     GET /v1/stats                      cold starts summarized per path (count, p50, p99 per stage)
+    GET /v1/pools                      warm pools per sandbox shape: idle, claimed, misses...
+    PUT /v1/pools/{runtime}            {"min_idle": n, "max_idle": m} for that runtime's pools
     """
 
     def __init__(self, manager: InstanceManager) -> None:
@@ -112,6 +116,8 @@ class ColdStartApi:
         return [
             Route("GET", "/v1/instances/{app}/{branch}", self.get_instance),
             Route("GET", "/v1/stats", self.stats),
+            Route("GET", "/v1/pools", self.list_pools),
+            Route("PUT", "/v1/pools/{runtime}", self.put_pool),
         ]
 
     async def get_instance(self, req: Request) -> Response:
@@ -129,3 +135,41 @@ class ColdStartApi:
             200,
             {"cold_starts": self.manager.coldstarts.summary(), "paths": list(PATHS)},
         )
+
+    async def list_pools(self, req: Request) -> Response:
+        manager = self.manager
+        try:
+            state = await manager.launcher.pools()
+        except LaunchError as exc:
+            raise ApiError(503, None, f"pool state unavailable: {exc}") from None
+        return json_response(
+            200,
+            {
+                "enabled": manager.isolation == "sandbox" and manager.pool.max_idle > 0,
+                "isolation": manager.isolation,
+                "pools": state.get("pools", []),
+                "config": state.get("config", {}),
+            },
+        )
+
+    async def put_pool(self, req: Request) -> Response:
+        runtime = req.params["runtime"]
+        known = runtime in RUNTIMES and runtime != "static"
+        if not known and self.manager.runtime_defs(runtime) is None:
+            raise ApiError(404, "runtime", f"no runtime named {runtime!r} that runs processes")
+        body = req.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, None, "expected a JSON object")
+        unknown = sorted(set(body) - {"min_idle", "max_idle"})
+        if unknown:
+            raise ApiError(400, unknown[0], f"unknown key {unknown[0]!r}")
+        bounds: dict[str, int] = {}
+        for key in ("min_idle", "max_idle"):
+            value = body.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+                raise ApiError(400, key, f"{key}: expected a whole number from 0 to 1000")
+            bounds[key] = value
+        if bounds["max_idle"] < bounds["min_idle"]:
+            raise ApiError(400, "max_idle", "max_idle must be >= min_idle")
+        self.manager.launcher.configure_pool(runtime, bounds["min_idle"], bounds["max_idle"])
+        return json_response(200, {"runtime": runtime, **bounds})

@@ -57,7 +57,6 @@ class GatewayConfig:
     trust_forwarded: bool = False
     cgroup_parent: str = "dorm"  # the cgroup subtree (per controller) this gateway's sandboxes use
     uid_range: str = "200000-299999"  # unprivileged uids handed to sandboxed instances
-    prewarm: int = 2  # idle pre-confined sandboxes kept per recent shape (0: none)
     max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
     max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
     max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle
@@ -162,11 +161,33 @@ def read_key_file(path: str) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """[pool]: warm pools of pre-forked, pre-confined sandboxes (one per recent sandbox shape).
+
+    A pool keeps `min_idle` members at rest; each spawn that finds none (a miss) raises its target
+    by one up to `max_idle`, and `shrink_after` seconds without a miss bring it back (the extra
+    members are killed). The fork server builds at most `refill_concurrency` members between two
+    requests, which bounds how long a request can wait behind a refill. `max_idle = 0` turns
+    pools off. Per-runtime bounds can be changed at run time: `PUT /v1/pools/{runtime}`.
+    """
+
+    min_idle: int = 2
+    max_idle: int = 8
+    refill_concurrency: int = 1
+    shrink_after: float = 30.0
+
+    def settings(self) -> dict[str, Any]:
+        """What the fork server gets (as JSON on its command line)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     apps: tuple[AppSpec, ...] = ()
     source: str = "(defaults)"
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:
@@ -276,10 +297,11 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         source = str(path)
-    unknown_sections = sorted(set(data) - {"gateway", "apps", "runner"})
+    unknown_sections = sorted(set(data) - {"gateway", "apps", "runner", "pool"})
     if unknown_sections:
         raise ConfigError(
-            f"{source}: unknown section [{unknown_sections[0]}] (known: gateway, apps, runner)"
+            f"{source}: unknown section [{unknown_sections[0]}] "
+            "(known: gateway, apps, runner, pool)"
         )
     section = data.get("gateway", {})
     if not isinstance(section, dict):
@@ -287,6 +309,8 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     known = {f.name for f in dataclasses.fields(GatewayConfig)}
     values: dict[str, Any] = {}
     for key, raw in section.items():
+        if key == "prewarm":
+            raise ConfigError(f"{source}: gateway.prewarm is now [pool] min_idle (and max_idle)")
         if key not in known:
             raise ConfigError(f"{source}: unknown key gateway.{key}")
         values[key] = _coerce(key, raw, from_env=False)
@@ -315,7 +339,43 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     tenants, runs = parse_uid_range(cfg.uid_range), parse_uid_range(runner.uid_range)
     if tenants.start < runs.stop and runs.start < tenants.stop:
         raise ConfigError(f"{source}: runner.uid_range must not overlap gateway.uid_range")
-    return Config(gateway=cfg, apps=tuple(apps), source=source, runner=runner)
+    pool = _load_pool(data.get("pool", {}), environ, source)
+    return Config(gateway=cfg, apps=tuple(apps), source=source, runner=runner, pool=pool)
+
+
+def _load_pool(section: Any, environ: Mapping[str, str], source: str) -> PoolConfig:
+    """[pool], with DORM_POOL_<KEY> overrides; unknown keys are errors naming the key."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: [pool] must be a table")
+    known = {f.name for f in dataclasses.fields(PoolConfig)}
+    raw_values: dict[str, tuple[str, Any, bool]] = {}
+    for key, raw in section.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key pool.{key}")
+        raw_values[key] = (f"{source}: pool.{key}", raw, False)
+    for key in known:
+        env_key = "DORM_POOL_" + key.upper()
+        if env_key in environ:
+            raw_values[key] = (env_key, environ[env_key], True)
+    values: dict[str, Any] = {}
+    for key, (where, raw, from_env) in raw_values.items():
+        if key == "shrink_after":
+            try:
+                values[key] = parse_duration(raw)
+            except UnitError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            continue
+        if from_env and isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0 or raw > 1000:
+            raise ConfigError(f"{where}: expected a whole number from 0 to 1000, got {raw!r}")
+        values[key] = raw
+    pool = PoolConfig(**values)
+    if pool.max_idle and pool.max_idle < pool.min_idle:
+        raise ConfigError(f"{source}: pool.max_idle must be >= pool.min_idle (or 0: no pools)")
+    if pool.refill_concurrency < 1:
+        raise ConfigError(f"{source}: pool.refill_concurrency must be at least 1")
+    return pool
 
 
 def _coerce_runner(key: str, raw: Any, *, from_env: bool) -> Any:

@@ -30,6 +30,7 @@ import struct
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -69,14 +70,51 @@ class Child:
     pending: bytearray = field(default_factory=bytearray)
 
 
+MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least recent is dropped
+RATE_WINDOW = 60.0  # seconds over which the refill rate is reported
+MAINTAIN_EVERY = 0.5  # seconds between checks for dead idle members and quiet pools
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """[pool] as the fork server applies it (gateway/config.py documents the keys)."""
+
+    min_idle: int = 0
+    max_idle: int = 0
+    refill_concurrency: int = 1
+    shrink_after: float = 30.0
+
+
+@dataclass
+class Shape:
+    """A pool: idle pre-confined children for one sandbox shape, and its accounting.
+
+    `target` is how many idle members the refill loop aims for: `min_idle` at rest, raised by
+    one per miss up to `max_idle` (a burst asks for more than the pool held, so the next one
+    probably will too) and lowered back after `shrink_after` seconds without a miss.
+    """
+
+    spec: Any
+    runtime: str
+    target: int
+    members: set[int] = field(default_factory=set)  # pids built for this pool, maybe claimed
+    claimed: int = 0
+    misses: int = 0
+    built: int = 0
+    build_times: deque[float] = field(default_factory=deque)
+    last_miss: float = 0.0
+
+
 class ForkServer:
-    def __init__(self, control: socket.socket, prewarm: int = 0) -> None:
+    def __init__(self, control: socket.socket, pool: PoolConfig | None = None) -> None:
         self.control = control
         # Idle pre-confined children per recent sandbox shape, built while nothing else is
         # asked of us: a spawn that finds one skips the namespace/cgroup set-up (~5 vs ~20 ms).
-        self.prewarm = prewarm
-        self.shapes: dict[tuple[Any, ...], Any] = {}
+        self.pool = pool or PoolConfig()
+        self.overrides: dict[str, tuple[int, int]] = {}  # runtime → (min_idle, max_idle)
+        self.shapes: dict[tuple[Any, ...], Shape] = {}
         self.refill_pending = False
+        self.last_maintain = 0.0
         self.control.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
@@ -96,9 +134,11 @@ class ForkServer:
     # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         while self.running or self.children:
-            ready = self.selector.select(timeout=0 if self.refill_pending else 1.0)
+            ready = self.selector.select(timeout=0 if self.refill_pending else MAINTAIN_EVERY)
+            if self.shapes and time.monotonic() - self.last_maintain >= MAINTAIN_EVERY:
+                self.maintain()
             if not ready and self.refill_pending and self.running:
-                self.refill_pending = self.refill_one()
+                self.refill_pending = self.refill()
             for key, events in ready:
                 data = key.data
                 if data == "control":
@@ -183,6 +223,18 @@ class ForkServer:
             noted = self.children.get(message["id"])
             if noted is not None and noted.log_fd >= 0:
                 noted.log.write(f"[dorm] {message['text'][:500]}\n".encode())
+        elif op == "pools":
+            self.send({"ev": "pools", "id": message["id"], **self.pool_state()})
+        elif op == "pool_config":
+            self.configure(message)
+        elif op == "warm":
+            # A shape remembered by the gateway across a restart of this process: refill its
+            # pool before the next request needs it.
+            with contextlib.suppress(Exception):
+                # Only the shape matters: no tenant paths beyond what spawned it last time.
+                message["sandbox"] = {**message["sandbox"], "data_dir": None, "app_dir": None}
+                spec = self._sandbox_spec(message, Path(message["socket_dir"]))
+                self.remember_shape(spec, message.get("pool") or "?")
         elif op == "shutdown":
             self.stop()
 
@@ -236,23 +288,31 @@ class ForkServer:
 
     def _spawn_sandboxed(self, req: dict[str, Any], run_dir: Path, log_w: int) -> Any:
         """Confine per the request's sandbox spec (see the sandboxes package for the steps)."""
+        data_dir = req["sandbox"].get("data_dir")
+        if data_dir is not None:
+            _own_tree(data_dir, int(req["sandbox"]["uid"]))
+        spec = self._sandbox_spec(req, run_dir)
+        sb = self.sandboxes
+        sb.prepare_socket_dir(str(run_dir), spec.uid)
+        shape = self.remember_shape(spec, req.get("pool") or "?")
+        call = req.get("call")
+        if call is not None:
+            sandbox = sb.spawn_call(
+                spec, call, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w
+            )
+        else:
+            sandbox = sb.spawn(spec, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w)
+        if shape is not None:
+            self.count_claim(shape, hit=self._claim[1])
+        return sandbox
+
+    def _sandbox_spec(self, req: dict[str, Any], socket_dir: Path) -> Any:
         if self.sandboxes is None:
             self.sandboxes = importlib.import_module("sandboxes")
             self._time_claims()
-        sb = self.sandboxes
         fields = dict(req["sandbox"])
         fields["extra_ro_binds"] = tuple(fields.get("extra_ro_binds", ()))
-        if fields.get("data_dir") is not None:
-            _own_tree(fields["data_dir"], int(fields["uid"]))
-        spec = sb.SandboxSpec(socket_dir=str(run_dir), **fields)
-        sb.prepare_socket_dir(str(run_dir), spec.uid)
-        self.remember_shape(spec)
-        call = req.get("call")
-        if call is not None:
-            return sb.spawn_call(
-                spec, call, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w
-            )
-        return sb.spawn(spec, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w)
+        return self.sandboxes.SandboxSpec(socket_dir=str(socket_dir), **fields)
 
     def _spawn_process(self, req: dict[str, Any], run_dir: Path, log_w: int) -> int:
         """Development isolation: a plain child process in its own session, as the gateway's uid."""
@@ -338,11 +398,16 @@ class ForkServer:
 
         pool.take = timed_take
 
-    # -- prewarming ------------------------------------------------------------------------------
-    def remember_shape(self, spec: Any) -> None:
-        """Note a sandbox's shape (layout and limits), most recent last, at most 8 kept."""
-        if self.prewarm <= 0:
-            return
+    # -- warm pools -----------------------------------------------------------------------------
+    def _limits_for(self, runtime: str) -> tuple[int, int]:
+        low, high = self.overrides.get(runtime, (self.pool.min_idle, self.pool.max_idle))
+        return low, max(low, high)
+
+    def remember_shape(self, spec: Any, runtime: str = "?") -> Shape | None:
+        """Note a sandbox's shape (layout and limits), most recent last, at most MAX_SHAPES."""
+        low, high = self._limits_for(runtime)
+        if high <= 0:
+            return None
         key = (
             spec.rootfs,
             spec.extra_ro_binds,
@@ -352,26 +417,137 @@ class ForkServer:
             spec.cpu,
             spec.pids,
         )
-        self.shapes.pop(key, None)
-        self.shapes[key] = spec
-        while len(self.shapes) > 8:
-            self.shapes.pop(next(iter(self.shapes)))
+        shape = self.shapes.pop(key, None)
+        if shape is None:
+            shape = Shape(spec, runtime, low)
+        shape.spec, shape.runtime = spec, runtime
+        self.shapes[key] = shape
+        while len(self.shapes) > MAX_SHAPES:
+            dropped = self.shapes.pop(next(iter(self.shapes)))
+            self._dismiss(dropped, 0)
+        self.refill_pending = True
+        return shape
+
+    def count_claim(self, shape: Shape, *, hit: bool) -> None:
+        """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""
+        if hit:
+            shape.claimed += 1
+            return
+        shape.misses += 1
+        shape.last_miss = time.monotonic()
+        shape.target = min(self._limits_for(shape.runtime)[1], shape.target + 1)
         self.refill_pending = True
 
-    def refill_one(self) -> bool:
-        """Build at most one idle child (so a spawn request waits for one build at most).
+    def idle_members(self, shape: Shape) -> list[int]:
+        """The pool's members still idle (claimed or dead ones drop out of `members`)."""
+        idle = set(importlib.import_module("sandboxes.prefork").POOL.idle_pids())
+        shape.members &= idle
+        return sorted(shape.members)
 
-        Returns whether more may be needed.
-        """
-        for spec in reversed(self.shapes.values()):
-            for wanted in range(1, self.prewarm + 1):
+    def refill(self) -> bool:
+        """Build up to `refill_concurrency` members for pools below their target; a spawn
+        request waits for at most that many builds. Returns whether more are needed."""
+        pool = importlib.import_module("sandboxes.prefork").POOL
+        budget = max(1, self.pool.refill_concurrency)
+        more = False
+        for shape in reversed(list(self.shapes.values())):
+            while budget > 0 and len(self.idle_members(shape)) < shape.target:
+                before = set(pool.idle_pids())
                 try:
-                    if self.sandboxes.prewarm(spec, wanted):
-                        return True
-                except Exception as exc:  # a failed prewarm only costs the next spawn time
+                    # `prewarm(spec, n)` builds until n children of this layout and these limits
+                    # are idle: ask for one more than there are now.
+                    have = len(self.idle_members(shape))
+                    for wanted in range(have + 1, len(before) + 2):
+                        if self.sandboxes.prewarm(shape.spec, wanted):
+                            break
+                except Exception as exc:  # a failed build only costs the next spawn time
                     print(f"dorm fork server: prewarm failed: {exc}", file=sys.stderr, flush=True)
                     return False
-        return False
+                new = set(pool.idle_pids()) - before
+                if not new:
+                    return False  # nothing can be built here (rootless): stop asking
+                shape.members |= new
+                shape.built += len(new)
+                now = time.monotonic()
+                shape.build_times.extend([now] * len(new))
+                budget -= 1
+            if len(self.idle_members(shape)) < shape.target:
+                more = True
+        return more
+
+    def maintain(self) -> None:
+        """Replace idle members that died, and shrink pools that have been quiet long enough."""
+        now = self.last_maintain = time.monotonic()
+        pool = importlib.import_module("sandboxes.prefork").POOL
+        if pool.reap_dead():
+            self.refill_pending = True
+        for shape in self.shapes.values():
+            low = self._limits_for(shape.runtime)[0]
+            if shape.target > low and now - shape.last_miss >= self.pool.shrink_after:
+                shape.target = low
+                self._dismiss(shape, low)
+            while shape.build_times and now - shape.build_times[0] > RATE_WINDOW:
+                shape.build_times.popleft()
+
+    def _dismiss(self, shape: Shape, keep: int) -> None:
+        """Kill idle members beyond `keep` (the most recently built stay)."""
+        pool = importlib.import_module("sandboxes.prefork").POOL
+        idle = self.idle_members(shape)
+        for pid in idle[: max(0, len(idle) - keep)]:
+            pool.discard(pid)
+            shape.members.discard(pid)
+
+    def configure(self, message: dict[str, Any]) -> None:
+        """Per-runtime bounds from the admin API; applied to that runtime's pools at once."""
+        runtime = str(message["runtime"])
+        low, high = int(message["min_idle"]), int(message["max_idle"])
+        self.overrides[runtime] = (low, max(low, high))
+        for shape in self.shapes.values():
+            if shape.runtime == runtime:
+                shape.target = min(max(shape.target, low), max(low, high))
+                self._dismiss(shape, shape.target)
+        self.refill_pending = True
+
+    def pool_state(self) -> dict[str, Any]:
+        pools = []
+        for shape in reversed(list(self.shapes.values())):
+            idle = self.idle_members(shape)
+            low, high = self._limits_for(shape.runtime)
+            spec = shape.spec
+            pools.append(
+                {
+                    "runtime": shape.runtime,
+                    "shape": {
+                        "rootfs": spec.rootfs,
+                        "network": spec.network,
+                        "memory": spec.memory,
+                        "cpu": spec.cpu,
+                        "pids": spec.pids,
+                    },
+                    "idle": len(idle),
+                    "idle_pids": idle,
+                    "target": shape.target,
+                    "min_idle": low,
+                    "max_idle": high,
+                    "claimed": shape.claimed,
+                    "misses": shape.misses,
+                    "forking": max(0, shape.target - len(idle)),
+                    "built": shape.built,
+                    "refill_rate": round(len(shape.build_times) / RATE_WINDOW, 3),
+                }
+            )
+        return {
+            "pools": pools,
+            "config": {
+                "min_idle": self.pool.min_idle,
+                "max_idle": self.pool.max_idle,
+                "refill_concurrency": self.pool.refill_concurrency,
+                "shrink_after": self.pool.shrink_after,
+                "overrides": {
+                    k: {"min_idle": v[0], "max_idle": v[1]} for k, v in self.overrides.items()
+                },
+            },
+        }
 
     # -- running children -----------------------------------------------------------------------
     def kill(self, child: Child, sig: int) -> None:
@@ -536,7 +712,8 @@ def main() -> None:
     fd = int(sys.argv[1])
     # "--sandboxes <cgroup parent>": this gateway confines instances under that cgroup subtree.
     cgroup_parent = sys.argv[3] if sys.argv[2:3] == ["--sandboxes"] else None
-    prewarm = int(sys.argv[5]) if sys.argv[4:5] == ["--prewarm"] else 0
+    # "--pool <json>": the [pool] settings (min_idle, max_idle, refill_concurrency, shrink_after).
+    pool = PoolConfig(**orjson.loads(sys.argv[5])) if sys.argv[4:5] == ["--pool"] else PoolConfig()
     control = socket.socket(fileno=fd)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
@@ -556,7 +733,7 @@ def main() -> None:
     # children's garbage collections from touching (and so privately copying) those pages.
     gc.collect()
     gc.freeze()
-    server = ForkServer(control, prewarm)
+    server = ForkServer(control, pool)
     server.serve()
 
 

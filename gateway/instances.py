@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
 from gateway.bundles import DeployError
 from gateway.coldstart import ColdStartStats, StartStages
-from gateway.config import ConfigError, GatewayConfig, parse_uid_range
+from gateway.config import ConfigError, GatewayConfig, PoolConfig, parse_uid_range
 from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
 from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
@@ -397,8 +397,11 @@ class Instance:
 class InstanceManager:
     """Owns every Instance: creation, starts, readiness, exits, eviction and shutdown."""
 
-    def __init__(self, cfg: GatewayConfig, registry: Registry) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, registry: Registry, pool: PoolConfig | None = None
+    ) -> None:
         self.cfg = cfg
+        self.pool = pool or PoolConfig()
         self.registry = registry
         self.instances: dict[tuple[str, str], Instance] = {}
         self.running: dict[str, Instance] = {}
@@ -406,7 +409,7 @@ class InstanceManager:
         self.launcher = Launcher(
             self._on_exit,
             cfg.cgroup_parent if self.isolation == "sandbox" else None,
-            cfg.prewarm,
+            self.pool.settings(),
         )
         self._free_uids = list(reversed(parse_uid_range(cfg.uid_range)))
         self._python_binds = python_binds()
@@ -672,6 +675,7 @@ class InstanceManager:
             log_keep=self.cfg.log_keep,
             cwd=code_dir,
             sandbox=sandbox,
+            pool=app.runtime if sandbox is not None else None,
         )
         self.running[instance_id] = inst
         try:

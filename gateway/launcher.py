@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -26,6 +27,8 @@ from gateway.forkserver import FRAME, MAX_FRAME, encode_frame
 log = logging.getLogger("dorm.launcher")
 
 SPAWN_TIMEOUT = 30.0
+QUERY_TIMEOUT = 5.0  # a control query (pool state) waits at most this long for its answer
+WARM_SHAPES = 8  # sandbox shapes re-sent to a restarted fork server so it refills their pools
 # The only variables the fork server (and so every instance) inherits from the gateway.
 FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
 
@@ -59,6 +62,7 @@ class LaunchSpec:
     cwd: str | None = None
     call: str | None = None  # zygote mode: "module:qualname" called in the forked child
     sandbox: dict[str, Any] | None = field(default=None)
+    pool: str | None = None  # the runtime whose warm-pool bounds apply (sandboxed only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +84,14 @@ class Launcher:
         self,
         on_exit: Callable[[str, ExitInfo], None],
         cgroup_parent: str | None = None,
-        prewarm: int = 0,
+        pool: dict[str, Any] | None = None,
     ) -> None:
-        self._prewarm = prewarm
+        self._pool = pool or {}  # [pool] settings, passed to the fork server at each start
+        self._overrides: dict[str, tuple[int, int]] = {}  # runtime → (min_idle, max_idle)
+        # Recent sandbox shapes (by their limits and layout), for refilling after a restart.
+        self._shapes: dict[str, dict[str, Any]] = {}
+        self._queries: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._query_ids = itertools.count(1)
         self._on_exit = on_exit
         self._cgroup_parent = cgroup_parent  # set: instances may be sandboxed under it
         self._proc: subprocess.Popen[bytes] | None = None
@@ -99,7 +108,12 @@ class Launcher:
         # Popen without preexec_fn uses vfork/exec, which is safe from a threaded process.
         argv = [sys.executable, "-m", "gateway.forkserver", str(child.fileno())]
         if self._cgroup_parent is not None:
-            argv += ["--sandboxes", self._cgroup_parent, "--prewarm", str(self._prewarm)]
+            argv += [
+                "--sandboxes",
+                self._cgroup_parent,
+                "--pool",
+                orjson.dumps(self._pool).decode(),
+            ]
         self._proc = subprocess.Popen(
             argv,
             pass_fds=(child.fileno(),),
@@ -111,6 +125,12 @@ class Launcher:
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="dorm-forkserver")
+        # A restarted fork server knows nothing: give it the operator's overrides and the shapes
+        # in use, so pools are refilled before the next request needs a member.
+        for runtime, (low, high) in self._overrides.items():
+            self._send_config(runtime, low, high)
+        for warm in self._shapes.values():
+            writer.write(encode_frame({"op": "warm", **warm}))
 
     @property
     def pid(self) -> int | None:
@@ -124,6 +144,8 @@ class Launcher:
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
+        if spec.sandbox is not None:
+            self._remember_shape(spec)
         self._writer.write(encode_frame(message))
         try:
             return await asyncio.wait_for(future, SPAWN_TIMEOUT)
@@ -131,6 +153,52 @@ class Launcher:
             raise LaunchError("the fork server did not answer in time") from None
         finally:
             self._pending.pop(spec.id, None)
+
+    def _remember_shape(self, spec: LaunchSpec) -> None:
+        assert spec.sandbox is not None
+        sandbox = spec.sandbox
+        key = orjson.dumps(
+            [spec.pool, *(sandbox.get(k) for k in ("rootfs", "extra_ro_binds", "network"))]
+            + [sandbox.get(k) for k in ("cgroup_parent", "memory", "cpu", "pids")]
+        ).decode()
+        self._shapes.pop(key, None)
+        self._shapes[key] = {
+            "sandbox": sandbox,
+            "socket_dir": os.path.dirname(spec.run_dir),
+            "pool": spec.pool,
+        }
+        while len(self._shapes) > WARM_SHAPES:
+            self._shapes.pop(next(iter(self._shapes)))
+
+    async def pools(self) -> dict[str, Any]:
+        """The fork server's pool state (per shape: idle, claimed, misses, refill rate...)."""
+        if self._writer is None:
+            raise LaunchError("the fork server is not running")
+        query_id = f"q{next(self._query_ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queries[query_id] = future
+        self._writer.write(encode_frame({"op": "pools", "id": query_id}))
+        try:
+            return await asyncio.wait_for(future, QUERY_TIMEOUT)
+        except TimeoutError:
+            raise LaunchError("the fork server did not answer in time") from None
+        finally:
+            self._queries.pop(query_id, None)
+
+    def configure_pool(self, runtime: str, min_idle: int, max_idle: int) -> None:
+        """Override [pool] bounds for one runtime (kept across fork-server restarts)."""
+        self._overrides[runtime] = (min_idle, max_idle)
+        self._send_config(runtime, min_idle, max_idle)
+
+    @property
+    def pool_overrides(self) -> dict[str, tuple[int, int]]:
+        return dict(self._overrides)
+
+    def _send_config(self, runtime: str, min_idle: int, max_idle: int) -> None:
+        if self._writer is not None:
+            message: dict[str, Any] = {"op": "pool_config", "runtime": runtime}
+            message.update(min_idle=min_idle, max_idle=max_idle)
+            self._writer.write(encode_frame(message))
 
     def note(self, instance_id: str, text: str) -> None:
         """Append a `[dorm] text` line to a running instance's log (the fork server writes it)."""
@@ -159,7 +227,11 @@ class Launcher:
     def _dispatch(self, message: dict[str, Any]) -> None:
         ev = message.get("ev")
         instance_id = message["id"]
-        if ev == "spawned":
+        if ev == "pools":
+            query = self._queries.get(instance_id)
+            if query is not None and not query.done():
+                query.set_result(message)
+        elif ev == "spawned":
             self._running.add(instance_id)
             future = self._pending.get(instance_id)
             if future is not None and not future.done():
@@ -186,6 +258,9 @@ class Launcher:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(LaunchError("the fork server died"))
+        for query in self._queries.values():
+            if not query.done():
+                query.set_exception(LaunchError("the fork server died"))
         running, self._running = self._running, set()
         for instance_id in running:
             self._on_exit(instance_id, ExitInfo(None, None, lost=True))

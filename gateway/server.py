@@ -100,7 +100,7 @@ async def _run(config: Config) -> int:
     for spec in config.apps:
         if registry.get_app(spec.name) != spec:
             await registry.put_app(spec)
-    manager = InstanceManager(cfg, registry)
+    manager = InstanceManager(cfg, registry, config.pool)
     manager.upstream_factory = UpstreamConnection
     static = StaticFiles()  # the static runtime: bundles served by the gateway, no process
     manager.static_site = static.site

@@ -265,6 +265,25 @@ class PreforkPool:
     def idle_pids(self) -> list[int]:
         return [i.pid for idle in self._idle.values() for i in idle]
 
+    def discard(self, pid: int) -> bool:
+        """Dismiss one idle child (a pool shrinking after a burst); False if it is not idle here."""
+        for idle in self._idle.values():
+            for i in idle:
+                if i.pid == pid:
+                    idle.remove(i)
+                    i.discard()
+                    return True
+        return False
+
+    def reap_dead(self) -> list[int]:
+        """Drop idle children that died while waiting (OOM killer, operator); returns their pids,
+        so the owner can build replacements now instead of finding the hole at the next claim."""
+        dead = [i for idle in self._idle.values() for i in idle if not _alive(i)]
+        for i in dead:
+            self._idle[i.key].remove(i)
+            i.discard()
+        return [i.pid for i in dead]
+
     def clear(self) -> None:
         """Dismiss every idle child (closing its socket makes it exit) and reap it."""
         for idle in self._idle.values():
