@@ -484,6 +484,11 @@ class Bench:
         moves them around and one run can differ from the next by whole percent. Modes:
         none; split (wrk on the first CPU, the proxy on the second, the backend floating);
         split3 (wrk on the first CPU, proxy and backend together on the second).
+
+        The default is none: on the 2-vCPU VM this was written on, split made both Python
+        proxies lose far more to nginx than unpinned runs did (the minimal proxy went from about
+        1.0x to 0.7x nginx), i.e. pinning measured the scheduler, not the proxies; split3 was
+        worse still. The ratios between paths, measured in the same rounds, are what we report.
         """
         cpus = sorted(os.sched_getaffinity(0))
         if mode == "none" or len(cpus) < 2:
