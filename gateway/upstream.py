@@ -31,12 +31,14 @@ _RAW_REFUSE = re.compile(
     rb"\n(?:connection|keep-alive|proxy-[a-z-]*|te|trailer|transfer-encoding|upgrade)[ \t]*:",
     re.IGNORECASE,
 )
+_NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r", re.IGNORECASE)
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_1xx",
+        "_checker",
         "_close_delimited",
         "_framing",
         "_head_response",
@@ -70,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.served = 0  # responses completed on this connection
         self._remaining = -1  # raw fast path: body bytes still to relay (-1: not in one)
+        self._checker = HttpResponseParser(_NO_CALLBACKS)  # strict validation of raw responses
         self.received = False  # any byte of the current response seen
         self._wbuf: list[bytes] = []
         self._parts: list[bytes] = []
@@ -130,8 +133,12 @@ class UpstreamConnection(asyncio.Protocol):
         An HTTP/1.1 response with a status that has a body, exactly one plain Content-Length
         and no hop-by-hop header, to an HTTP/1.1 request that is neither HEAD nor an upgrade,
         needs no rewriting: its bytes go to the client as they came (usually in one write, no
-        copy), and counting body bytes finds its end. Anything else — or a head that did not
-        arrive in one read — returns False and takes the strict httptools path.
+        copy), and counting body bytes finds its end. The bytes still go through llhttp's strict
+        mode (a parser with no Python callbacks, so at C speed): a head it refuses — two lengths
+        spelt differently, obs-fold, bare CR or LF, NUL — is never relayed, so a tenant cannot
+        desynchronise a client. Anything else — or a head that did not arrive in one read —
+        returns False and takes the httptools path with callbacks, which answers 502 for
+        malformed responses.
         """
         end = data.find(b"\r\n\r\n")
         if end < 0 or not data.startswith(b"HTTP/1.1 ") or ex.method == b"HEAD":
@@ -146,16 +153,20 @@ class UpstreamConnection(asyncio.Protocol):
         found = _CONTENT_LENGTH.findall(data, 16, end + 2)
         if len(found) != 1:
             return False
-        digits = found[0]
-        length = int(digits)
+        length = int(found[0])
+        body_at = end + 4
+        available = len(data) - body_at
+        try:
+            self._checker.feed_data(data if available <= length else data[: body_at + length])
+        except HttpParserError:
+            self._checker = HttpResponseParser(_NO_CALLBACKS)
+            return False
         client = ex.client
         keep = ex.keep_alive and ex.request_done and not client.plane.draining
         ex.keep_client = keep
         ex.head_sent = True
         self._framing = LENGTH
         self._keep_alive = True
-        body_at = end + 4
-        available = len(data) - body_at
         if keep and available <= length:
             client.transport.write(data)
         else:
@@ -173,9 +184,12 @@ class UpstreamConnection(asyncio.Protocol):
         size = len(data)
         if size < remaining:
             ex.client.transport.write(data)
+            self._checker.feed_data(data)  # body bytes: keeps the checker in step, cannot fail
             self._remaining = remaining - size
             return
-        ex.client.transport.write(data if size == remaining else data[:remaining])
+        body = data if size == remaining else data[:remaining]
+        ex.client.transport.write(body)
+        self._checker.feed_data(body)
         self._remaining = -1
         self._complete(reusable=size == remaining)
 

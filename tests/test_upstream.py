@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import Gateway
 
 
@@ -46,3 +48,12 @@ def test_bytes_past_content_length_are_not_relayed_nor_reused(gateway: Gateway) 
         assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"hello from echo/main\n")
     inst = gateway.instance("echo")
     assert inst is not None and inst["connections"] <= 1  # the out-of-sync one was closed
+
+
+@pytest.mark.parametrize("kind", ["two-lengths", "obs-fold", "bare-lf", "nul", "bad-name"])
+def test_malformed_response_heads_are_never_relayed(gateway: Gateway, kind: str) -> None:
+    resp = gateway.request(f"/bad-head?kind={kind}")
+    assert resp.status == 502
+    assert b"invalid response" in resp.body
+    assert b"hello" not in resp.body
+    assert gateway.request("/").status == 200  # and the next request is fine

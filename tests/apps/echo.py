@@ -14,6 +14,7 @@ Routes (each exists to exercise one gateway behaviour):
   /then-drop        answers, then closes this connection when the next request arrives
   /hop              a response carrying hop-by-hop headers (Connection, Keep-Alive)
   /overlong         a body longer than its Content-Length says
+  /bad-head?kind=   a malformed response head (see BAD_HEADS)
   /env?name=        the value of an environment variable ("" when unset)
   /status?code=     an empty response with that status (no Content-Length for 1xx/204/304)
   /garbage          bytes that are not HTTP, then close
@@ -108,6 +109,16 @@ def respond(writer, status, body, ctype="text/plain", extra=""):
     )
 
 
+# Response heads llhttp's strict mode refuses; a proxy that relays them lets an app desync clients.
+BAD_HEADS = {
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length : 50\r\nContent-Length: 5\r\n\r\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n 7\r\n\r\n",
+    "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\n",
+    "nul": b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 5\r\n\r\n",
+    "bad-name": b"HTTP/1.1 200 OK\r\nX(y): 1\r\nContent-Length: 5\r\n\r\n",
+}
+
+
 async def handle(reader, writer):
     drop_next = False
     try:
@@ -154,6 +165,8 @@ async def handle(reader, writer):
                 respond(
                     writer, 200, b"hop", extra="Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
                 )
+            elif path == "/bad-head":
+                writer.write(BAD_HEADS[args.get("kind", "")] + b"hello")
             elif path == "/overlong":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef")
             elif path == "/then-drop":
