@@ -434,8 +434,11 @@ class ForkServer:
             shape.claimed += 1
             return
         shape.misses += 1
-        shape.last_miss = time.monotonic()
-        shape.target = min(self._limits_for(shape.runtime)[1], shape.target + 1)
+        if shape.built:
+            # Only a pool that had members can be outrun by demand: the first spawn of a new
+            # shape misses by definition, and says nothing about bursts.
+            shape.last_miss = time.monotonic()
+            shape.target = min(self._limits_for(shape.runtime)[1], shape.target + 1)
         self.refill_pending = True
 
     def idle_members(self, shape: Shape) -> list[int]:
