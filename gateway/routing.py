@@ -67,9 +67,6 @@ class HostCache:
         self.entries: dict[bytes, object] = {}  # the data plane reads this dict directly
         self._limit = limit
 
-    def get(self, host: bytes) -> object | None:
-        return self.entries.get(host)
-
     def put(self, host: bytes, value: object) -> None:
         if len(self.entries) >= self._limit:
             # Random hosts from a scanner must not grow memory without bound; dropping
