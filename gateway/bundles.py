@@ -137,6 +137,19 @@ class Extracted:
 
 
 # -- digests and formats -------------------------------------------------------------------------
+_FORMAT_ALIASES = {"tar.gz": "tar.gz", "tgz": "tar.gz", "zip": "zip"}
+
+
+def upload_format(query: dict[str, str]) -> str | None:
+    """The archive format an upload names with `?format=`, or None to sniff it."""
+    if "format" not in query:
+        return None
+    fmt = _FORMAT_ALIASES.get(query["format"].lower())
+    if fmt is None:
+        raise BundleError(400, "format", f"expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def expected_digest(headers: dict[str, str]) -> tuple[str, str] | None:
     """The sha256 a client announced, as (header name, hex), from `Digest: sha-256=<base64>`,
     `Content-Digest: sha-256=:<base64>:` or `X-Content-SHA256: <hex>`; None if none was sent.
@@ -681,6 +694,20 @@ class BundleStore:
                     del self.pins[d]
 
     # -- receiving -------------------------------------------------------------------------------
+    async def receive(self, chunks: AsyncIterator[bytes], headers: dict[str, str]) -> Spooled:
+        """Spool an upload and check it against the digest the client sent, if any.
+
+        On a mismatch nothing is kept and the error names the header that disagreed.
+        """
+        expected = expected_digest(headers)
+        spooled = await self.spool(chunks)
+        if expected is not None and expected[1] != spooled.digest:
+            await self.discard(spooled.path)
+            raise BundleError(
+                400, expected[0], f"does not match the upload (its sha256 is {spooled.digest})"
+            )
+        return spooled
+
     async def spool(self, chunks: AsyncIterator[bytes]) -> Spooled:
         """Write an upload to a file in `tmp/`, hashing it, and refusing it past `max_size`.
 
@@ -842,4 +869,5 @@ __all__ = [
     "read_manifest",
     "remove_tree",
     "sniff_format",
+    "upload_format",
 ]

@@ -34,12 +34,11 @@ from typing import Any
 from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
 from gateway.appspec import AppSpec, BranchSpec, SpecError, overlay_spec, parse_app_spec
 from gateway.bundles import (
-    FORMATS,
     BundleError,
     BundleStore,
     DeployError,
     Extracted,
-    expected_digest,
+    upload_format,
 )
 from gateway.config import GatewayConfig, split_host_port
 from gateway.registry import DEFAULT_BRANCH, BundleRecord, Registry
@@ -50,7 +49,6 @@ FLUSH_INTERVAL = 30.0  # last-request times reach SQLite at least this often
 GC_INTERVAL = 600.0  # bundles are also collected on this period, besides after changes
 HOUSEKEEPING_MAX = 5.0
 HOUSEKEEPING_MIN = 0.25
-_FORMAT_ALIASES = {"tar.gz": "tar.gz", "tgz": "tar.gz", "zip": "zip"}
 
 
 class DeployApi:
@@ -129,23 +127,12 @@ class DeployApi:
     async def upload(self, req: Request) -> Response:
         """Receive an archive, validate it, and make it the branch's current bundle."""
         app, branch = req.params["app"], req.params["branch"]
-        fmt: str | None = None
-        if "format" in req.query:
-            fmt = _FORMAT_ALIASES.get(req.query["format"].lower())
-            if fmt is None:
-                raise ApiError(400, "format", f"expected one of {', '.join(FORMATS)}")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         assert req.stream is not None
         try:
-            expected = expected_digest(headers)
-            spooled = await self.store.spool(req.stream)
+            fmt = upload_format(req.query)
+            spooled = await self.store.receive(req.stream, headers)
             try:
-                if expected is not None and expected[1] != spooled.digest:
-                    raise BundleError(
-                        400,
-                        expected[0],
-                        f"does not match the upload (its sha256 is {spooled.digest})",
-                    )
                 record = self.registry.bundles.get(spooled.digest)
                 extracted: Extracted | None = None
                 if record is None or not self.store.path(spooled.digest).is_dir():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
 from gateway.appspec import RUNTIMES, SpecError
-from gateway.bundles import FORMATS, BundleError, BundleStore, Extracted, expected_digest
+from gateway.bundles import BundleError, BundleStore, Extracted, upload_format
 from gateway.names import InvalidName, check_branch_name
 from gateway.registry import Registry
 from gateway.runtimespec import ROOTFS_DIR, RUNTIME_TOML, RuntimeRecord, parse_runtime_def
@@ -38,7 +38,6 @@ from sandboxes.mounts import ROOTFS_SKIP
 
 log = logging.getLogger("dorm.runtimes")
 
-_FORMAT_ALIASES = {"tar.gz": "tar.gz", "tgz": "tar.gz", "zip": "zip"}
 BUILTIN_DESCRIPTIONS = {
     "command": "any executable serving HTTP on $DORM_SOCKET (or 127.0.0.1:$PORT with `port`)",
     "python-asgi": "an ASGI app (`entry`) served by granian, forked from a zygote",
@@ -162,24 +161,13 @@ class RuntimeApi:
     async def upload(self, req: Request) -> Response:
         """Receive a runtime bundle, validate it, and make it the runtime `name`."""
         name = check_runtime_name(req.params["name"])
-        fmt: str | None = None
-        if "format" in req.query:
-            fmt = _FORMAT_ALIASES.get(req.query["format"].lower())
-            if fmt is None:
-                raise ApiError(400, "format", f"expected one of {', '.join(FORMATS)}")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         assert req.stream is not None
         extracted: Extracted | None = None
         try:
-            expected = expected_digest(headers)
-            spooled = await self.store.spool(req.stream)
+            fmt = upload_format(req.query)
+            spooled = await self.store.receive(req.stream, headers)
             try:
-                if expected is not None and expected[1] != spooled.digest:
-                    raise BundleError(
-                        400,
-                        expected[0],
-                        f"does not match the upload (its sha256 is {spooled.digest})",
-                    )
                 extracted = await self.store.unpack(spooled, fmt, RUNTIME_TOML)
             finally:
                 await self.store.discard(spooled.path)
