@@ -209,12 +209,34 @@ def is_loopback(host: str) -> bool:
 
 
 def _coerce(key: str, raw: Any, *, from_env: bool) -> Any:
-    """Turn a TOML value (or an environment string) into the field's type, or raise ConfigError."""
-    default = getattr(GatewayConfig(), key)
+    """Turn a [gateway] TOML value (or an environment string) into the field's type."""
+    return _coerce_value(
+        key,
+        raw,
+        getattr(GatewayConfig(), key),
+        duration=key.endswith("_timeout"),
+        size=key in _SIZE_KEYS,
+        from_env=from_env,
+        lower_lists=True,  # domain suffixes are case-insensitive
+    )
+
+
+def _coerce_value(
+    key: str,
+    raw: Any,
+    default: Any,
+    *,
+    duration: bool,
+    size: bool,
+    from_env: bool,
+    lower_lists: bool = False,
+) -> Any:
+    """Turn a TOML value (or an environment string) into the type of `default`, or raise
+    ConfigError naming `key`. Shared by every config section."""
     try:
-        if key.endswith("_timeout"):
+        if duration:
             return parse_duration(raw)
-        if key in _SIZE_KEYS:
+        if size:
             return parse_size(raw)
     except UnitError as exc:
         raise ConfigError(f"{key}: {exc}") from None
@@ -239,7 +261,7 @@ def _coerce(key: str, raw: Any, *, from_env: bool) -> Any:
             raw = [part.strip() for part in raw.split(",") if part.strip()]
         if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
             raise ConfigError(f"{key}: expected a list of non-empty strings, got {raw!r}")
-        return tuple(x.lower().strip(".") for x in raw)
+        return tuple(x.lower().strip(".") for x in raw) if lower_lists else tuple(raw)
     if not isinstance(raw, str):
         raise ConfigError(f"{key}: expected a string, got {raw!r}")
     return raw
@@ -379,39 +401,14 @@ def _load_pool(section: Any, environ: Mapping[str, str], source: str) -> PoolCon
 
 
 def _coerce_runner(key: str, raw: Any, *, from_env: bool) -> Any:
-    default = getattr(RunnerConfig(), key)
-    try:
-        if key in _RUNNER_DURATIONS:
-            return parse_duration(raw)
-        if key in _RUNNER_SIZES:
-            return parse_size(raw)
-    except UnitError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    if isinstance(default, bool):
-        if isinstance(raw, bool):
-            return raw
-        if (
-            from_env
-            and isinstance(raw, str)
-            and raw.lower() in ("1", "true", "yes", "0", "false", "no")
-        ):
-            return raw.lower() in ("1", "true", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if isinstance(default, int):
-        if from_env and isinstance(raw, str) and raw.strip().isdigit():
-            raw = int(raw)
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-            raise ConfigError(f"{key}: expected a whole number >= 0, got {raw!r}")
-        return raw
-    if isinstance(default, tuple):
-        if from_env and isinstance(raw, str):
-            raw = [part.strip() for part in raw.split(",") if part.strip()]
-        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
-            raise ConfigError(f"{key}: expected a list of non-empty strings, got {raw!r}")
-        return tuple(raw)
-    if not isinstance(raw, str):
-        raise ConfigError(f"{key}: expected a string, got {raw!r}")
-    return raw
+    return _coerce_value(
+        key,
+        raw,
+        getattr(RunnerConfig(), key),
+        duration=key in _RUNNER_DURATIONS,
+        size=key in _RUNNER_SIZES,
+        from_env=from_env,
+    )
 
 
 def _load_runner(section: Any, environ: Mapping[str, str], source: str) -> RunnerConfig:
