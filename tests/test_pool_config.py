@@ -1,12 +1,15 @@
-"""[pool] in dorm.toml: defaults, values, DORM_POOL_* overrides and errors that name the key."""
+"""[pool] in dorm.toml (defaults, values, DORM_POOL_* overrides, errors that name the key), and
+the pool and timing endpoints where instances are plain processes (any host)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import ConfigError, PoolConfig, load_config
+from tests.conftest import echo_spec
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -46,3 +49,18 @@ def test_bad_pool_config_names_the_key(tmp_path: Path, text: str, needle: str) -
 def test_bad_pool_environment_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="DORM_POOL_MIN_IDLE"):
         load_config(None, environ={"DORM_POOL_MIN_IDLE": "many"})
+
+
+def test_without_sandboxes_there_are_no_pools_but_starts_are_timed(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw = gateway_factory()  # isolation = "process": nothing to pre-confine
+    status, body = gw.admin("GET", "/v1/pools")
+    assert status == 200 and body["enabled"] is False and body["pools"] == []
+    gw.put_app("echo", echo_spec())
+    assert gw.request("/", host="echo.localhost").status == 200
+    status, inst = gw.admin("GET", "/v1/instances/echo/main")
+    assert status == 200 and inst["last_start"]["path"] == "fresh", inst
+    assert inst["last_start"]["claim_ms"] >= 0 and inst["last_start"]["app_ms"] > 0
+    stats = gw.admin("GET", "/v1/stats")[1]["cold_starts"]
+    assert stats["fresh"]["count"] == 1 and stats["pool"]["count"] == 0
