@@ -101,6 +101,7 @@ class Shape:
     claimed: int = 0
     misses: int = 0
     built: int = 0
+    peak: int = 0  # the highest target so far: how far bursts have grown this pool
     build_times: deque[float] = field(default_factory=deque)
     last_miss: float = 0.0
 
@@ -439,6 +440,7 @@ class ForkServer:
             # shape misses by definition, and says nothing about bursts.
             shape.last_miss = time.monotonic()
             shape.target = min(self._limits_for(shape.runtime)[1], shape.target + 1)
+            shape.peak = max(shape.peak, shape.target)
         self.refill_pending = True
 
     def idle_members(self, shape: Shape) -> list[int]:
@@ -530,6 +532,7 @@ class ForkServer:
                     "idle": len(idle),
                     "idle_pids": idle,
                     "target": shape.target,
+                    "peak_target": max(shape.peak, shape.target),
                     "min_idle": low,
                     "max_idle": high,
                     "claimed": shape.claimed,

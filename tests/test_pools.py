@@ -253,8 +253,8 @@ def test_burst_beyond_the_pool_falls_back_and_grows_it(gw: Gateway, tmp_path: Pa
     assert [json.loads(a.body)[0] for a in answers] == names
     stats = gw.admin("GET", "/v1/stats")[1]["cold_starts"]
     assert stats["zygote"]["count"] >= 1 and stats["pool"]["count"] >= 1, stats
-    grown = wait_pool(gw, lambda p: p["target"] > 2 and p["idle"] > 2)  # reactive prewarm
-    assert grown["misses"] >= BURST - 6 and grown["target"] <= grown["max_idle"]
+    grown = wait_pool(gw, lambda p: p["misses"] >= BURST - 6)
+    assert 2 < grown["peak_target"] <= grown["max_idle"], grown  # reactive prewarm
     wait_pool(gw, lambda p: p["target"] == 2 and p["idle"] == 2)  # quiet: back to min_idle
     print("burst", json.dumps({k: v["stages"] for k, v in stats.items() if v["count"]}))
 
