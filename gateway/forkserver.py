@@ -8,7 +8,9 @@ things in one epoll loop:
      or, in development, as plain processes; by exec, or in zygote mode by calling preloaded code;
   2. pumps each instance's stdout+stderr into its size-rotated log file;
   3. notices exits through one pidfd per instance (never waitpid(-1), which would also reap the
-     sandbox pool's idle children) and reports how each ended (code, signal, OOM).
+     sandbox pool's idle children) and reports how each ended (code, signal, OOM);
+  4. keeps warm pools of pre-confined children per recent sandbox shape, sized between
+     [pool] min_idle and max_idle by recent misses, and answers `pools` queries about them.
 It talks to the gateway over one Unix stream socket with length-prefixed JSON frames. When the
 gateway goes away (EOF), it kills every instance and exits, so nothing outlives the gateway.
 """
