@@ -301,6 +301,28 @@ def cmd_pools(args: argparse.Namespace) -> int:
         ),
         rows,
     )
+    # The point of a pool is the start it saves: show recent starts per path next to it.
+    starts = client.call("GET", "/v1/stats")["cold_starts"]
+    stage_rows = []
+    for path, summary in starts.items():
+        stages = summary.get("stages", {})
+        if not summary.get("count"):
+            continue
+        stage_rows.append(
+            (
+                path,
+                summary["count"],
+                *(
+                    f"{stages[s]['p50_ms']:.1f}/{stages[s]['p99_ms']:.1f}" if s in stages else "-"
+                    for s in ("queue", "claim", "confine", "app", "first_byte", "total")
+                ),
+            )
+        )
+    if stage_rows:
+        print()
+        headers = ("PATH", "STARTS", "QUEUE", "CLAIM", "CONFINE", "APP", "FIRST_BYTE", "TOTAL")
+        _table(headers, stage_rows)
+        print("(ms, p50/p99 of recent starts)")
     return 0
 
 

@@ -177,6 +177,7 @@ def test_pool_api_cli_and_runtime_override(gw: Gateway, tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "RUNTIME" in out and "python-asgi" in out and "MISSES" in out
+    assert "CONFINE" in out and "\nzygote " in out  # recent starts per path, below the pools
 
 
 def member_view(pid: int) -> tuple[str, list[str], list[str]]:
