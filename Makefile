@@ -4,13 +4,19 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-proxy bench-sandbox bench-coldstart bench-runner clean
+.PHONY: demo test lint bench bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m gateway.demo
@@ -25,21 +31,24 @@ lint: $(STAMP)
 
 # Every benchmark; each rewrites its own section of docs/benchmarks.md. BENCH_ARGS=--quick for a
 # laptop-sized run.
-bench: bench-proxy bench-sandbox bench-coldstart bench-runner
+bench: bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust
 
-bench-proxy: $(STAMP)
+bench-proxy: $(BENCH_STAMP)
 	bash bench/install-baselines.sh
 	$(PY) -m bench.proxy $(BENCH_ARGS)
 
-bench-sandbox: $(STAMP)
+bench-sandbox: $(BENCH_STAMP)
 	bash bench/install-baselines.sh
 	$(PY) -m bench.sandbox --write $(BENCH_ARGS)
 
-bench-coldstart: $(STAMP)
+bench-coldstart: $(BENCH_STAMP)
 	$(PY) -m bench.coldstart $(BENCH_ARGS)
 
-bench-runner: $(STAMP)
+bench-runner: $(BENCH_STAMP)
 	$(PY) -m bench.runner $(BENCH_ARGS)
+
+bench-locust: $(BENCH_STAMP)
+	$(PY) -m bench.locust_run all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     need+=(nginx)
 fi
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)  # bench-sandbox compares against it
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
@@ -17,7 +18,7 @@ fi
 
 fail() {
     echo "install-baselines: $*" >&2
-    echo "install-baselines: install them by hand (Debian: apt-get install nginx-light wrk util-linux)" >&2
+    echo "install-baselines: install them by hand (Debian: apt-get install nginx-light wrk util-linux bubblewrap)" >&2
     exit 1
 }
 
