@@ -415,7 +415,15 @@ def header(scenario: str, intro: str, drv: Driver, runs: list[LocustRun]) -> str
         if others
         else "—"
     )
-    given = " ".join(sys.argv[1:]) if sys.argv[1:] else scenario + (" --quick" * drv.args.quick)
+    # As typed, but naming this scenario (`all` runs each; a reader re-runs just this one).
+    argv = [scenario if a == "all" else a for a in sys.argv[1:]]
+    given = " ".join(argv) if argv else scenario + (" --quick" * drv.args.quick)
+    busy_note = (
+        "Other engineers' test suites were running on this machine: absolute numbers are "
+        "pessimistic."
+        if others and max(others) > QUIET
+        else "The machine was otherwise quiet."
+    )
     return (
         f"## Locust: {scenario}\n\n{intro}\n\n"
         f"- **Date:** {now_utc()}; dorm at commit "
@@ -435,8 +443,7 @@ def header(scenario: str, intro: str, drv: Driver, runs: list[LocustRun]) -> str
         f"- **Other load:** CPU used by processes other than this benchmark, the gateway and "
         f"its instances and locust: {other}; waited {drv.quiet_waited:.0f} s in all for a quiet "
         f"machine (≤ {QUIET:.0%} busy, at most {drv.args.quiet_wait:g} s per run), "
-        f"{drv.not_quiet} run(s) started busy. Other engineers' test suites were running on "
-        "this 2-CPU machine: absolute numbers are pessimistic.\n"
+        f"{drv.not_quiet} run(s) started busy. {busy_note}\n"
         "- **Locust itself** runs on the same CPUs (one process, FastHttpUser): at high "
         "request rates it is the client, not dorm, that saturates first.\n"
     )
@@ -1143,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("locust", path=str(Path(sys.executable).parent)) is None:
         print(
-            "bench.locust_run: locust is not installed (pip install -e '.[dev]')", file=sys.stderr
+            "bench.locust_run: locust is not installed (pip install -e '.[bench]')", file=sys.stderr
         )
         return 2
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
