@@ -17,6 +17,7 @@ to join.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import signal
@@ -144,7 +145,7 @@ def _rmdirs(dirs: tuple[str, ...], timeout: float) -> None:
                 time.sleep(0.001)
 
 
-class CgroupHandle:
+class CgroupHandle(abc.ABC):
     """One sandbox's cgroup directory (one per v1 hierarchy, a single one on v2)."""
 
     version: int = 0
@@ -180,11 +181,11 @@ class CgroupHandle:
         self.kill_all(timeout)
         _rmdirs(self.dirs, timeout)
 
-    def oom_killed(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def oom_killed(self) -> bool: ...
 
-    def stats(self) -> dict[str, int | None]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int | None]: ...
 
 
 class V1Handle(CgroupHandle):
@@ -239,7 +240,7 @@ class V2Handle(CgroupHandle):
         }
 
 
-class CgroupBackend:
+class CgroupBackend(abc.ABC):
     """Creates, finds and limits sandbox cgroups for one cgroup version."""
 
     version: int = 0
@@ -256,13 +257,15 @@ class CgroupBackend:
             raise
         return handle
 
+    @abc.abstractmethod
     def make(self, parent: str, name: str) -> CgroupHandle:
         """Create an empty, unlimited cgroup (a pre-forked child waits in it)."""
-        raise NotImplementedError
+        ...
 
-    def apply_limits(self, handle: CgroupHandle, limits: Limits) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def apply_limits(self, handle: CgroupHandle, limits: Limits) -> None: ...
 
+    @abc.abstractmethod
     def activate(
         self, handle: CgroupHandle, name: str, limits: Limits, applied: Limits | None = None
     ) -> CgroupHandle:
@@ -274,20 +277,21 @@ class CgroupBackend:
         writing, which waits for an RCU grace period; after an idle spell that measured 5-20 ms
         here, on every cold start. Joining ahead of time and renaming keeps it off the path.
         """
-        raise NotImplementedError
+        ...
 
-    def handle(self, parent: str, name: str) -> CgroupHandle:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def handle(self, parent: str, name: str) -> CgroupHandle: ...
 
-    def list_children(self, parent: str) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def list_children(self, parent: str) -> list[str]: ...
 
+    @abc.abstractmethod
     def remove_parent(self, parent: str) -> None:
         """Remove ``parent`` itself once empty (tests use throwaway parents)."""
-        raise NotImplementedError
+        ...
 
-    def describe(self) -> dict[str, object]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> dict[str, object]: ...
 
 
 class V1Backend(CgroupBackend):
