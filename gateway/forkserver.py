@@ -743,6 +743,10 @@ def main() -> None:
     gc.freeze()
     server = ForkServer(control, pool)
     server.serve()
+    if cgroup_parent is not None:
+        # Every instance and idle member is gone: leave no empty cgroup directory behind either.
+        with contextlib.suppress(Exception):
+            importlib.import_module("sandboxes.cgroups").detect().remove_parent(cgroup_parent)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,28 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
             with contextlib.suppress(AssertionError):
                 gw.stop(timeout=20)
         shutil.rmtree(gw.run_dir, ignore_errors=True)
+        sweep_cgroups(gw)
+
+
+def sweep_cgroups(gw: Gateway) -> None:
+    """Remove the cgroup subtrees a test gateway used (its own and its code runner's), so a test
+    run leaves no cgroup directory behind even where a process died too abruptly to clean up."""
+    parent = gw.config_path.read_text().split('cgroup_parent = "')[1].split('"')[0]
+    try:
+        from sandboxes import cgroups, cleanup_stale
+
+        backend = cgroups.detect()
+    except Exception:
+        return  # no cgroups here: nothing was created
+    names = {parent}
+    for controller in ("pids", "memory"):
+        base = Path("/sys/fs/cgroup") / controller
+        if base.is_dir():
+            names |= {p.name for p in base.glob(f"{parent}-runner-*")}
+    for name in names:
+        with contextlib.suppress(Exception):
+            cleanup_stale(name)
+            backend.remove_parent(name)
 
 
 @pytest.fixture
