@@ -51,7 +51,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.common import (
@@ -68,6 +67,7 @@ from bench.common import (
     percentile,
     pkg_version,
     process_tree,
+    sigterm_as_interrupt,
     smaps_rollup,
     stop_process,
     tree_cpu_seconds,
@@ -1237,22 +1237,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--profile yes but strace is not installed")
     args.profile_with = strace if args.profile != "no" else None
     return args
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the cleanup still runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old: Callable[[int, FrameType | None], object] | int | None = signal.signal(
-        signal.SIGTERM, handler
-    )
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:

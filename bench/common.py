@@ -21,10 +21,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -419,3 +420,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 def pkg_version(name: str) -> str:
     """An installed distribution's version, or "not installed" (for the Software line)."""
     return _pkg_version(name)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the cleanup still runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old: Callable[[int, FrameType | None], object] | int | None = signal.signal(
+        signal.SIGTERM, handler
+    )
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -41,10 +41,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.coldstart import HELLO_APP, Gateway
@@ -59,6 +57,7 @@ from bench.common import (
     percentile,
     pkg_version,
     process_tree,
+    sigterm_as_interrupt,
     smaps_rollup,
     stop_process,
     tree_cpu_seconds,
@@ -1130,20 +1129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-free", type=float, default=4.0, help="hold: MemAvailable floor, GiB")
     p.add_argument("--quiet-wait", type=float, default=10.0, help="max wait for a quiet machine")
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM takes the same cleanup path as Ctrl-C."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from httptools import HttpParserError, HttpRequestParser, HttpResponseParser
 
@@ -58,6 +57,7 @@ from bench.common import (
     now_utc,
     pin,
     run_wrk,
+    sigterm_as_interrupt,
     stop_process,
     wait_for,
     write_section,
@@ -1011,22 +1011,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.duration < 1 or args.connections < 1:
         p.error("--rounds, --duration and --connections must be positive")
     return args
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the cleanup still runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old: Callable[[int, FrameType | None], object] | int | None = signal.signal(
-        signal.SIGTERM, handler
-    )
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:
