@@ -1219,7 +1219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quiet-wait",
         type=float,
         help="seconds to wait before each phase for other load to drop below "
-        f"{QUIET:.0%} (default 10; --quick 5)",
+        f"{QUIET * 100:.0f}%% (default 10; --quick 5)",  # %% : argparse formats help strings
     )
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     args = p.parse_args(argv)
