@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, echo_spec
+from tests.conftest import Gateway, echo_spec, read_until_close
 
 
 def instance_pids(run_dir: Path) -> list[int]:
@@ -357,3 +357,20 @@ def test_internal_service_is_routable_and_never_evicted(gateway_factory) -> None
             await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_connections_beyond_max_connections_get_503_and_are_closed(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = gateway_factory("max_connections = 2")
+    gw.put_app("echo", echo_spec())
+    first, second = gw.connect(), gw.connect()
+    try:
+        time.sleep(0.2)  # both accepted
+        with gw.connect() as third:
+            answer = read_until_close(third, 5)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too many connections" in answer
+        assert b"Retry-After: 1" in answer
+    finally:
+        first.close()
+        second.close()
+    time.sleep(0.2)
+    assert gw.request("/").status == 200  # room again once others closed

@@ -168,3 +168,15 @@ def test_python_runtime_in_a_sandbox(sandboxed: Gateway, start: str, tmp_path: P
     assert resp.status == 200, resp.body
     uid, pid, cwd = resp.body.decode().split()
     assert 300000 <= int(uid) <= 300999 and pid == "1" and cwd == "/app"
+
+
+def test_uid_range_exhausted_is_503_until_one_is_free(gateway_factory: Any) -> None:
+    gw: Gateway = gateway_factory('isolation = "auto"\nuid_range = "301000-301000"')
+    gw.put_app("one", probe_spec())
+    gw.put_app("two", probe_spec())
+    assert gw.request("/whoami", host="one.localhost").status == 200
+    refused = gw.request("/whoami", host="two.localhost")
+    assert refused.status == 503 and b"no free sandbox uid" in refused.body
+    assert gw.admin("POST", "/v1/apps/one/stop")[0] == 200
+    gw.wait_state("one", "cold")
+    assert whoami(gw, "two.localhost")["uid"][0] == 301000  # the uid went back to the range
