@@ -14,6 +14,7 @@ Ordering constraints the kernel imposes (and why the steps are split this way):
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -49,6 +50,26 @@ def set_ids(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+
+
+def await_exit(pidfd: int, timeout: float = 5.0) -> None:
+    """Rootless only: wait until the intermediate process (the pidfd) has exited, then close it.
+
+    The rootless pid-1 process is forked by an intermediate that exits at once, and the kernel sends
+    the parent-death signal when the *current* parent exits. Armed while the intermediate still
+    lives, it would SIGKILL the sandbox as soon as the intermediate is gone (seen in CI).
+    A pidfd turns readable only after the exiting process reparented its children, so arming after
+    this wait ties the signal to the fork server (the child subreaper) as intended.
+    """
+    if pidfd < 0:
+        return
+    try:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        if not p.poll(int(timeout * 1000)):
+            raise OSError(errno.ETIMEDOUT, "intermediate process did not exit")
+    finally:
+        os.close(pidfd)
 
 
 def arm_parent_death(errpipe_w: int) -> None:

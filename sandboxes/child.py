@@ -265,6 +265,15 @@ def rootless_userns(p: ChildPlan) -> None:
     libc.unshare(libc.CLONE_NEWPID)
 
 
+def own_pidfd() -> int:
+    """A pidfd on this (intermediate) process, for the child it forks to wait on; -1 without pidfd
+    support (kernel < 5.3), where the parent-death race below stays open."""
+    try:
+        return libc.pidfd_open(os.getpid())
+    except OSError:
+        return -1
+
+
 def fail(report_fd: int, step: str, err: int, message: str) -> NoReturn:
     with contextlib.suppress(OSError):
         os.write(report_fd, b"E" + f"{step}\0{err}\0{message}".encode(errors="replace"))
@@ -276,6 +285,7 @@ def confine(p: ChildPlan) -> NoReturn:
     # A collection would touch every tracked object and copy-on-write most of the fork server's
     # heap; the child only lives until execve, so it never needs one.
     gc.disable()
+    intermediate = -1  # rootless: pidfd on the process that forks pid 1 (see caps.await_exit)
     step = "stdio"
     try:
         step_stdio(p)
@@ -284,6 +294,7 @@ def confine(p: ChildPlan) -> NoReturn:
         if p.rootless:
             step = "userns"
             rootless_userns(p)
+            intermediate = own_pidfd()
             pid = os.fork()
             if pid != 0:
                 os.write(p.report_fd, b"P%d\n" % pid)
@@ -320,6 +331,7 @@ def confine(p: ChildPlan) -> NoReturn:
         step = "ids"
         step_ids(p)
         step = "parent_death"
+        caps.await_exit(intermediate)
         caps.arm_parent_death(p.report_fd)
         step = "capabilities"
         caps.clear_capabilities()

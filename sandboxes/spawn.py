@@ -45,7 +45,9 @@ it only receives signals it installed a handler for (SIGKILL from the host alway
 Rootless mode (not root): no pre-forking; the child creates a user namespace mapping only the
 caller's own uid, then the other namespaces, and runs every step itself. A second fork makes the
 pid-1 process and the intermediate exits, so the caller becomes a child subreaper to keep the
-waited pid its own child. ``doctor.missing_protections()`` lists what that mode cannot provide.
+waited pid its own child. The pid-1 process arms its parent-death signal only once the intermediate
+has exited (it waits on a pidfd), or the intermediate's exit would SIGKILL it.
+``doctor.missing_protections()`` lists what that mode cannot provide.
 """
 
 from __future__ import annotations
