@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust clean
+.PHONY: demo test lint bench bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust \
+	bench-registry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +32,7 @@ lint: $(STAMP)
 
 # Every benchmark; each rewrites its own section of docs/benchmarks.md. BENCH_ARGS=--quick for a
 # laptop-sized run.
-bench: bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust
+bench: bench-proxy bench-sandbox bench-coldstart bench-runner bench-locust bench-registry
 
 bench-proxy: $(BENCH_STAMP)
 	bash bench/install-baselines.sh
@@ -49,6 +50,10 @@ bench-runner: $(BENCH_STAMP)
 
 bench-locust: $(BENCH_STAMP)
 	$(PY) -m bench.locust_run all $(BENCH_ARGS)
+
+# 100,000 apps registered through the admin API (10,000 with --quick): gateway RSS, restart time.
+bench-registry: $(BENCH_STAMP)
+	$(PY) -m bench.registry_scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
