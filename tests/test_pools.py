@@ -218,27 +218,56 @@ def test_claim_isolation_nothing_before_nothing_after(gw: Gateway, tmp_path: Pat
     assert not Path(f"/proc/{a_pid}").exists()  # members are never reused: a's process is gone
 
 
-SEQUENTIAL_STARTS = 200  # the issue asks for 1,000; 200 keeps this test ~20 s on a shared machine
+SEQUENTIAL_STARTS = 1000  # as issue 5 asks
+
+
+def wait_cold(gw: Gateway, app: str, timeout: float = 15.0) -> None:
+    """Poll this one instance until it is cold: at once, then every 1 ms growing to 20 ms.
+
+    Why not `gw.wait_state`: it lists every instance and sleeps 50 ms between polls, which over
+    1,000 starts would be most of the test's time. `POST .../stop` only returns once the process
+    has exited, so the first poll almost always sees `cold` already.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        status, inst = gw.admin("GET", f"/v1/instances/{app}/main")
+        assert status == 200, inst
+        if inst["state"] == "cold":
+            return
+        assert time.monotonic() < deadline, f"{app} never went cold: {inst}"
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
 
 
 def test_sequential_cold_starts_all_answered(gw: Gateway, tmp_path: Path) -> None:
-    gw.put_app("seq", spec(app_dir(tmp_path)))
+    # stop_timeout 0: stopping is SIGKILL at once, not granian's graceful shutdown (~9 ms, a
+    # third of each round); what is tested is the next start, and a pool member is killed, never
+    # reused, either way.
+    gw.put_app("seq", spec(app_dir(tmp_path), stop_timeout="0s"))
     hit(gw, "seq")
     wait_pool(gw, lambda p: p["idle"] >= 2)
-    pids = set()
+    first = gw.admin("GET", "/v1/instances/seq/main")[1]
+    pids = {first["pid"]}
+    paths = {"pool": 0, "zygote": 0, "fresh": 0}
+    paths[first["last_start"]["path"]] += 1
     for _ in range(SEQUENTIAL_STARTS):
-        stop_and_wait(gw, "seq")
-        assert hit(gw, "seq")[0] == "seq"
-        pids.add(gw.instance("seq")["pid"])  # type: ignore[index]
-    assert len(pids) == SEQUENTIAL_STARTS  # a new process every time
+        status, body = gw.admin("POST", "/v1/apps/seq/stop")
+        assert status == 200 and body == {"stopped": 1}, body
+        wait_cold(gw, "seq")
+        assert hit(gw, "seq")[0] == "seq"  # answered by this tenant's app
+        status, inst = gw.admin("GET", "/v1/instances/seq/main")
+        assert status == 200 and inst["state"] == "ready", inst
+        pids.add(inst["pid"])
+        paths[inst["last_start"]["path"]] += 1
+    assert len(pids) == SEQUENTIAL_STARTS + 1  # a new process every time
     stats = gw.admin("GET", "/v1/stats")[1]["cold_starts"]
-    total = sum(stats[path]["count"] for path in ("pool", "zygote", "fresh"))
-    assert total == SEQUENTIAL_STARTS + 1
-    assert stats["pool"]["count"] >= SEQUENTIAL_STARTS * 0.9, stats  # refill keeps up
-    print("sequential", json.dumps(stats["pool"]["stages"]))
+    assert {path: stats[path]["count"] for path in paths} == paths, (paths, stats)
+    assert paths["pool"] >= SEQUENTIAL_STARTS * 0.9, paths  # refill keeps up
+    print("sequential", json.dumps(paths), json.dumps(stats["pool"]["stages"]))
 
 
-BURST = 50  # the issue asks for 100 apps at once; 50 on this shared 2-vCPU machine
+BURST = 100  # as issue 5 asks: 100 distinct apps at once
 
 
 def test_burst_beyond_the_pool_falls_back_and_grows_it(gw: Gateway, tmp_path: Path) -> None:
