@@ -2,29 +2,40 @@
 
     python -m bench.coldstart [--quick] [--no-plot] [--profile auto|yes|no] [--no-write]
 
-A real `dorm serve` is started twice with a throw-away config: once with `isolation = "auto"`
-(a full sandbox when run as root) and once with `isolation = "process"` (plain child processes),
-so what confinement costs is measured in the same run. Each gateway serves a tiny raw ASGI app
-(`HELLO_APP`, shown at /app through `app_dir`) registered many times under distinct names, half
-with `start = "zygote"` (forked from the fork server, which preloaded granian and uvloop) and half
-with `start = "fresh"` (a new interpreter running granian). For each of the four paths:
+A real `dorm serve` is started three times with a throw-away config, each serving a tiny raw ASGI
+app (`HELLO_APP`, shown at /app through `app_dir`) registered many times under distinct names:
+
+  * isolation "auto" (a full sandbox when run as root) with warm pools on (`[pool]` as the
+    gateway's defaults): cold starts claim a pre-forked, pre-confined pool member ("pool");
+  * isolation "auto" with pools off (`[pool] max_idle = 0`), apps with `start = "zygote"`
+    (forked from the fork server, which preloaded granian and uvloop) and `start = "fresh"`
+    (a new interpreter running granian);
+  * isolation "process" (plain child processes; pools off), zygote and fresh.
+
+Each of these five setups is measured the same way:
 
   * sequential: one cold start at a time; the app is stopped through the admin API and waited
     for until `cold` between rounds, so every sample is a real cold start;
   * bursts of 1/5/25/100 distinct cold apps requested at the same moment (asyncio clients);
-  * idle memory: K apps are woken, left idle, and the PSS of every process of each instance is
-    summed from /proc/<pid>/smaps_rollup; the fork server's and the gateway's own memory too.
+  * idle memory: K apps are woken one at a time, left idle, and the PSS of every process of each
+    instance is summed from /proc/<pid>/smaps_rollup; the fork server's, the gateway's and every
+    idle pool member's (the `idle_pids` of GET /v1/pools) too.
+
+Every sample is classified by the path the gateway says the start took — `last_start.path` of
+GET /v1/instances (pool, zygote or fresh), read after the response and checked to belong to this
+start by the instance's `starts` counter — never by what the setup was meant to do: a start in
+the pool setup that found the pool empty and fell back to a zygote fork counts as zygote. The
+tables say how many starts of each setup took each path.
 
 Latency is measured by the client: from before connect() until the whole response is read, on a
-fresh connection with `Connection: close`. The gateway's own `ready in X ms` log line (spawn
-request until its readiness probe connected) splits that into "starting the instance" and the
-rest, and the app itself reports when it was imported and when it served the request (wall clock,
-comparable across the sandbox boundary: there is no time namespace), which splits the start into
-"until the tenant's code runs" and "granian start + readiness probing".
+fresh connection with `Connection: close`. The gateway's per-stage timing of the same start
+(queue, claim, confine, app, first byte; gateway/coldstart.py) splits it, and the app itself
+reports when it was imported and when it served the request (wall clock, comparable across the
+sandbox boundary: there is no time namespace).
 
 Baselines from the same run: `python -I -c 'import asyncio'` and a fresh `granian --interface asgi
 --uds` process (no dorm) until its first response. With strace installed, one sandboxed zygote
-start is traced (fork server and gateway, -f -ttt) to show where the milliseconds go.
+start (pools off) is traced (fork server and gateway, -f -ttt) to show where the milliseconds go.
 
 Everything is bounded (timeouts on every wait, a cap on every loop), all traffic stays on
 127.0.0.1, and every process started here is stopped at the end, on error or Ctrl-C too. Results
@@ -48,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +87,7 @@ from bench.common import (
     wait_for,
     write_section,
 )
+from gateway.config import PoolConfig
 
 SECTION = "Cold start"
 IMG_DIR = REPO / "docs" / "img"
@@ -83,17 +96,55 @@ START_TIMEOUT = 30.0  # the gateway itself
 REQUEST_TIMEOUT = 60.0  # one cold request (a burst of 100 fresh interpreters on 2 CPUs is slow)
 STOP_TIMEOUT = 60.0  # waiting for stopped instances to be reported cold
 SETTLE = 0.15  # pause after instances are cold, so a teardown does not overlap the next start
-IDLE_SETTLE = 3.0
+POOL_WAIT = 5.0  # at most this long for a pool to be back at min_idle before an idle-memory wake
+IDLE_SETTLE = 3.0  # how long woken instances idle before their memory is read (--quick: 1 s)
 # Before each phase, wait (at most --quiet-wait seconds) until other processes use no more than
 # this share of the machine's CPUs: on 2 CPUs a neighbour's test suite doubles cold-start times.
-QUIET = 0.15  # how long woken instances idle before their memory is read
-PATHS = ("sandbox/zygote", "sandbox/fresh", "process/zygote", "process/fresh")
-# Targets from issues 4 and 5 (the default path is sandbox/zygote: isolation "auto" as root).
+QUIET = 0.15
+# Targets from issues 4 and 5.
+TARGET_POOL_P50 = 0.002
+TARGET_POOL_P99 = 0.010
 TARGET_ZYGOTE_P50 = 0.010
 TARGET_FRESH_P50 = 0.150
 TARGET_IDLE_PSS = 8 * MIB
 TARGET_BURST = 25
 TARGET_BURST_MAX = 0.100
+# The warm pools of the pool setup: the gateway's own [pool] defaults, written out so that the
+# report states them (and a change of the defaults shows up in it).
+POOL_DEFAULTS = PoolConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What a group of cold starts was configured for (not necessarily the path they took)."""
+
+    key: str  # "sandbox/pool", "sandbox/zygote", ...
+    isolation: str  # the gateway's isolation: "auto" (a sandbox as root) or "process"
+    pools: bool  # [pool] on (the defaults) or off (max_idle = 0)
+    start: str  # the apps' `start`: "zygote" or "fresh"
+
+    @property
+    def iso(self) -> str:
+        return "sandbox" if self.isolation == "auto" else "process"
+
+    @property
+    def gateway(self) -> str:
+        """Setups sharing a gateway: same isolation and pools."""
+        return f"{self.iso}-{'pools' if self.pools else 'nopools'}"
+
+
+SETUPS = (
+    Setup("sandbox/pool", "auto", True, "zygote"),
+    Setup("sandbox/zygote", "auto", False, "zygote"),
+    Setup("sandbox/fresh", "auto", False, "fresh"),
+    Setup("process/zygote", "process", False, "zygote"),
+    Setup("process/fresh", "process", False, "fresh"),
+)
+# Paths a start can take, as "<isolation>/<path the gateway reported>", in report order.
+PATH_ORDER = tuple(
+    f"{iso}/{p}" for iso in ("sandbox", "process") for p in ("pool", "zygote", "fresh")
+)
+TAKEN = ("pool", "zygote", "fresh", "?")  # "?": the gateway's report could not be tied to it
 
 # The tenant: a raw ASGI app with no dependencies. It reports, as wall-clock times, when its
 # module was imported and when it served the request, so the client can split a cold start.
@@ -124,7 +175,6 @@ async def app(scope, receive, send):
     )
     await send({"type": "http.response.body", "body": body})
 """
-READY_LINE = re.compile(r"\b([a-z0-9-]+)/([a-z0-9-]+) ready in ([\d.]+) ms \(pid (\d+)\)")
 
 
 # -- samples -------------------------------------------------------------------------------------
@@ -132,7 +182,7 @@ READY_LINE = re.compile(r"\b([a-z0-9-]+)/([a-z0-9-]+) ready in ([\d.]+) ms \(pid
 class Sample:
     """One cold request: what the client saw, plus what the gateway and the app reported."""
 
-    path: str
+    setup: str  # Setup.key: what it was configured for
     phase: str  # "seq" or "burst-N"
     app: str
     latency: float  # seconds, client-side: connect + request + whole response
@@ -141,11 +191,28 @@ class Sample:
     sent_wall: float = 0.0  # time.time() just before connect()
     imported: float | None = None  # app module imported (wall clock, from the response)
     served: float | None = None  # app handled the request (wall clock)
-    ready_ms: float | None = None  # the gateway's "ready in X ms"
+    taken: str = "?"  # the path the gateway reported for this start: pool, zygote, fresh
+    stages: dict[str, Any] = field(default_factory=dict)  # its `last_start`, in ms per stage
 
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.error is None
+
+    @property
+    def path(self) -> str:
+        """ "sandbox/pool", "process/zygote"...: the isolation and the path actually taken."""
+        return f"{self.setup.split('/')[0]}/{self.taken}"
+
+    def stage(self, name: str) -> float | None:
+        """One stage of the gateway's timing of this start, in seconds (None if not reported)."""
+        value = self.stages.get(f"{name}_ms")
+        return None if value is None else float(value) / 1000
+
+    @property
+    def ready_ms(self) -> float | None:
+        """Start began → instance ready (the log's `ready in`): total minus the queue wait."""
+        total, queue = self.stages.get("total_ms"), self.stages.get("queue_ms")
+        return None if total is None else float(total) - float(queue or 0.0)
 
 
 @dataclass(slots=True)
@@ -153,18 +220,22 @@ class Phase:
     """A group of samples measured together, with the machine's other load meanwhile."""
 
     name: str
-    path: str
+    setup: str
     samples: list[Sample] = field(default_factory=list)
     other_cpu: float = 0.0  # share of all CPUs used by processes that are not this benchmark
     wall: float = 0.0
+    pool_idle: list[int] = field(default_factory=list)  # idle pool members as each round began
+
+    def taken(self) -> Counter[str]:
+        return Counter(s.taken for s in self.samples)
 
 
-async def fetch(port: int, app: str, path: str, phase: str) -> Sample:
+async def fetch(port: int, app: str, setup: str, phase: str) -> Sample:
     """One GET on a new connection to the gateway, timed from before connect to the last byte."""
     head = f"GET / HTTP/1.1\r\nHost: {app}.localhost\r\nConnection: close\r\n\r\n".encode()
     sent_wall = time.time()
     t0 = time.perf_counter()
-    sample = Sample(path, phase, app, 0.0, sent_wall=sent_wall)
+    sample = Sample(setup, phase, app, 0.0, sent_wall=sent_wall)
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -196,18 +267,20 @@ async def fetch(port: int, app: str, path: str, phase: str) -> Sample:
     return sample
 
 
-async def burst(port: int, apps: list[str], path: str, phase: str) -> list[Sample]:
+async def burst(port: int, apps: list[str], setup: str, phase: str) -> list[Sample]:
     """Request every app at the same moment; each on its own connection."""
-    return list(await asyncio.gather(*(fetch(port, a, path, phase) for a in apps)))
+    return list(await asyncio.gather(*(fetch(port, a, setup, phase) for a in apps)))
 
 
 # -- one gateway ---------------------------------------------------------------------------------
 class Gateway:
     """One `dorm serve` with its own config, data dir and cgroup parent; `close()` undoes it."""
 
-    def __init__(self, tmp: Path, isolation: str) -> None:
+    def __init__(self, tmp: Path, isolation: str, pools: bool, name: str) -> None:
         self.isolation = isolation
-        self.dir = tmp / isolation
+        self.pools_on = pools
+        self.name = name
+        self.dir = tmp / name
         self.dir.mkdir(mode=0o755)
         self.port = free_port()
         self.admin_port = free_port()
@@ -218,6 +291,16 @@ class Gateway:
         self.log_path = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
+
+    def pool_section(self) -> str:
+        """[pool]: the gateway's defaults spelled out, or off (max_idle = 0: no members at all)."""
+        if not self.pools_on:
+            return "[pool]\nmin_idle = 0\nmax_idle = 0\n"
+        d = POOL_DEFAULTS
+        return (
+            f"[pool]\nmin_idle = {d.min_idle}\nmax_idle = {d.max_idle}\n"
+            f"refill_concurrency = {d.refill_concurrency}\nshrink_after = {d.shrink_after:g}\n"
+        )
 
     def write_config(self) -> Path:
         cfg = self.dir / "dorm.toml"
@@ -234,6 +317,7 @@ class Gateway:
             'uid_range = "310000-310999"\n'
             "max_warm_instances = 1000\n"
             'shutdown_timeout = "10s"\n'
+            "\n" + self.pool_section()
         )
         return cfg
 
@@ -274,7 +358,7 @@ class Gateway:
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"the {self.isolation} gateway died\n{self.tail()}")
+            raise RuntimeError(f"the {self.name} gateway died\n{self.tail()}")
 
     def forkserver_pid(self) -> int | None:
         """The gateway's child running gateway.forkserver."""
@@ -308,7 +392,7 @@ class Gateway:
             raise RuntimeError(f"PUT /v1/apps/{name}: {status} {body}")
 
     def instances(self) -> dict[str, dict[str, Any]]:
-        """app name → its main-branch instance."""
+        """app name → its main-branch instance (with `starts` and `last_start`)."""
         status, body = self.admin("GET", "/v1/instances")
         if status != 200:
             raise RuntimeError(f"GET /v1/instances: {status} {body}")
@@ -319,34 +403,49 @@ class Gateway:
                 self.seen_pids.add(int(inst["pid"]))
         return out
 
-    def stop_apps(self, apps: list[str]) -> None:
-        """Stop the apps' instances and wait until every one is reported cold."""
+    def instance(self, app: str) -> dict[str, Any]:
+        """One instance, as GET /v1/instances/{app}/{branch} reports it ({} before its first)."""
+        status, body = self.admin("GET", f"/v1/instances/{app}/main")
+        if status == 404:
+            return {}
+        if status != 200:
+            raise RuntimeError(f"GET /v1/instances/{app}/main: {status} {body}")
+        if body.get("pid"):
+            self.seen_pids.add(int(body["pid"]))
+        return dict(body)
+
+    def pool_state(self) -> dict[str, Any]:
+        """GET /v1/pools: per pool (sandbox shape) idle, idle_pids, claimed, misses..."""
+        status, body = self.admin("GET", "/v1/pools")
+        if status != 200:
+            raise RuntimeError(f"GET /v1/pools: {status} {body}")
+        return dict(body)
+
+    def pool_idle(self) -> int:
+        """Idle members over every python-asgi pool (0 with pools off)."""
+        return sum(
+            int(p.get("idle", 0))
+            for p in self.pool_state().get("pools", [])
+            if p.get("runtime") == "python-asgi"
+        )
+
+    def stop_apps(self, apps: list[str]) -> dict[str, dict[str, Any]]:
+        """Stop the apps' instances, wait until every one is reported cold; the final listing."""
         for app in apps:
             status, body = self.admin("POST", f"/v1/apps/{app}/stop")
             if status not in (200, 202, 204):
                 raise RuntimeError(f"POST /v1/apps/{app}/stop: {status} {body}")
         wanted = set(apps)
+        seen: dict[str, dict[str, Any]] = {}
 
         def all_cold() -> bool:
-            insts = self.instances()
-            return all(insts.get(a, {}).get("state", "cold") == "cold" for a in wanted)
+            seen.clear()
+            seen.update(self.instances())
+            return all(seen.get(a, {}).get("state", "cold") == "cold" for a in wanted)
 
         wait_for(all_cold, STOP_TIMEOUT, f"{len(apps)} instances to stop", interval=0.02)
         time.sleep(SETTLE)
-
-    # -- the gateway's log ---------------------------------------------------------------------
-    def log_mark(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def ready_lines(self, mark: int) -> dict[str, list[float]]:
-        """app → the `ready in X ms` values logged since `mark`, in order."""
-        out: dict[str, list[float]] = {}
-        with open(self.log_path, "rb") as f:
-            f.seek(mark)
-            text = f.read().decode(errors="replace")
-        for m in READY_LINE.finditer(text):
-            out.setdefault(m.group(1), []).append(float(m.group(3)))
-        return out
+        return dict(seen)
 
     # -- cleanup -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -368,22 +467,41 @@ class Gateway:
                     base.rmdir()
 
 
+def classify(
+    samples: list[Sample], before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> None:
+    """Give each sample the path and stages the gateway reported for its start.
+
+    The report is the instance's `last_start`; it belongs to this sample's start only if the
+    instance's `starts` went up by exactly one since the listing taken before the request (the
+    app was cold then). Anything else (a crash and restart, a missing instance) stays "?".
+    """
+    for s in samples:
+        inst = after.get(s.app) or {}
+        prev = int((before.get(s.app) or {}).get("starts", 0))
+        last = inst.get("last_start")
+        if last and int(inst.get("starts", 0)) == prev + 1 and last.get("path") in TAKEN:
+            s.taken = str(last["path"])
+            s.stages = dict(last)
+
+
 # -- the benchmark -------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Memory:
-    """Idle memory of one path: per-instance sums and the shared processes next to them."""
+    """Idle memory of the instances that took one path, and the shared processes next to them."""
 
-    path: str
+    path: str  # path taken, e.g. "sandbox/pool"
+    setup: str  # the setup whose instances these are
     per_instance: list[dict[str, int]]
     forkserver: dict[str, int]
     gateway: dict[str, int]
-    pool: list[dict[str, int]] = field(default_factory=list)  # idle pre-forked sandboxes
+    pool: list[dict[str, int]] = field(default_factory=list)  # idle pool members (GET /v1/pools)
 
 
 @dataclass
 class Results:
     phases: list[Phase] = field(default_factory=list)
-    memory: dict[str, Memory] = field(default_factory=dict)
+    memory: list[Memory] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
     baseline_memory: dict[str, int] = field(default_factory=dict)
     profile: str = ""
@@ -428,11 +546,13 @@ class Bench:
         }
 
     @staticmethod
-    def app_names(start: str, count: int) -> list[str]:
-        return [f"{start[0]}{i}" for i in range(count)]
+    def app_names(setup: Setup, count: int) -> list[str]:
+        return [f"{setup.start[0]}{i}" for i in range(count)]
 
     def wait_quiet(self) -> None:
         """Wait, bounded, for other processes to leave the CPUs mostly idle before a phase."""
+        if self.args.quiet_wait <= 0:  # --quick: no half-second load sample per phase either
+            return
         deadline = time.monotonic() + self.args.quiet_wait
         t0 = time.monotonic()
         cpus = os.cpu_count() or 1
@@ -471,116 +591,132 @@ class Bench:
             total += tree_cpu_seconds(gw.proc.pid)
         return total
 
-    def attach_ready(self, gw: Gateway, mark: int, samples: list[Sample]) -> None:
-        """Give each sample the gateway's `ready in` for its app, in order of the log."""
-        lines = gw.ready_lines(mark)
-        for s in samples:
-            values = lines.get(s.app)
-            if values:
-                s.ready_ms = values.pop(0)
+    def wait_pool(self, gw: Gateway) -> None:
+        """With pools on: wait (bounded) until the pool is back at min_idle after a claim."""
+        if not gw.pools_on:
+            return
+        with contextlib.suppress(TimeoutError):
+            wait_for(
+                lambda: gw.pool_idle() >= POOL_DEFAULTS.min_idle, POOL_WAIT, "pool", interval=0.01
+            )
 
     # -- phases ------------------------------------------------------------------------------------
-    def run_gateway(self, isolation: str) -> None:
-        gw = Gateway(self.tmp, isolation)
+    def run_gateway(self, setups: list[Setup]) -> None:
+        """One gateway for setups that share isolation and pools; each setup measured in turn."""
+        first = setups[0]
+        gw = Gateway(self.tmp, first.isolation, first.pools, first.gateway)
         self.gateways.append(gw)
         gw.start()
-        label = "sandbox" if isolation == "auto" else "process"
         n_apps = max(max(self.args.bursts), self.args.idle)
-        for start in ("zygote", "fresh"):
-            for name in self.app_names(start, n_apps):
-                gw.put_app(name, self.spec(start))
+        for setup in setups:
+            for name in self.app_names(setup, n_apps):
+                gw.put_app(name, self.spec(setup.start))
         # Warm-up (not recorded): the first start after boot pays one-off costs (seccomp filter
-        # compile, page cache, the sandboxes import in the fork server).
-        for start in ("zygote", "fresh"):
-            name = self.app_names(start, 1)[0]
+        # compile, page cache, the sandboxes import in the fork server); with pools on, it is
+        # also the miss that makes the fork server fill a pool for this sandbox shape.
+        for setup in setups:
+            name = self.app_names(setup, 1)[0]
             self.loop.run(fetch(gw.port, name, "warmup", "warmup"))
             gw.stop_apps([name])
-        if isolation == "auto" and self.args.profile_with:
-            self.results.profile = self.profile(gw)
-        for start in ("zygote", "fresh"):
-            path = f"{label}/{start}"
-            self.sequential(gw, path, start)
+            self.wait_pool(gw)
+        for setup in setups:
+            if setup.key == "sandbox/zygote" and self.args.profile_with:
+                self.results.profile = self.profile(gw, setup)
+            self.sequential(gw, setup)
             for size in self.args.bursts:
-                self.bursts(gw, path, start, size)
-            self.idle_memory(gw, path, start)
+                self.bursts(gw, setup, size)
+            self.idle_memory(gw, setup)
         gw.check_alive()
         gw.close()
 
-    def sequential(self, gw: Gateway, path: str, start: str) -> None:
-        app = self.app_names(start, 1)[0]
-        phase = Phase("seq", path)
+    def sequential(self, gw: Gateway, setup: Setup) -> None:
+        app = self.app_names(setup, 1)[0]
+        phase = Phase("seq", setup.key)
+        before = gw.instances()
         with self.measured(gw, phase):
             for i in range(self.args.seq):
-                mark = gw.log_mark()
-                s = self.loop.run(fetch(gw.port, app, path, "seq"))
-                gw.stop_apps([app])
-                self.attach_ready(gw, mark, [s])
+                phase.pool_idle.append(gw.pool_idle() if gw.pools_on else 0)
+                s = self.loop.run(fetch(gw.port, app, setup.key, "seq"))
+                classify([s], before, {app: gw.instance(app)})
+                before = gw.stop_apps([app])
                 phase.samples.append(s)
-                self.progress(path, f"seq {i + 1}/{self.args.seq}", [s])
+                self.progress(setup.key, f"seq {i + 1}/{self.args.seq}", [s])
         self.results.phases.append(phase)
         gw.check_alive()
 
-    def bursts(self, gw: Gateway, path: str, start: str, size: int) -> None:
-        apps = self.app_names(start, size)
+    def bursts(self, gw: Gateway, setup: Setup, size: int) -> None:
+        apps = self.app_names(setup, size)
         reps = self.args.burst_reps.get(size, 1)
-        phase = Phase(f"burst-{size}", path)
+        phase = Phase(f"burst-{size}", setup.key)
+        before = gw.instances()
         with self.measured(gw, phase):
             for r in range(reps):
-                mark = gw.log_mark()
-                samples = self.loop.run(burst(gw.port, apps, path, f"burst-{size}"))
-                gw.stop_apps(apps)
-                self.attach_ready(gw, mark, samples)
+                phase.pool_idle.append(gw.pool_idle() if gw.pools_on else 0)
+                samples = self.loop.run(burst(gw.port, apps, setup.key, f"burst-{size}"))
+                classify(samples, before, gw.instances())
+                before = gw.stop_apps(apps)
                 phase.samples += samples
-                self.progress(path, f"burst {size} ({r + 1}/{reps})", samples)
+                self.progress(setup.key, f"burst {size} ({r + 1}/{reps})", samples)
         self.results.phases.append(phase)
         gw.check_alive()
 
-    def idle_memory(self, gw: Gateway, path: str, start: str) -> None:
-        """Wake K apps (bursts of 10), let them idle, sum the PSS of each instance's processes."""
-        apps = self.app_names(start, self.args.idle)
+    def idle_memory(self, gw: Gateway, setup: Setup) -> None:
+        """Wake K apps one at a time, let them idle, sum the PSS of each instance's processes.
+
+        One at a time, and with pools on after the pool is back at min_idle, so that each wake
+        takes the setup's path (a burst would exhaust the pool); each instance is still filed
+        under the path the gateway reports for it.
+        """
+        apps = self.app_names(setup, self.args.idle)
         self.wait_quiet()
-        for i in range(0, len(apps), 10):
-            for s in self.loop.run(burst(gw.port, apps[i : i + 10], path, "idle")):
-                if not s.ok:
-                    self.results.errors.append(f"{path} idle wake {s.app}: {s.error}")
-        time.sleep(IDLE_SETTLE)
+        before = gw.instances()
+        for app in apps:
+            self.wait_pool(gw)
+            s = self.loop.run(fetch(gw.port, app, setup.key, "idle"))
+            if not s.ok:
+                self.results.errors.append(f"{setup.key} idle wake {s.app}: {s.error}")
+        time.sleep(self.args.idle_settle)
         insts = gw.instances()
-        per: list[dict[str, int]] = []
+        by_path: dict[str, list[dict[str, int]]] = {}
         for app in apps:
             inst = insts.get(app)
+            s = Sample(setup.key, "idle", app, 0.0)
+            classify([s], before, insts)
             if inst and inst.get("state") == "ready" and inst.get("pid"):
                 mem = tree_memory(int(inst["pid"]))
                 if mem.get("processes"):
-                    per.append(mem)
+                    by_path.setdefault(s.path, []).append(mem)
         fs = gw.forkserver_pid()
         assert gw.proc is not None
-        # The fork server's other children are its pool of pre-forked (idle) sandboxes.
-        instance_pids = {int(i["pid"]) for i in insts.values() if i.get("pid")}
-        pool = [
-            tree_memory(pid) for pid in (child_pids(fs) if fs else []) if pid not in instance_pids
+        # Idle pool members, as the gateway lists them: what a pool costs while nobody needs it.
+        members = [
+            tree_memory(int(pid))
+            for p in gw.pool_state().get("pools", [])
+            for pid in p.get("idle_pids", [])
         ]
-        self.results.memory[path] = Memory(
-            path,
-            per,
-            smaps_rollup(fs) if fs else {},
-            smaps_rollup(gw.proc.pid),
-            [m for m in pool if m.get("processes")],
-        )
-        pss = sorted(m.get("Pss", 0) for m in per)
-        if pss:
+        members = [m for m in members if m.get("processes")]
+        fs_mem = smaps_rollup(fs) if fs else {}
+        gw_mem = smaps_rollup(gw.proc.pid)
+        for path in sorted(by_path, key=path_rank):
+            per = by_path[path]
+            self.results.memory.append(Memory(path, setup.key, per, fs_mem, gw_mem, members))
+            pss = sorted(m.get("Pss", 0) for m in per)
             print(
-                f"{path:15} idle: {len(per)} instances, PSS median {pss[len(pss) // 2] / MIB:.1f} "
-                f"MiB, fork server PSS {smaps_rollup(fs).get('Pss', 0) / MIB if fs else 0:.1f} MiB",
+                f"{setup.key:15} idle: {len(per)} instances took {path}, PSS median "
+                f"{pss[len(pss) // 2] / MIB:.1f} MiB; {len(members)} idle pool members; fork "
+                f"server PSS {fs_mem.get('Pss', 0) / MIB:.1f} MiB",
                 file=sys.stderr,
             )
         gw.stop_apps(apps)
 
     @staticmethod
-    def progress(path: str, what: str, samples: list[Sample]) -> None:
+    def progress(setup: str, what: str, samples: list[Sample]) -> None:
         lat = sorted(s.latency for s in samples)
         errors = sum(not s.ok for s in samples)
+        taken = Counter(s.taken for s in samples)
         print(
-            f"{path:15} {what:18} p50 {fmt_ms(percentile(lat, 50))}  max {fmt_ms(lat[-1])}"
+            f"{setup:15} {what:18} p50 {fmt_ms(percentile(lat, 50))}  max {fmt_ms(lat[-1])}  "
+            + ",".join(f"{k} {v}" for k, v in sorted(taken.items()))
             + (
                 f"  ERRORS {errors}: {next(s.error for s in samples if not s.ok)}" if errors else ""
             ),
@@ -667,16 +803,16 @@ class Bench:
         raise TimeoutError("granian did not answer in time")
 
     # -- profile ---------------------------------------------------------------------------------
-    def profile(self, gw: Gateway) -> str:
+    def profile(self, gw: Gateway, setup: Setup) -> str:
         """strace one sandboxed zygote start (fork server and gateway, -f -ttt) and summarize."""
         fs = gw.forkserver_pid()
         assert gw.proc is not None and fs is not None
-        app = self.app_names("zygote", 1)[0]
+        app = self.app_names(setup, 1)[0]
         # Untraced reference, right before.
-        mark = gw.log_mark()
-        ref = self.loop.run(fetch(gw.port, app, "profile", "profile"))
-        gw.stop_apps([app])
-        self.attach_ready(gw, mark, [ref])
+        before = gw.instances()
+        ref = self.loop.run(fetch(gw.port, app, setup.key, "profile"))
+        classify([ref], before, {app: gw.instance(app)})
+        before = gw.stop_apps([app])
         outs = {"forkserver": self.tmp / "strace-fs.txt", "gateway": self.tmp / "strace-gw.txt"}
         tracers = []
         # -p for every existing descendant too: pre-forked, pre-confined pool members exist
@@ -704,14 +840,13 @@ class Bench:
             )
             self.procs.append(tracers[-1])
         time.sleep(1.0)  # attaching to every thread takes a moment
-        mark = gw.log_mark()
-        s = self.loop.run(fetch(gw.port, app, "profile", "profile"))
+        s = self.loop.run(fetch(gw.port, app, setup.key, "profile"))
         time.sleep(0.3)
         for t in tracers:
             stop_process(t, signal.SIGINT, grace=5)  # strace detaches on SIGINT
             self.procs.remove(t)
+        classify([s], before, {app: gw.instance(app)})
         gw.stop_apps([app])
-        self.attach_ready(gw, mark, [s])
         return summarize_strace(outs, fs, s, ref)
 
 
@@ -837,9 +972,9 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
     span = (sent - got) * 1000 if got and sent else None
     notes = [
         f"Traced start: {traced.latency * 1000:.1f} ms client-side (gateway: ready in "
-        f"{traced.ready_ms if traced.ready_ms is not None else '—'} ms); the same start untraced "
+        f"{fmt_opt(traced.ready_ms)} ms); the same start untraced "
         f"just before: {ref.latency * 1000:.1f} ms (ready in "
-        f"{ref.ready_ms if ref.ready_ms is not None else '—'} ms). ptrace stops every system "
+        f"{fmt_opt(ref.ready_ms)} ms). ptrace stops every system "
         "call, so traced times are stretched "
         f"({traced.latency / ref.latency:.1f}x here): read the order and the shares, not the "
         "totals."
@@ -856,73 +991,190 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 
 
+def fmt_opt(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms:.1f}"
+
+
 # -- reporting -----------------------------------------------------------------------------------
 def fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     ms = seconds * 1000
-    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
 
 
 def stats(values: list[float]) -> tuple[float, float, float] | None:
     return (percentile(values, 50), percentile(values, 99), max(values)) if values else None
 
 
-def latency_table(results: Results) -> str:
+def p50(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def path_rank(path: str) -> int:
+    return PATH_ORDER.index(path) if path in PATH_ORDER else len(PATH_ORDER)
+
+
+def phase_rank(name: str) -> int:
+    return 0 if name == "seq" else int(name.split("-")[1])
+
+
+def phase_label(name: str) -> str:
+    return "sequential" if name == "seq" else f"burst of {name.split('-')[1]}"
+
+
+def taken_cell(counts: Counter[str]) -> str:
+    """ "pool 38, zygote 2": how many starts took each path (the gateway's report)."""
+    return ", ".join(f"{p} {counts[p]}" for p in TAKEN if counts.get(p))
+
+
+def samples_by(results: Results, path: str, phase_name: str) -> list[Sample]:
+    """The successful samples of one phase (over every setup) that took `path`."""
+    return [
+        s
+        for ph in results.phases
+        if ph.name == phase_name
+        for s in ph.samples
+        if s.ok and s.path == path
+    ]
+
+
+def paths_seen(results: Results) -> list[str]:
+    return sorted({s.path for ph in results.phases for s in ph.samples if s.ok}, key=path_rank)
+
+
+def phase_names(results: Results) -> list[str]:
+    return sorted({ph.name for ph in results.phases}, key=phase_rank)
+
+
+def setup_phase(results: Results, setup: str, name: str) -> Phase | None:
+    return next((p for p in results.phases if p.setup == setup and p.name == name), None)
+
+
+def setups_table(results: Results) -> str:
+    """Per setup and phase: how many starts took each path, errors, and the whole phase's spread."""
     rows = [
-        "| path | phase | n | p50 | p99 | max | gateway `ready in` p50 | "
-        "connect → app imported p50 | errors | other load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setup (configured) | phase | starts | path taken (gateway's report) | errors | "
+        "p50, all starts | max, all starts | idle pool members as a round began | other load |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for ph in results.phases:
-        ok = [s for s in ph.samples if s.ok]
-        st = stats([s.latency for s in ok])
-        ready = [s.ready_ms / 1000 for s in ok if s.ready_ms is not None]
-        imp = [s.imported - s.sent_wall for s in ok if s.imported is not None]
-        errors = len(ph.samples) - len(ok)
-        label = "sequential" if ph.name == "seq" else f"burst of {ph.name.split('-')[1]}"
+        lat = [s.latency for s in ph.samples if s.ok]
+        errors = sum(not s.ok for s in ph.samples)
+        idle = (
+            f"{sorted(ph.pool_idle)[len(ph.pool_idle) // 2]} (median)"
+            if ph.pool_idle and any(ph.pool_idle)
+            else "0"
+        )
         rows.append(
-            f"| {ph.path} | {label} | {len(ph.samples)} | "
-            + (" | ".join(fmt_ms(x) for x in st) if st else "— | — | —")
-            + f" | {fmt_ms(percentile(ready, 50)) if ready else '—'}"
-            f" | {fmt_ms(percentile(imp, 50)) if imp else '—'}"
-            f" | {errors} | {ph.other_cpu:.0%} |"
+            f"| {ph.setup} | {phase_label(ph.name)} | {len(ph.samples)} | "
+            f"{taken_cell(ph.taken())} | {errors} | {fmt_ms(p50(lat))} | "
+            f"{fmt_ms(max(lat) if lat else None)} | {idle} | {ph.other_cpu:.0%} |"
         )
     return "\n".join(rows)
 
 
+def latency_table(results: Results) -> str:
+    """Per path taken and phase (over every setup): client latency and the gateway's stages."""
+    rows = [
+        "| path taken | phase | n | from setup | p50 | p99 | max | gateway total p50 | "
+        "connect → app imported p50 |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths_seen(results):
+        for name in phase_names(results):
+            ok = samples_by(results, path, name)
+            if not ok:
+                continue
+            st = stats([s.latency for s in ok])
+            assert st is not None
+            total = [t for s in ok if (t := s.stage("total")) is not None]
+            imp = [s.imported - s.sent_wall for s in ok if s.imported is not None]
+            origin = Counter(s.setup for s in ok)
+            rows.append(
+                f"| {path} | {phase_label(name)} | {len(ok)} | "
+                + ", ".join(f"{k} {v}" for k, v in origin.items())
+                + " | "
+                + " | ".join(fmt_ms(x) for x in st)
+                + f" | {fmt_ms(p50(total))} | {fmt_ms(p50(imp))} |"
+            )
+    return "\n".join(rows)
+
+
+SPLIT_STAGES = ("queue", "claim", "confine", "app", "first_byte")
+
+
+def split_table(results: Results) -> str:
+    """Where a sequential cold start's time goes, from the gateway's stages and the app's clock."""
+    rows = [
+        "| path taken (sequential, p50 of each) | client total | gateway total | queue | "
+        "claim or fork | confine | app (spawned → socket accepts) | first byte | "
+        "connect → app imported | app imported → served | client - gateway total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths_seen(results):
+        ok = samples_by(results, path, "seq")
+        if not ok:
+            continue
+        cells = [p50([s.latency for s in ok])]
+        cells.append(p50([t for s in ok if (t := s.stage("total")) is not None]))
+        for stage in SPLIT_STAGES:
+            cells.append(p50([t for s in ok if (t := s.stage(stage)) is not None]))
+        cells.append(p50([s.imported - s.sent_wall for s in ok if s.imported is not None]))
+        cells.append(p50([s.served - s.imported for s in ok if s.served and s.imported]))
+        cells.append(p50([s.latency - t for s in ok if (t := s.stage("total")) is not None]))
+        rows.append(f"| {path} | " + " | ".join(fmt_ms(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def mib(value: int) -> str:
+    return f"{value / MIB:.1f} MiB"
+
+
 def memory_table(results: Results) -> str:
     rows = [
-        "| path | instances | PSS median | PSS min-max | USS (private) median | RSS median | "
-        "processes/instance | fork server PSS (RSS) | pool members: n, PSS median | "
-        "gateway PSS (RSS) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path taken | setup | instances | PSS median | PSS min-max | USS (private) median | "
+        "RSS median | processes/instance | fork server PSS (RSS) | gateway PSS (RSS) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for path in PATHS:
-        m = results.memory.get(path)
-        if m is None or not m.per_instance:
-            continue
+    for m in sorted(results.memory, key=lambda m: path_rank(m.path)):
         pss = sorted(x.get("Pss", 0) for x in m.per_instance)
         uss = sorted(x.get("Private_Clean", 0) + x.get("Private_Dirty", 0) for x in m.per_instance)
         rss = sorted(x.get("Rss", 0) for x in m.per_instance)
         procs = sorted(x.get("processes", 0) for x in m.per_instance)
         mid = len(pss) // 2
-        fs = m.forkserver
+        fs, gw = m.forkserver, m.gateway
         rows.append(
-            f"| {path} | {len(pss)} | {pss[mid] / MIB:.1f} MiB | {pss[0] / MIB:.1f}-"
-            f"{pss[-1] / MIB:.1f} MiB | {uss[mid] / MIB:.1f} MiB | {rss[mid] / MIB:.1f} MiB | "
-            f"{procs[mid]} | {fs.get('Pss', 0) / MIB:.1f} ({fs.get('Rss', 0) / MIB:.1f}) MiB | "
-            f"{pool_cell(m.pool)} | "
-            f"{m.gateway.get('Pss', 0) / MIB:.1f} ({m.gateway.get('Rss', 0) / MIB:.1f}) MiB |"
+            f"| {m.path} | {m.setup} | {len(pss)} | {mib(pss[mid])} | {pss[0] / MIB:.1f}-"
+            f"{mib(pss[-1])} | {mib(uss[mid])} | {mib(rss[mid])} | {procs[mid]} | "
+            f"{fs.get('Pss', 0) / MIB:.1f} ({mib(fs.get('Rss', 0))}) | "
+            f"{gw.get('Pss', 0) / MIB:.1f} ({mib(gw.get('Rss', 0))}) |"
+        )
+    members: dict[str, list[dict[str, int]]] = {}
+    for m in results.memory:
+        members.setdefault(m.setup, m.pool)
+    rows += [
+        "",
+        "| idle pool members (GET /v1/pools `idle_pids`) | members | PSS median | PSS min-max | "
+        "USS (private) median | RSS median |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for setup in (s.key for s in SETUPS):
+        pool = members.get(setup)
+        if pool is None:
+            continue
+        if not pool:
+            rows.append(f"| {setup} | 0 | — | — | — | — |")
+            continue
+        pss = sorted(x.get("Pss", 0) for x in pool)
+        uss = sorted(x.get("Private_Clean", 0) + x.get("Private_Dirty", 0) for x in pool)
+        rss = sorted(x.get("Rss", 0) for x in pool)
+        mid = len(pss) // 2
+        rows.append(
+            f"| {setup} | {len(pss)} | {mib(pss[mid])} | {pss[0] / MIB:.1f}-{mib(pss[-1])} | "
+            f"{mib(uss[mid])} | {mib(rss[mid])} |"
         )
     return "\n".join(rows)
-
-
-def pool_cell(pool: list[dict[str, int]]) -> str:
-    if not pool:
-        return "0"
-    pss = sorted(x.get("Pss", 0) for x in pool)
-    return f"{len(pss)}, {pss[len(pss) // 2] / MIB:.1f} MiB"
 
 
 def baseline_table(results: Results) -> str:
@@ -933,164 +1185,192 @@ def baseline_table(results: Results) -> str:
         mem = ""
         if name.startswith("granian") and results.baseline_memory.get("granian"):
             mem = (
-                f"{results.baseline_memory['granian'] / MIB:.1f} MiB "
+                f"{mib(results.baseline_memory['granian'])} "
                 f"({results.baseline_memory.get('granian_processes', 0)} processes)"
             )
         rows.append(f"| `{name}` | {len(values)} | {fmt_ms(st[0])} | {fmt_ms(st[2])} | {mem} |")
     return "\n".join(rows)
 
 
-def phase(results: Results, path: str, name: str) -> Phase | None:
-    return next((p for p in results.phases if p.path == path and p.name == name), None)
+def seq_latencies(results: Results, path: str) -> list[float]:
+    return [s.latency for s in samples_by(results, path, "seq")]
 
 
-def ok_latencies(ph: Phase | None) -> list[float]:
-    return [s.latency for s in ph.samples if s.ok] if ph else []
+def median_pss(m: Memory) -> int:
+    pss = sorted(x.get("Pss", 0) for x in m.per_instance)
+    return pss[len(pss) // 2]
 
 
 def targets_table(results: Results) -> tuple[str, list[str]]:
-    """Each target of issues 4 and 5: measured value, met or not, and the gap."""
+    """Each target of issues 4 and 5: measured value, met or not, and the gap.
+
+    Targets of setups this run did not measure (`--setups`) are left out; a target of a measured
+    setup without a value (no start took the path, a burst had errors) is "not measured".
+    """
     rows = ["| target | measured | verdict |", "|---|---:|---|"]
     missed: list[str] = []
+    ran = {ph.setup for ph in results.phases}
 
-    def add(label: str, value: float | None, limit: float, unit: str) -> None:
+    def add(
+        label: str, value: float | None, limit: float, unit: str, setup: str | None = None
+    ) -> None:
+        if (setup or label.split(" ")[0]) not in ran:
+            return
         if value is None:
-            rows.append(f"| {label} | — | not measured |")
+            rows.append(f"| {label} | — | **not measured** |")
+            missed.append(f"{label} (not measured)")
             return
         scale = 1000 if unit == "ms" else 1 / MIB
         met = value <= limit
-        shown = f"{value * scale:.1f} {unit}"
+        shown = (
+            f"{value * scale:.2f} {unit}" if value * scale < 10 else f"{value * scale:.1f} {unit}"
+        )
         gap = "" if met else f" (gap {(value - limit) * scale:+.1f} {unit}, {value / limit:.1f}x)"
         rows.append(f"| {label} | {shown} | **{'met' if met else 'not met'}**{gap} |")
         if not met:
             missed.append(label)
 
+    pool_seq = setup_phase(results, "sandbox/pool", "seq")
+    pool = seq_latencies(results, "sandbox/pool")
+    of = f"{len(pool)} of {len(pool_seq.samples)}" if pool_seq else f"{len(pool)}"
+    add(
+        f"sandbox/pool sequential p50 ≤ 2 ms ({of} starts took the pool path)",
+        p50(pool),
+        TARGET_POOL_P50,
+        "ms",
+    )
+    add(
+        "sandbox/pool sequential p99 ≤ 10 ms",
+        percentile(pool, 99) if pool else None,
+        TARGET_POOL_P99,
+        "ms",
+    )
     for iso in ("sandbox", "process"):
-        z = ok_latencies(phase(results, f"{iso}/zygote", "seq"))
-        f = ok_latencies(phase(results, f"{iso}/fresh", "seq"))
         add(
             f"{iso}/zygote sequential p50 ≤ 10 ms",
-            percentile(z, 50) if z else None,
+            p50(seq_latencies(results, f"{iso}/zygote")),
             TARGET_ZYGOTE_P50,
             "ms",
         )
         add(
             f"{iso}/fresh sequential p50 ≤ 150 ms",
-            percentile(f, 50) if f else None,
+            p50(seq_latencies(results, f"{iso}/fresh")),
             TARGET_FRESH_P50,
             "ms",
         )
-        b = phase(results, f"{iso}/zygote", f"burst-{TARGET_BURST}")
-        lat = ok_latencies(b)
-        all_ok = b is not None and len(lat) == len(b.samples)
+    for setup in ("sandbox/pool", "sandbox/zygote", "process/zygote"):
+        b = setup_phase(results, setup, f"burst-{TARGET_BURST}")
+        lat = [s.latency for s in b.samples if s.ok] if b else []
+        all_ok = b is not None and bool(lat) and len(lat) == len(b.samples)
+        where = f"; {taken_cell(b.taken())}" if b else ""
         add(
-            f"{iso}/zygote burst of {TARGET_BURST}: all answered within 100 ms (max)",
-            max(lat) if lat and all_ok else None,
+            f"{setup} setup, burst of {TARGET_BURST} cold apps: all answered within 100 ms "
+            f"(max{where})",
+            max(lat) if all_ok else None,
             TARGET_BURST_MAX,
             "ms",
         )
-        for start in ("zygote", "fresh"):
-            m = results.memory.get(f"{iso}/{start}")
-            if m and m.per_instance:
-                pss = sorted(x.get("Pss", 0) for x in m.per_instance)
-                add(
-                    f"{iso}/{start} idle instance PSS ≤ 8 MiB (median)",
-                    pss[len(pss) // 2],
-                    TARGET_IDLE_PSS,
-                    "MiB",
-                )
+    for m in sorted(results.memory, key=lambda m: path_rank(m.path)):
+        add(
+            f"warm idle {m.path} instance PSS ≤ 8 MiB (median of {len(m.per_instance)}, "
+            f"{m.setup} setup)",
+            median_pss(m),
+            TARGET_IDLE_PSS,
+            "MiB",
+            m.setup,
+        )
     return "\n".join(rows), missed
-
-
-def split_table(results: Results) -> str:
-    """Where a sequential cold start's time goes, from the gateway's log and the app's clock."""
-    rows = [
-        "| path (sequential, p50 of each part) | client total | gateway `ready in` | "
-        "connect → app module imported | app imported → request served | "
-        "outside the start (total - ready in) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for path in PATHS:
-        ph = phase(results, path, "seq")
-        ok = [s for s in ph.samples if s.ok] if ph else []
-        if not ok:
-            continue
-        total = percentile([s.latency for s in ok], 50)
-        ready = [s.ready_ms / 1000 for s in ok if s.ready_ms is not None]
-        imp = [s.imported - s.sent_wall for s in ok if s.imported is not None]
-        served = [s.served - s.imported for s in ok if s.served and s.imported]
-        outside = [s.latency - s.ready_ms / 1000 for s in ok if s.ready_ms is not None]
-        cells = [percentile(v, 50) if v else None for v in (ready, imp, served, outside)]
-        rows.append(f"| {path} | {fmt_ms(total)} | " + " | ".join(fmt_ms(c) for c in cells) + " |")
-    return "\n".join(rows)
 
 
 def reading(results: Results, quick: bool) -> str:
     """A paragraph that says what the numbers mean, generated from the numbers themselves."""
     parts: list[str] = []
-
-    def p50(path: str, name: str = "seq") -> float | None:
-        lat = ok_latencies(phase(results, path, name))
-        return percentile(lat, 50) if lat else None
-
-    sz, sf, pz, _pf = (p50(p) for p in PATHS)
-    if sz and sf:
-        parts.append(
-            f"A cold python-asgi app answered its first request in {fmt_ms(sz)} (p50) on the "
-            f"default path (sandboxed, forked from the zygote) against {fmt_ms(sf)} with a fresh "
-            f"interpreter in the same sandbox: the zygote saves {fmt_ms(sf - sz)} "
-            f"({sf / sz:.1f}x)."
-        )
-    if sz and pz:
-        parts.append(
-            f'Without the sandbox (isolation = "process") the zygote path took {fmt_ms(pz)}, so '
-            f"confinement (cgroup, namespaces, mounts, uid, seccomp) costs about "
-            f"{fmt_ms(sz - pz)} per start here."
-        )
-    ph = phase(results, "sandbox/zygote", "seq")
-    ok = [s for s in ph.samples if s.ok] if ph else []
-    ready = [s.ready_ms for s in ok if s.ready_ms is not None]
-    imp = [s.imported - s.sent_wall for s in ok if s.imported is not None]
-    served = [s.served - s.imported for s in ok if s.served and s.imported]
-    if ok and ready and imp and served and sz:
-        parts.append(
-            f"Of the sandboxed zygote start, the gateway logged `ready in` "
-            f"{percentile(ready, 50):.1f} ms (p50) — from the spawn request to its readiness "
-            f"probe connecting — and the client saw {fmt_ms(sz - percentile(ready, 50) / 1000)} "
-            f"more (accept, parse, route, the proxied request itself). The tenant's module was "
-            f"imported {fmt_ms(percentile(imp, 50))} after the client's connect() (fork, "
-            f"confinement, the runtime's main), and it served the request "
-            f"{fmt_ms(percentile(served, 50))} after that (granian's embedded server starting, "
-            f"binding, the gateway's readiness polling finding it, the request reaching it)."
-        )
-    for path in ("sandbox/zygote", "sandbox/fresh"):
-        b25 = ok_latencies(phase(results, path, f"burst-{TARGET_BURST}"))
-        b100 = ok_latencies(phase(results, path, "burst-100"))
-        if b25:
-            text = (
-                f"A burst of {TARGET_BURST} distinct cold apps on {path} was all answered within "
-                f"{fmt_ms(max(b25))} (p50 {fmt_ms(percentile(b25, 50))})"
-            )
-            if b100:
-                text += f"; a burst of 100 within {fmt_ms(max(b100))}"
-            parts.append(
-                text + ": the starts queue behind one another in the single-threaded fork server "
-                "and on two CPUs, so the last of a burst waits for all the others."
-            )
-    m = results.memory.get("sandbox/zygote")
-    if m and m.per_instance:
-        pss = sorted(x.get("Pss", 0) for x in m.per_instance)
-        uss = sorted(x.get("Private_Clean", 0) + x.get("Private_Dirty", 0) for x in m.per_instance)
-        mid = len(pss) // 2
+    sp, sz, sf, pz = (
+        p50(seq_latencies(results, p))
+        for p in ("sandbox/pool", "sandbox/zygote", "sandbox/fresh", "process/zygote")
+    )
+    pool_seq = setup_phase(results, "sandbox/pool", "seq")
+    d = POOL_DEFAULTS
+    if pool_seq is not None:
+        counts = pool_seq.taken()
         text = (
-            f"An idle sandboxed zygote instance holds {pss[mid] / MIB:.1f} MiB PSS "
-            f"({uss[mid] / MIB:.1f} MiB of it private, the rest its share of pages inherited from "
-            f"the fork server, {m.forkserver.get('Pss', 0) / MIB:.1f} MiB PSS itself)"
+            f"With warm pools on (the defaults: min_idle {d.min_idle}, max_idle {d.max_idle}), "
+            f"{counts.get('pool', 0)} of {len(pool_seq.samples)} sequential cold starts took the "
+            "pool path"
         )
-        mf = results.memory.get("sandbox/fresh")
-        if mf and mf.per_instance:
-            fp = sorted(x.get("Pss", 0) for x in mf.per_instance)
-            text += f", a fresh one {fp[len(fp) // 2] / MIB:.1f} MiB"
+        pool = seq_latencies(results, "sandbox/pool")
+        if pool and sp is not None:
+            text += (
+                f" and answered in {fmt_ms(sp)} p50, {fmt_ms(percentile(pool, 99))} p99 "
+                "(client-side)"
+            )
+        if sz is not None:
+            text += f", against {fmt_ms(sz)} for a zygote fork in the same sandbox with pools off"
+        if sf is not None:
+            text += f" and {fmt_ms(sf)} for a fresh interpreter"
+        parts.append(text + ".")
+    ok = samples_by(results, "sandbox/pool", "seq")
+    if ok:
+        st = {
+            name: p50([t for s in ok if (t := s.stage(name)) is not None]) for name in SPLIT_STAGES
+        }
+        total = p50([t for s in ok if (t := s.stage("total")) is not None])
+        outside = p50([s.latency - t for s in ok if (t := s.stage("total")) is not None])
+        imp = p50([s.imported - s.sent_wall for s in ok if s.imported is not None])
+        served = p50([s.served - s.imported for s in ok if s.served and s.imported])
+        parts.append(
+            f"Of a pool start (p50 of each stage, as the gateway timed it) claiming the member "
+            f"took {fmt_ms(st['claim'])}, confining it to the tenant {fmt_ms(st['confine'])}, "
+            f"the app from `spawned` until its socket accepted {fmt_ms(st['app'])} and the "
+            f"first byte after that {fmt_ms(st['first_byte'])}; the gateway's total (first "
+            f"request queued → ready) was {fmt_ms(total)} and the client saw "
+            f"{fmt_ms(outside)} more (accept, routing, the proxied request, the response). By "
+            f"the app's own clock its module was imported {fmt_ms(imp)} after the client's "
+            f"connect() and it served the request {fmt_ms(served)} after that."
+        )
+    if sz is not None and pz is not None:
+        parts.append(
+            f'Without the sandbox (isolation = "process") a zygote start took {fmt_ms(pz)}, so '
+            f"confinement (cgroup, namespaces, mounts, uid, seccomp) costs about "
+            f"{fmt_ms(sz - pz)} per start when it is done at start time."
+        )
+    for setup in ("sandbox/pool", "sandbox/zygote", "process/zygote"):
+        b25 = setup_phase(results, setup, f"burst-{TARGET_BURST}")
+        b100 = setup_phase(results, setup, "burst-100")
+        lat = [s.latency for s in b25.samples if s.ok] if b25 else []
+        if not b25 or not lat:
+            continue
+        text = (
+            f"In the {setup} setup a burst of {TARGET_BURST} distinct cold apps was all answered "
+            f"within {fmt_ms(max(lat))} (p50 {fmt_ms(p50(lat))}; {taken_cell(b25.taken())})"
+        )
+        lat100 = [s.latency for s in b100.samples if s.ok] if b100 else []
+        if b100 and lat100:
+            text += f"; a burst of 100 within {fmt_ms(max(lat100))} ({taken_cell(b100.taken())})"
+        parts.append(text + ".")
+    if any(
+        (ph := setup_phase(results, s, f"burst-{TARGET_BURST}")) is not None
+        and ph.taken().get("zygote")
+        for s in ("sandbox/pool",)
+    ):
+        parts.append(
+            "Starts beyond the idle members fall back to zygote forks, which queue behind one "
+            "another in the fork server and on two CPUs, so the last of a burst waits for most "
+            "of the others."
+        )
+    mems = {m.path: m for m in results.memory if m.setup == m.path or m.path == "sandbox/pool"}
+    mp = mems.get("sandbox/pool")
+    if mp and mp.per_instance:
+        text = f"An idle instance that took the pool path holds {mib(median_pss(mp))} PSS"
+        mz = mems.get("sandbox/zygote")
+        if mz and mz.per_instance:
+            text += f" (a zygote-forked one {mib(median_pss(mz))})"
+        if mp.pool:
+            pss = sorted(x.get("Pss", 0) for x in mp.pool)
+            text += (
+                f"; each of the {len(pss)} idle pool members waiting for a tenant holds "
+                f"{mib(pss[len(pss) // 2])} PSS (median)"
+            )
         parts.append(text + ".")
     others = [p.other_cpu for p in results.phases]
     if others:
@@ -1110,15 +1390,17 @@ def reading(results: Results, quick: bool) -> str:
 
 # -- plots ---------------------------------------------------------------------------------------
 COLORS = {
+    "sandbox/pool": "#9467bd",
     "sandbox/zygote": "#1f77b4",
     "sandbox/fresh": "#d62728",
+    "process/pool": "#8c564b",
     "process/zygote": "#2ca02c",
     "process/fresh": "#ff7f0e",
 }
 
 
 def plot(results: Results) -> list[Path]:
-    """ECDFs of sequential latencies, and per-burst-size distributions, per path (PNG)."""
+    """ECDFs of sequential latencies, and per-burst-size distributions, per path taken (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1126,22 +1408,33 @@ def plot(results: Results) -> list[Path]:
 
     IMG_DIR.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    paths = paths_seen(results)
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for path in PATHS:
-        lat = sorted(x * 1000 for x in ok_latencies(phase(results, path, "seq")))
+    for path in paths:
+        lat = sorted(x * 1000 for x in seq_latencies(results, path))
         if lat:
             ys = [(i + 1) / len(lat) for i in range(len(lat))]
-            ax.step(lat, ys, where="post", color=COLORS[path], label=f"{path} (n={len(lat)})")
-    for x, label in ((10, "zygote target 10 ms"), (150, "fresh target 150 ms")):
+            ax.step(
+                lat,
+                ys,
+                where="post",
+                color=COLORS.get(path, "grey"),
+                label=f"{path} (n={len(lat)})",
+            )
+    for x, label in (
+        (2, "pool target p50 2 ms"),
+        (10, "zygote p50, pool p99 10 ms"),
+        (150, "fresh target 150 ms"),
+    ):
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(x * 1.03, 0.03, label, color="grey", fontsize=8, rotation=90, va="bottom")
+        ax.text(x * 1.03, 0.97, label, color="grey", fontsize=8, rotation=90, va="top")
     ax.set_xscale("log")
     ax.set_xlabel("first-response latency of a cold app, client-side (ms, log scale)")
     ax.set_ylabel("fraction of cold starts ≤ x")
-    ax.set_title("dorm cold start, one at a time (python-asgi hello app)")
+    ax.set_title("dorm cold start, one at a time, by the path the gateway reports")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = IMG_DIR / "coldstart-sequential.png"
     fig.savefig(out)
@@ -1152,15 +1445,39 @@ def plot(results: Results) -> list[Path]:
         {int(p.name.split("-")[1]) for p in results.phases if p.name.startswith("burst-")}
     )
     if sizes:
-        fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
-        width = 0.8 / len(PATHS)
-        for j, path in enumerate(PATHS):
+        # One box per path taken, and one for every start of the pool setup's burst whatever
+        # path it took: what a client sees when a burst meets the default configuration.
+        series: list[tuple[str, str, dict[int, list[float]]]] = [
+            (
+                path,
+                COLORS.get(path, "grey"),
+                {
+                    n: [x.latency * 1000 for x in samples_by(results, path, f"burst-{n}")]
+                    for n in sizes
+                },
+            )
+            for path in paths
+        ]
+        pool_setup = {n: setup_phase(results, "sandbox/pool", f"burst-{n}") for n in sizes}
+        if any(pool_setup.values()):
+            series.append(
+                (
+                    "sandbox/pool setup, all starts",
+                    "#c5b0d5",
+                    {
+                        n: [x.latency * 1000 for x in ph.samples if x.ok] if ph else []
+                        for n, ph in pool_setup.items()
+                    },
+                )
+            )
+        fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+        width = 0.8 / max(1, len(series))
+        for j, (label, color, by_size) in enumerate(series):
             data, pos = [], []
             for i, size in enumerate(sizes):
-                lat = [x * 1000 for x in ok_latencies(phase(results, path, f"burst-{size}"))]
-                if lat:
-                    data.append(lat)
-                    pos.append(i + (j - (len(PATHS) - 1) / 2) * width)
+                if by_size.get(size):
+                    data.append(by_size[size])
+                    pos.append(i + (j - (len(series) - 1) / 2) * width)
             if data:
                 bp = ax.boxplot(
                     data,
@@ -1171,18 +1488,19 @@ def plot(results: Results) -> list[Path]:
                     manage_ticks=False,
                 )
                 for box in bp["boxes"]:
-                    box.set_facecolor(COLORS[path])
+                    box.set_facecolor(color)
                     box.set_alpha(0.6)
                 for med in bp["medians"]:
                     med.set_color("black")
-                ax.plot([], [], color=COLORS[path], linewidth=6, alpha=0.6, label=path)
+                ax.plot([], [], color=color, linewidth=6, alpha=0.6, label=label)
         ax.axhline(100, color="grey", linestyle="--", linewidth=0.8)
         ax.text(-0.45, 105, "issue 5: burst of 25 all within 100 ms", color="grey", fontsize=8)
         ax.set_xticks(range(len(sizes)), [f"{s} app{'s' if s > 1 else ''} at once" for s in sizes])
         ax.set_yscale("log")
         ax.set_ylabel("first-response latency (ms, log scale)")
         ax.set_title(
-            "dorm cold starts in bursts of distinct apps (box: quartiles, whiskers: min-max)"
+            "dorm cold starts in bursts of distinct apps, by path taken "
+            "(box: quartiles, whiskers: min-max)"
         )
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
@@ -1199,7 +1517,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.coldstart", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--quick", action="store_true", help="few samples (about a minute)")
+    p.add_argument("--quick", action="store_true", help="few samples, no waiting for quiet")
     plot_group = p.add_mutually_exclusive_group()
     plot_group.add_argument(
         "--plot",
@@ -1219,17 +1537,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quiet-wait",
         type=float,
         help="seconds to wait before each phase for other load to drop below "
-        f"{QUIET * 100:.0f}%% (default 10; --quick 5)",  # %% : argparse formats help strings
+        # %% : argparse formats help strings
+        f"{QUIET * 100:.0f}%% (default 10; --quick 0: no wait)",
+    )
+    p.add_argument(
+        "--setups",
+        default=",".join(s.key for s in SETUPS),
+        help="comma-separated setups to measure (default: all of them)",
     )
     p.add_argument("--no-write", action="store_true", help="print only; leave the docs alone")
     args = p.parse_args(argv)
+    known = {s.key: s for s in SETUPS}
+    wanted = [x.strip() for x in args.setups.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in known]
+    if unknown or not wanted:
+        p.error(f"--setups: unknown {unknown or wanted}; known: {', '.join(known)}")
+    args.setup_list = [known[k] for k in known if k in wanted]
     args.seq = 10 if args.quick else 40
     args.bursts = (1, 5, 25, 100)
     args.burst_reps = {1: 3, 5: 1, 25: 1, 100: 1} if args.quick else {1: 10, 5: 4, 25: 3, 100: 1}
     args.idle = 10 if args.quick else 50
     args.baseline_runs = 3 if args.quick else 10
     if args.quiet_wait is None:
-        args.quiet_wait = 5.0 if args.quick else 10.0
+        args.quiet_wait = 0.0 if args.quick else 10.0
+    args.idle_settle = 1.0 if args.quick else IDLE_SETTLE
     if args.plot is None:
         args.plot = not args.quick
     strace = shutil.which("strace")
@@ -1258,10 +1589,15 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
     revision = git_revision(("gateway", "runtimes", "sandboxes"))
     print(f"bench.coldstart: working in {bench.tmp}", file=sys.stderr)
     bench.baselines()
-    for isolation in ("auto", "process"):
-        bench.run_gateway(isolation)
+    groups: dict[str, list[Setup]] = {}
+    for setup in args.setup_list:
+        groups.setdefault(setup.gateway, []).append(setup)
+    for setups in groups.values():
+        bench.run_gateway(setups)
     r = bench.results
-    tables = "\n\n".join([latency_table(r), split_table(r), memory_table(r), baseline_table(r)])
+    tables = "\n\n".join(
+        [setups_table(r), latency_table(r), split_table(r), memory_table(r), baseline_table(r)]
+    )
     targets, missed = targets_table(r)
     para = reading(r, args.quick)
     images: list[Path] = plot(r) if args.plot else []
@@ -1280,6 +1616,9 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
     errors = sum(not s.ok for p in r.phases for s in p.samples)
     if errors:
         print(f"bench.coldstart: {errors} cold requests failed", file=sys.stderr)
+    unknown = sum(s.ok and s.taken == "?" for p in r.phases for s in p.samples)
+    if unknown:
+        print(f"bench.coldstart: {unknown} starts could not be tied to a path", file=sys.stderr)
     if missed:
         print(f"bench.coldstart: targets not met: {'; '.join(missed)}", file=sys.stderr)
     return 0
@@ -1300,33 +1639,51 @@ def render_section(
 ) -> str:
     reps = ", ".join(f"{size}: {n}x" for size, n in args.burst_reps.items())
     pics = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
-    prof = f"### Where a sandboxed zygote start spends its time\n\n{profile}\n" if profile else ""
+    prof = (
+        f"### Where a sandboxed zygote start (pools off) spends its time\n\n{profile}\n"
+        if profile
+        else ""
+    )
+    d = POOL_DEFAULTS
     return f"""## {SECTION}
 
 First-response latency through dorm for a cold python-asgi hello app (a raw ASGI callable, no
-dependencies, shown at /app via `app_dir`), on four paths: isolation `auto` (a sandbox: this runs
-as root) or `process`, times `start = "zygote"` (forked from the fork server, granian and uvloop
-preloaded) or `"fresh"` (a new interpreter running granian). Client-side latency: from before
-connect() to the last byte of the response, new connection, `Connection: close`.
+dependencies, shown at /app via `app_dir`), on five setups: `sandbox/pool` (isolation `auto`, a
+sandbox as this runs as root, with warm pools on: `[pool]` min_idle {d.min_idle}, max_idle
+{d.max_idle}, refill_concurrency {d.refill_concurrency}, shrink_after {d.shrink_after:g} s, the
+gateway's defaults), and with pools off (`[pool] max_idle = 0`) `sandbox/zygote`,
+`sandbox/fresh`, `process/zygote`, `process/fresh` (isolation `auto` or `process`, times
+`start = "zygote"`, forked from the fork server with granian and uvloop preloaded, or `"fresh"`, a
+new interpreter running granian). Every start is filed under the **path the gateway reports for
+it** (`last_start.path` of `GET /v1/instances/{{app}}/{{branch}}`, tied to the start by the
+instance's `starts` counter), not under its setup: a start of the pool setup that found no idle
+member and was forked from the zygote counts as `sandbox/zygote`. Client-side latency: from
+before connect() to the last byte of the response, new connection, `Connection: close`.
 
 - **Date:** {started}; dorm at commit {revision}
 - **Machine:** {info["cpus"]} CPUs ({info["cpu_model"]}), kernel {info["kernel"]}
 - **Software:** Python {info["python"]}, granian {pkg_version("granian")}, uvloop
   {info["uvloop"]}, httptools {info["httptools"]}
 - **Command:** `make bench-coldstart`, i.e. `{cmd}`
-- **Sequential:** {args.seq} cold starts per path; between two, the app is stopped through
+- **Sequential:** {args.seq} cold starts per setup; between two, the app is stopped through
   `POST /v1/apps/{{app}}/stop`, waited for until `cold` in `GET /v1/instances`, then
-  {SETTLE * 1000:.0f} ms of quiet. One unrecorded warm-up start per path after the gateway starts.
+  {SETTLE * 1000:.0f} ms of quiet (with pools on, the pool refills meanwhile, or the next start
+  falls back and is counted as such). One unrecorded warm-up start per setup after the gateway
+  starts (with pools on, the miss that creates the pool).
 - **Bursts:** N distinct cold apps requested at the same moment by asyncio clients, repeated
   ({reps}), all stopped between repetitions
-- **Idle memory:** {args.idle} apps per path woken (10 at a time) and left idle
-  {IDLE_SETTLE:g} s; per instance, `Pss` (and private = `Private_Clean + Private_Dirty`) of
-  `/proc/<pid>/smaps_rollup` summed over the instance's processes (the `pid` of
-  `GET /v1/instances` and its descendants). PSS divides shared pages among everyone mapping
-  them, so it falls as more zygote children share the fork server's pages.
-- **Gateway `ready in`:** the gateway's own log line: spawn request until its readiness probe
-  connected. **App imported:** the tenant's module records `time.time()` at import and when it
-  serves the request and returns both (no time namespace, so the clocks are comparable).
+- **Idle memory:** {args.idle} apps per setup woken one at a time (with pools on, each after the
+  pool is back at min_idle) and left idle {args.idle_settle:g} s; per instance, `Pss` (and private =
+  `Private_Clean + Private_Dirty`) of `/proc/<pid>/smaps_rollup` summed over the instance's
+  processes (the `pid` of `GET /v1/instances` and its descendants); per idle pool member, the
+  same over each of the `idle_pids` of `GET /v1/pools`. PSS divides shared pages among everyone
+  mapping them, so it falls as more zygote children share the fork server's pages.
+- **Gateway stages:** `last_start` of the instance (gateway/coldstart.py): queue (first request
+  queued → start began), claim (fork server: taking an idle member or forking one), confine,
+  app (`spawned` → the instance's socket accepted), first byte (ready → first response head
+  relayed), total (queued → ready). **App imported:** the tenant's module records `time.time()`
+  at import and when it serves the request and returns both (no time namespace, so the clocks
+  are comparable).
 - **Other load:** the machine's busy CPU (`/proc/stat`) during a phase minus what this
   benchmark, the gateway, the fork server and the instances used, as a share of all CPUs:
   work by other processes (other engineers' test suites may have been running); {quiet}
