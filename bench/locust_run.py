@@ -4,9 +4,11 @@
 
 A `dorm serve` is started with a throw-away config (`isolation = "auto"`: sandboxed when run as
 root; a large `uid_range` and `max_warm_instances`), python-asgi hello apps are registered through
-the admin API with `app_dir` pointing at ONE shared directory (they share code on disk, not
-processes: every app gets its own instances), and `locust --headless` is run as a subprocess with
-a bounded `--run-time` against 127.0.0.1, the Host header choosing the tenant. Locust's CSV
+the admin API (coldstart, previews: `PUT /v1/apps/{app}` with `app_dir` pointing at ONE shared
+directory, so they share code on disk, not processes; density: each app deployed as its own
+bundle, `PUT /v1/apps/{app}/branches/main/bundle`, as separately deployed tenants are), and
+`locust --headless` is run as a subprocess with a bounded `--run-time` against 127.0.0.1, the Host
+header choosing the tenant. Locust's CSV
 (`*_stats.csv`, `*_stats_history.csv`) gives the tables; the locustfiles also log one raw line
 per request (for plots and the cold/warm split). Every second a sampler reads the gateway's RSS,
 the summed PSS of every instance process (pids from `GET /v1/instances`, their trees, from
@@ -31,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gzip
+import io
 import json
 import os
 import random
@@ -38,9 +42,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +70,42 @@ from bench.common import (
     wait_for,
     write_section,
 )
+from gateway.client import AdminClient
 
 IMG_DIR = REPO / "docs" / "img"
 LOCUST_DIR = Path(__file__).resolve().parent / "locust"
 MIB = 1024 * 1024
 QUIET = 0.15
+
+
+BUNDLE_UPLOADS = 4  # bundle uploads at a time: the gateway unpacks them in a thread pool
+
+
+def hello_bundle(name: str, idle: str) -> bytes:
+    """The hello app as one tenant's bundle (deterministic tar.gz: `dorm.toml` + `main.py`).
+
+    The manifest carries the app's name in a comment, so each app's archive (and digest, and
+    stored tree) is its own.
+    """
+    manifest = (
+        f"# bench tenant {name}\n"
+        'runtime = "python-asgi"\n'
+        'entry = "main:app"\n'
+        f'idle_timeout = "{idle}"\n'
+        'startup_timeout = "60s"\n'
+        "max_queue = 1000\n"
+    ).encode()
+    out = io.BytesIO()
+    with (
+        gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tf,
+    ):
+        for member, data in (("dorm.toml", manifest), ("main.py", HELLO_APP.encode())):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 # -- the gateway -----------------------------------------------------------------------------------
@@ -213,6 +250,7 @@ class Driver:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.quiet_waited = 0.0
         self.not_quiet = 0
+        self.deployed = 0  # apps created by a bundle deploy (density) rather than PUT /v1/apps
 
     def close(self) -> None:
         for proc in self.procs:
@@ -222,7 +260,7 @@ class Driver:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def start_gateway(self) -> BigGateway:
-        self.gw = BigGateway(self.tmp, "auto")
+        self.gw = BigGateway(self.tmp, "auto", True, "auto")  # [pool]: the gateway defaults
         self.gw.start()
         return self.gw
 
@@ -243,6 +281,38 @@ class Driver:
         spec = self.spec(idle)
         for name in names:
             self.gw.put_app(name, spec)
+        return (time.perf_counter() - t0) / max(1, len(names))
+
+    def deploy_bundles(self, names: list[str], idle: str = "1h") -> float:
+        """Deploy every app as its own bundle; returns seconds per deploy (the admin API's cost).
+
+        Each app gets its own archive through `PUT /v1/apps/{app}/branches/main/bundle`, which
+        creates the app from the archive's `dorm.toml`: the hello app plus a manifest naming the
+        app, so no two archives have the same digest and every app has its own stored tree (as
+        separately deployed tenants would), not one tree shared through deduplication. Uploads
+        go `BUNDLE_UPLOADS` at a time, each on its own connection (as `dorm deploy` does).
+        """
+        assert self.gw is not None
+        gw = self.gw
+        url = f"http://127.0.0.1:{gw.admin_port}"
+
+        def one(name: str) -> None:
+            data = hello_bundle(name, idle)
+            client = AdminClient(url, gw.token, timeout=60.0)
+            try:
+                status, body = client.upload(
+                    f"/v1/apps/{name}/branches/main/bundle", io.BytesIO(data), len(data)
+                )
+            finally:
+                client.close()
+            if status not in (200, 201):
+                raise RuntimeError(f"deploy {name}: {status} {body}")
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(BUNDLE_UPLOADS) as pool:
+            for _ in pool.map(one, names):
+                pass
+        self.deployed += len(names)
         return (time.perf_counter() - t0) / max(1, len(names))
 
     def wait_quiet(self) -> None:
@@ -436,9 +506,15 @@ def header(scenario: str, intro: str, drv: Driver, runs: list[LocustRun]) -> str
         + (" …" if len(runs) > 3 else "")
         + "\n"
         '- **Gateway:** `isolation = "auto"` (sandboxed: run as root), python-asgi hello apps '
-        "registered through `PUT /v1/apps/{app}` with `app_dir` = one shared directory: they "
-        "share code on disk, not processes (each app has its own instances); default "
-        '`start = "zygote"`\n'
+        + (
+            "each deployed as its own bundle through `PUT /v1/apps/{app}/branches/main/bundle` "
+            f"(a tar.gz of `dorm.toml` + `main.py`, one archive and stored tree per app, "
+            f"{BUNDLE_UPLOADS} uploads at a time)"
+            if drv.deployed
+            else "registered through `PUT /v1/apps/{app}` with `app_dir` = one shared directory: "
+            "they share code on disk, not processes (each app has its own instances)"
+        )
+        + '; default `start = "zygote"`\n'
         f"- **Other load:** CPU used by processes other than this benchmark, the gateway and "
         f"its instances and locust: {other}; waited {drv.quiet_waited:.0f} s in all for a quiet "
         f"machine (≤ {QUIET:.0%} busy, at most {drv.args.quiet_wait:g} s per run), "
@@ -644,7 +720,7 @@ def scenario_density(drv: Driver) -> str:
     users = drv.args.users or 16
     gw = drv.start_gateway()
     names = [f"d{i}" for i in range(n_apps)]
-    per_reg = drv.register(names, idle=drv.args.idle)
+    per_reg = drv.deploy_bundles(names, idle=drv.args.idle)
     cfg = {"apps": names, "zipf_s": 1.0}
     print(f"bench.locust_run: density {n_apps} apps, {duration}s, {users} users", file=sys.stderr)
     run = drv.locust(
@@ -699,7 +775,7 @@ def hold_warm(drv: Driver, target: int) -> Hold:
     gw = drv.gw
     assert gw is not None
     names = [f"h{i}" for i in range(target)]
-    drv.register(names, idle="1h")
+    drv.deploy_bundles(names, idle="1h")
     hold = Hold(target)
     t0 = time.monotonic()
     conn: http.client.HTTPConnection | None = None
@@ -806,8 +882,9 @@ def render_density(
         f"users got {rps:,.0f} req/s with p50 {agg.get('50%', '—')} ms and p99 "
         f"{agg.get('99%', '—')} ms and {err_note}; up to {max_warm} instances were warm at "
         f"once (the largest number held without errors in this run), {len(cold)} requests "
-        f"waited for a cold start. Registering an app through the admin API took "
-        f"{per_reg * 1000:.1f} ms; the gateway's RSS with {n_apps + hold.target + 1} apps "
+        f"waited for a cold start. Deploying an app as its own bundle through the admin API "
+        f"took {per_reg * 1000:.1f} ms ({BUNDLE_UPLOADS} uploads at a time); the gateway's "
+        f"RSS with {n_apps + hold.target + 1} apps "
         f"registered is {mib(last[2] or gw_rss)}. "
         f"Hold N warm idle: {len(pi)} sandboxed instances were woken one by one and stayed "
         f"warm, {mib(pi_med)} PSS each (median), {mib(total_pss)} in all; it stopped because: "
@@ -820,12 +897,14 @@ def render_density(
         )
         + f"; by memory alone, MemAvailable after the run plus what the instances hold "
         f"divided by the per-instance PSS gives room for ≈ {projected:,.0f} such instances on "
-        f"this machine (extrapolation, see docs/capacity.md). Registered apps share one code "
-        "directory but not processes."
+        f"this machine (extrapolation, see docs/capacity.md). Every app is its own bundle: "
+        "its own archive, stored tree and instances; they share the runtime (the zygote's "
+        "interpreter and imports), not code."
     )
     body = header(
         "density",
-        f"{n_apps} python-asgi apps with Zipf(s = 1) popularity (app k gets weight 1/k), "
+        f"{n_apps} python-asgi apps, each deployed as its own bundle, with Zipf(s = 1) "
+        "popularity (app k gets weight 1/k), "
         f"`idle_timeout` {drv.args.idle}, {users} Locust users without think time for "
         f"{duration} s; memory and warm instances sampled every second. Then **hold N warm "
         "idle**: apps with `idle_timeout` 1 h woken one at a time by a plain keep-alive client "
@@ -1021,7 +1100,7 @@ def render_previews(
         p = pcts(vals)
         lines.append(f"| {k} | {len(vals)} | {errs} | {ms(p[0])} | {ms(p[1])} | {ms(p[2])} |")
     csv_table = stats_table(
-        run and [run], [("previews", "review"), ("previews", "burst"), ("previews", "Aggregated")]
+        [run], [("previews", "review"), ("previews", "burst"), ("previews", "Aggregated")]
     )
     max_warm = max((m.warm for m in run.memory), default=0)
     peak = max((m.instance_pss for m in run.memory), default=0)
