@@ -1328,7 +1328,7 @@ def reading(results: Results, quick: bool) -> str:
             f"the app's own clock its module was imported {fmt_ms(imp)} after the client's "
             f"connect() and it served the request {fmt_ms(served)} after that."
         )
-    if sz is not None and pz is not None:
+    if sz is not None and pz is not None and sz > pz:
         parts.append(
             f'Without the sandbox (isolation = "process") a zygote start took {fmt_ms(pz)}, so '
             f"confinement (cgroup, namespaces, mounts, uid, seccomp) costs about "
@@ -1596,7 +1596,18 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
         bench.run_gateway(setups)
     r = bench.results
     tables = "\n\n".join(
-        [setups_table(r), latency_table(r), split_table(r), memory_table(r), baseline_table(r)]
+        [
+            "**Starts per setup**, by the path the gateway reported for each:",
+            setups_table(r),
+            "**Latency by path taken** (successful starts of every setup that took that path):",
+            latency_table(r),
+            "**Where a sequential start's time goes**, by path taken:",
+            split_table(r),
+            "**Idle memory**, by path taken, and of the idle pool members next to the instances:",
+            memory_table(r),
+            "**Baselines** on the same machine, in the same run:",
+            baseline_table(r),
+        ]
     )
     targets, missed = targets_table(r)
     para = reading(r, args.quick)
