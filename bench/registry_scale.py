@@ -62,6 +62,7 @@ TARGET_APPS = 100_000
 TARGET_RSS = 300 * MIB
 REQUEST_TIMEOUT = 30.0  # one admin or data-plane request
 PHASE_TIMEOUT = 1800.0  # registering every app; the run gives up past this
+IDLE_WINDOW = 10.0  # seconds the gateway's idle CPU is measured over
 
 
 # -- the gateway -------------------------------------------------------------------------------
@@ -77,6 +78,14 @@ class ScaleGateway(Gateway):
         t1 = time.perf_counter()
         self.start()  # returns once GET /v1/health answers: the admin API opens last
         return stopped, time.perf_counter() - t1
+
+    def idle_cpu(self, seconds: float = IDLE_WINDOW) -> float:
+        """The gateway's CPU use (share of one CPU) over `seconds` with no requests: its periodic
+        work (instance sweeps, deploy housekeeping), which must not grow with the app count."""
+        assert self.proc is not None
+        c0 = cpu_seconds(self.proc.pid)
+        time.sleep(seconds)
+        return (cpu_seconds(self.proc.pid) - c0) / seconds
 
     def memory(self) -> dict[str, int]:
         """The gateway process's VmRSS, VmHWM (peak) and PSS, in bytes."""
@@ -207,6 +216,9 @@ class Result:
     touch_wall: float = 0.0
     touch_errors: int = 0
     after_touch: dict[str, int] = field(default_factory=dict)
+    idle_empty: float = 0.0  # share of one CPU the idle gateway used, empty
+    idle_registered: float = 0.0  # … with every app registered
+    idle_touched: float = 0.0  # … once half the apps have been requested
     stop_s: float = 0.0
     start_s: float = 0.0
     after_restart: dict[str, int] = field(default_factory=dict)
@@ -331,9 +343,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> Result:
         gw.start()
         time.sleep(1.0)
         res.base = gw.memory()
+        res.idle_empty = gw.idle_cpu()
         register(gw, res, app_dir)
         time.sleep(1.0)
         res.after_reg = gw.memory()
+        res.idle_registered = gw.idle_cpu()
         deploy_static(gw, res)
         time.sleep(1.0)
         res.after_deploy = gw.memory()
@@ -343,6 +357,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> Result:
         touch_rest(gw, res)
         time.sleep(1.0)
         res.after_touch = gw.memory()
+        res.idle_touched = gw.idle_cpu()
         res.stop_s, res.start_s = gw.restart()
         time.sleep(1.0)
         res.after_restart = gw.memory()
@@ -473,7 +488,10 @@ def render(args: argparse.Namespace, res: Result) -> str:
         f"{res.apps:,} apps had been requested since the start, the gateway would hold "
         f"≈ {mib(int(all_requested))} (extrapolation). A restart loads all {res.apps:,} apps "
         f"from SQLite before the listeners open: {res.start_s:.2f} s from exec to a ready admin "
-        f"API, and forgets the instance records. {errors} errors. Issue #7's target, "
+        f"API, and forgets the instance records. The idle gateway (no requests, "
+        f"{IDLE_WINDOW:g} s) used {res.idle_empty:.1%} of a CPU empty, {res.idle_registered:.1%} "
+        f"with {res.apps:,} apps registered and {res.idle_touched:.1%} once "
+        f"{res.sample + touched:,} of them had been requested. {errors} errors. Issue #7's target, "
         f"{TARGET_APPS:,} registered apps under {TARGET_RSS // MIB} MiB RSS: {verdict}."
     )
     return "\n".join(lines) + "\n"
