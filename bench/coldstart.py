@@ -35,7 +35,8 @@ sandbox boundary: there is no time namespace).
 
 Baselines from the same run: `python -I -c 'import asyncio'` and a fresh `granian --interface asgi
 --uds` process (no dorm) until its first response. With strace installed, one sandboxed zygote
-start (pools off) is traced (fork server and gateway, -f -ttt) to show where the milliseconds go.
+start (pools off) and one pool start are traced (fork server, its pool members and the gateway,
+-f -ttt) to show where the milliseconds go.
 
 Everything is bounded (timeouts on every wait, a cap on every loop), all traffic stays on
 127.0.0.1, and every process started here is stopped at the end, on error or Ctrl-C too. Results
@@ -141,6 +142,7 @@ SETUPS = (
     Setup("process/fresh", "process", False, "fresh"),
 )
 # Paths a start can take, as "<isolation>/<path the gateway reported>", in report order.
+PROFILED = ("sandbox/zygote", "sandbox/pool")  # setups with one start traced by strace
 PATH_ORDER = tuple(
     f"{iso}/{p}" for iso in ("sandbox", "process") for p in ("pool", "zygote", "fresh")
 )
@@ -504,7 +506,7 @@ class Results:
     memory: list[Memory] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
     baseline_memory: dict[str, int] = field(default_factory=dict)
-    profile: str = ""
+    profiles: dict[str, str] = field(default_factory=dict)  # setup → strace summary
     errors: list[str] = field(default_factory=list)
     quiet_waited: float = 0.0  # seconds spent waiting for a quiet machine
     not_quiet: int = 0  # phases started while the machine was still busy
@@ -620,8 +622,9 @@ class Bench:
             gw.stop_apps([name])
             self.wait_pool(gw)
         for setup in setups:
-            if setup.key == "sandbox/zygote" and self.args.profile_with:
-                self.results.profile = self.profile(gw, setup)
+            if setup.key in PROFILED and self.args.profile_with:
+                self.wait_pool(gw)
+                self.results.profiles[setup.key] = self.profile(gw, setup)
             self.sequential(gw, setup)
             for size in self.args.bursts:
                 self.bursts(gw, setup, size)
@@ -804,7 +807,7 @@ class Bench:
 
     # -- profile ---------------------------------------------------------------------------------
     def profile(self, gw: Gateway, setup: Setup) -> str:
-        """strace one sandboxed zygote start (fork server and gateway, -f -ttt) and summarize."""
+        """strace one sandboxed start (fork server and gateway, -f -ttt) and summarize it."""
         fs = gw.forkserver_pid()
         assert gw.proc is not None and fs is not None
         app = self.app_names(setup, 1)[0]
@@ -845,9 +848,10 @@ class Bench:
         for t in tracers:
             stop_process(t, signal.SIGINT, grace=5)  # strace detaches on SIGINT
             self.procs.remove(t)
-        classify([s], before, {app: gw.instance(app)})
+        inst = gw.instance(app)
+        classify([s], before, {app: inst})
         gw.stop_apps([app])
-        return summarize_strace(outs, fs, s, ref)
+        return summarize_strace(outs, fs, s, ref, int(inst.get("pid") or 0))
 
 
 # -- strace summary ------------------------------------------------------------------------------
@@ -878,8 +882,15 @@ class _Event:
     dur: float  # seconds inside the syscall (strace -T), 0 if unknown
 
 
-def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sample) -> str:
+def summarize_strace(
+    outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sample, tenant_pid: int
+) -> str:
     """Turn two strace logs of one cold start into a timeline in ms since the client's connect.
+
+    The tenant's events are those of the instance's pid (as GET /v1/instances reports it) and of
+    the processes and threads it cloned: a pool member was confined before the trace began, and
+    the refills that follow a claim confine other members meanwhile, so "the first setresuid
+    after the spawn frame" would be a refill's, not the tenant's.
 
     The fork server handles one spawn at a time, so the span from its receiving the spawn frame
     to its sending `spawned` is time during which no other start can make progress: in a burst
@@ -914,7 +925,12 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
         lambda e: e.pid == fs_pid and e.text.startswith(("clone(", "<... clone resumed")),
         got or 0.0,
     )
-    tenant = {e.pid for e in events if e.text.startswith("setresuid(") and e.t >= (got or 0.0)}
+    tenant = _descendants(events, tenant_pid)
+    after = got or 0.0
+
+    def by_tenant(prefix: str) -> float | None:
+        return first(lambda e: e.pid in tenant and e.text.startswith(prefix), after)
+
     marks: list[tuple[str, float | None]] = [
         (
             "gateway accepts the client",
@@ -922,22 +938,32 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
         ),
         ("fork server receives the spawn frame", got),
         ("fork server's first clone() after the spawn frame (a pool refill, if any)", forked),
-        ("tenant: uid dropped (setresuid)", first(lambda e: e.text.startswith("setresuid("))),
-        ("tenant: seccomp filter loaded", first(lambda e: e.text.startswith("seccomp("))),
+        ("tenant: uid dropped (setresuid; — if before the claim)", by_tenant("setresuid(")),
+        ("tenant: seccomp filter loaded (— if before the claim)", by_tenant("seccomp(")),
         ("fork server sends `spawned` (free for the next start)", sent),
         (
             "tenant opens /app/main.py (app import)",
             first(
                 lambda e: (
-                    e.text.startswith("openat(") and "main.py" in e.text and "ENOENT" not in e.text
-                )
+                    e.pid in tenant
+                    and e.text.startswith("openat(")
+                    and "main.py" in e.text
+                    and "ENOENT" not in e.text
+                ),
+                after,
             ),
         ),
         (
-            "granian binds /run/dorm/http.sock",
-            first(lambda e: e.text.startswith("bind(") and "http.sock" in e.text),
+            "the socket appears at /run/dorm/http.sock (bind, or rename of one bound before)",
+            first(
+                lambda e: (
+                    e.text.startswith(("bind(", "rename(", "renameat(", "renameat2("))
+                    and "http.sock" in e.text
+                ),
+                after,
+            ),
         ),
-        ("granian listens", first(lambda e: e.pid in tenant and e.text.startswith("listen("))),
+        ("tenant listens (— if before the claim)", by_tenant("listen(")),
         (
             "gateway's first readiness connect()",
             first(
@@ -964,7 +990,7 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
         if e.who == "gateway" and e.text.startswith("connect(") and "http.sock" in e.text
     )
     rows = [
-        "| event (strace -f -ttt -T, one sandboxed zygote start) | ms after connect() |",
+        f"| event (strace -f -ttt -T, one start that took {traced.path}) | ms after connect() |",
         "|---|---:|",
     ]
     rows += [f"| {label} | {ms(t)} |" for label, t in marks]
@@ -985,10 +1011,30 @@ def summarize_strace(outs: dict[str, Path], fs_pid: int, traced: Sample, ref: Sa
             f"`spawned` out), of which {fs_kernel * 1000:.1f} ms inside cgroup/namespace/mount "
             f"system calls it made itself (mkdir in cgroupfs, unshare, mount, pivot_root, setns) "
             f"and {fs_wait * 1000:.1f} ms blocked in poll() waiting for its child to report "
-            "(first that the pre-forked child is set up, then that the tenant is confined)."
+            "(for a zygote start: first that the pre-forked child is set up, then that the "
+            "tenant is confined; for a pool start: that the claimed member took the tenant)."
         )
     notes.append(f"The gateway made {probes} readiness connect() attempts.")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
+
+
+def _descendants(events: list[_Event], root: int) -> set[int]:
+    """`root` and every pid/tid it (or they) cloned during the trace (strace -f's clone lines)."""
+    children: dict[int, list[int]] = {}
+    for e in events:
+        if e.text.startswith(("clone(", "clone3(", "<... clone", "vfork(", "fork(")):
+            m = re.search(r"= (\d+)$", e.text.split(" <")[0].rstrip())
+            if m:
+                children.setdefault(e.pid, []).append(int(m.group(1)))
+    out: set[int] = set()
+    todo = [root]
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
 
 
 def fmt_opt(ms: float | None) -> str:
@@ -1531,7 +1577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="strace one sandboxed zygote start (auto: if strace is installed)",
+        help="strace one sandboxed zygote and one pool start (auto: if strace is installed)",
     )
     p.add_argument(
         "--quiet-wait",
@@ -1612,7 +1658,10 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
     targets, missed = targets_table(r)
     para = reading(r, args.quick)
     images: list[Path] = plot(r) if args.plot else []
-    print(f"\n{targets}\n\n{tables}\n\n{para}\n\n{r.profile}")
+    profile = "\n\n".join(
+        f"#### One start of the {setup} setup\n\n{text}" for setup, text in r.profiles.items()
+    )
+    print(f"\n{targets}\n\n{tables}\n\n{para}\n\n{profile}")
     if not args.no_write:
         info = machine_info()
         quiet = (
@@ -1620,7 +1669,7 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
             f"phases, at most {args.quiet_wait:g} s each; {r.not_quiet} phase(s) started busy"
         )
         section = render_section(
-            started, revision, info, cmd, args, targets, tables, para, r.profile, images, quiet
+            started, revision, info, cmd, args, targets, tables, para, profile, images, quiet
         )
         write_section(SECTION, section)
         print(f"\nbench.coldstart: wrote '## {SECTION}' in docs/benchmarks.md", file=sys.stderr)
@@ -1650,11 +1699,7 @@ def render_section(
 ) -> str:
     reps = ", ".join(f"{size}: {n}x" for size, n in args.burst_reps.items())
     pics = "\n".join(f"![{p.stem}](img/{p.name})" for p in images)
-    prof = (
-        f"### Where a sandboxed zygote start (pools off) spends its time\n\n{profile}\n"
-        if profile
-        else ""
-    )
+    prof = f"### Where a sandboxed start spends its time\n\n{profile}\n" if profile else ""
     d = POOL_DEFAULTS
     return f"""## {SECTION}
 
