@@ -193,8 +193,20 @@ class Registry:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
-        """Open (creating if needed) the database and load every app and branch into memory."""
+        """Open (creating if needed) the database and load every app and branch into memory.
+
+        Logs how many were loaded and how long it took: with many apps this is most of a
+        restart (the listeners open after it), so an operator should see it.
+        """
+        t0 = time.perf_counter()
         await self._run(self._open_sync)
+        log.info(
+            "registry: loaded %d apps, %d branches, %d bundles in %.2fs",
+            len(self.apps),
+            len(self.branches),
+            len(self.bundles),
+            time.perf_counter() - t0,
+        )
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

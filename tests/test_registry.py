@@ -4,6 +4,7 @@ and everything survives a restart (a new Registry on the same file)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -210,3 +211,22 @@ def test_a_loaded_app_costs_little_memory(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert used / n < 600, f"{used / n:.0f} bytes per loaded app"
+
+
+def test_open_logs_what_it_loaded_and_how_long_it_took(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "dorm.db"
+
+    async def fill(reg: Registry) -> None:
+        await reg.put_app(app("a"))
+        await reg.put_app(app("b"))
+        await reg.put_branch(BranchSpec("a", "feat"))
+
+    run(fill, db)
+    with caplog.at_level(logging.INFO, logger="dorm.registry"):
+        run(lambda reg: asyncio.sleep(0), db)
+    loaded = [r.getMessage() for r in caplog.records if "registry: loaded" in r.getMessage()]
+    assert len(loaded) == 1 and loaded[0].startswith(
+        "registry: loaded 2 apps, 1 branches, 0 bundles in "
+    )
