@@ -9,8 +9,13 @@ things in one epoll loop:
   2. pumps each instance's stdout+stderr into its size-rotated log file;
   3. notices exits through one pidfd per instance (never waitpid(-1), which would also reap the
      sandbox pool's idle children) and reports how each ended (code, signal, OOM);
-  4. keeps warm pools of pre-confined children per recent sandbox shape, sized between
-     [pool] min_idle and max_idle by recent misses, and answers `pools` queries about them.
+  4. keeps warm pools per recent sandbox shape, sized between [pool] min_idle and max_idle by
+     recent misses, and answers `pools` queries about them. Pools of the python runtimes hold
+     *serving members*: zygote children already fully confined (own uid from the pool's uid
+     range, no capabilities, seccomp) and already running granian on a hidden socket name; a
+     claim attaches the tenant's dirs from outside (sandboxes.attach) and hands the member its
+     environment and log fd (runtimes/python.py `member_main`). Other shapes hold half-confined
+     pre-forked children (sandboxes/prefork.py) that finish confinement at the spawn.
 It talks to the gateway over one Unix stream socket with length-prefixed JSON frames. When the
 gateway goes away (EOF), it kills every instance and exits, so nothing outlives the gateway.
 """
@@ -19,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import gc
 import importlib
+import itertools
 import os
 import selectors
 import shutil
@@ -49,6 +56,11 @@ _SIGNALS = {s.value for s in signal.Signals}
 # Modules imported before any fork, so zygote-mode children start with them loaded (and share
 # their pages with the fork server): the python runtimes pull in granian and uvloop.
 PRELOAD = ("runtimes.python",)
+# Spawns calling MEMBER_CALL can be served by claiming a serving member (MEMBER_TARGET running).
+MEMBER_CALL = "runtimes.python:main"
+MEMBER_TARGET = "runtimes.python:member_main"
+SERVING_RUNTIMES = frozenset({"python-asgi", "python-wsgi"})
+MEMBER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -70,6 +82,19 @@ class Child:
     exit_status: int | None = None
     timing: dict[str, Any] = field(default_factory=dict)  # how the start went (see `spawn`)
     pending: bytearray = field(default_factory=bytearray)
+    member: Member | None = None  # the claimed pool member this instance is (its uid, its dir)
+
+
+@dataclass
+class Member:
+    """A serving pool member: confined, granian listening on its hidden socket, no tenant yet."""
+
+    pid: int
+    pidfd: int  # watched while idle, so a member that dies is replaced at once
+    uid: int  # from the pool's own uid range; returned when the process is gone
+    sandbox: Any
+    channel: socket.socket  # its fd 0: the claim goes here
+    socket_dir: Path  # the host dir it sees as /run/dorm
 
 
 MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least recent is dropped
@@ -85,6 +110,8 @@ class PoolConfig:
     max_idle: int = 0
     refill_concurrency: int = 1
     shrink_after: float = 30.0
+    member_uids: tuple[int, int] = (0, -1)  # first, last: uids for serving members (none: off)
+    member_dir: str = ""  # where serving members' socket dirs live (the gateway's run dir/pool)
 
 
 @dataclass
@@ -99,7 +126,9 @@ class Shape:
     spec: Any
     runtime: str
     target: int
+    serving: bool = False  # members are serving members (see `Member`), not prefork children
     members: set[int] = field(default_factory=set)  # pids built for this pool, maybe claimed
+    idle: list[Member] = field(default_factory=list)  # serving members waiting for a claim
     claimed: int = 0
     misses: int = 0
     built: int = 0
@@ -133,6 +162,12 @@ class ForkServer:
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.sandboxes: Any = None  # the module, imported on first sandboxed spawn
         self._claim = (0.0, False)  # the last spawn's claim-or-fork seconds, and pool hit
+        first, last = self.pool.member_uids
+        self.member_uids: deque[int] = deque(range(first, last + 1))
+        self.member_dir = Path(self.pool.member_dir) if self.pool.member_dir else None
+        self._member_ids = itertools.count(1)
+        if self.member_dir is not None:  # ours alone: whatever a previous run left is stale
+            shutil.rmtree(self.member_dir, ignore_errors=True)
 
     # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -152,6 +187,8 @@ class ForkServer:
                 elif data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.sig_r, 4096)
+                elif isinstance(data, Member):  # an idle serving member died
+                    self.member_died(data)
                 elif isinstance(data, tuple):  # ("exit", child): its pidfd became readable
                     self.reap(data[1])
                 else:
@@ -159,6 +196,8 @@ class ForkServer:
         if self.sandboxes is not None:
             # Idle pre-confined children are ours too: dismiss them and remove their cgroups.
             importlib.import_module("sandboxes.prefork").POOL.clear()
+            for shape in self.shapes.values():
+                self._dismiss(shape, 0)
 
     def stop(self) -> None:
         """Kill every instance; the loop ends once all are reaped."""
@@ -247,22 +286,23 @@ class ForkServer:
         if instance_id in self.children:
             raise RuntimeError(f"instance {instance_id} is already running")
         run_dir = Path(req["run_dir"])
-        shutil.rmtree(run_dir, ignore_errors=True)  # a stale socket would fake readiness
+        _remove_run_dir(run_dir)  # a stale socket would fake readiness
         run_dir.mkdir(parents=True, mode=0o700)
         log = RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         began = time.perf_counter()
         self._claim = (0.0, False)
+        member: Member | None = None
         try:
             if req.get("sandbox") is not None:
-                sandbox = self._spawn_sandboxed(req, run_dir, log_w)
+                sandbox, member = self._spawn_sandboxed(req, run_dir, log_w)
                 pid = sandbox.pid
             else:
                 pid, sandbox = self._spawn_process(req, run_dir, log_w), None
             pidfd = os.pidfd_open(pid)
         except BaseException as exc:
             os.close(log_r)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_run_dir(run_dir)
             log.write(f"[dorm] failed to start: {exc}\n".encode())
             log.close()
             raise
@@ -270,17 +310,20 @@ class ForkServer:
             os.close(log_w)
         fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
         elapsed = (time.perf_counter() - began) * 1000
-        claim_ms, hit = self._claim
-        claim_ms *= 1000
-        # Which path served the start: an idle pre-confined child (pool), a fork of this
-        # process made for the request (zygote), or a new interpreter (fresh: exec).
-        path = "fresh" if not req.get("call") else ("pool" if hit else "zygote")
-        timing = {
+        claim_ms = self._claim[0] * 1000
+        # Which path served the start: a serving pool member (pool), a fork of this process
+        # made for the request (zygote, maybe from a half-confined pre-forked child), or a new
+        # interpreter (fresh: exec).
+        path = "pool" if member is not None else ("zygote" if req.get("call") else "fresh")
+        timing: dict[str, Any] = {
             "path": path,
             "claim_ms": round(claim_ms, 3),
             "confine_ms": round(max(0.0, elapsed - claim_ms), 3),
         }
+        if member is not None:
+            timing["uid"] = member.uid
         child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
+        child.member = member
         self.children[instance_id] = child
         self.selector.register(log_r, selectors.EVENT_READ, child)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
@@ -289,16 +332,29 @@ class ForkServer:
         log.write(f"[dorm] started pid {pid} ({how}, {path}): {what[:500]}\n".encode())
         return child
 
-    def _spawn_sandboxed(self, req: dict[str, Any], run_dir: Path, log_w: int) -> Any:
-        """Confine per the request's sandbox spec (see the sandboxes package for the steps)."""
+    def _spawn_sandboxed(
+        self, req: dict[str, Any], run_dir: Path, log_w: int
+    ) -> tuple[Any, Member | None]:
+        """Claim a serving member, or confine per the request's sandbox spec (see the sandboxes
+        package for the steps). Returns the sandbox, and the member if one was claimed."""
         data_dir = req["sandbox"].get("data_dir")
-        if data_dir is not None:
-            _own_tree(data_dir, int(req["sandbox"]["uid"]))
+        if data_dir is not None:  # it must exist for the spec; its owner depends on the path
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
         spec = self._sandbox_spec(req, run_dir)
-        sb = self.sandboxes
-        sb.prepare_socket_dir(str(run_dir), spec.uid)
         shape = self.remember_shape(spec, req.get("pool") or "?")
         call = req.get("call")
+        if shape is not None and shape.serving and call == MEMBER_CALL:
+            began = time.perf_counter()
+            member = self._claim_member(shape, spec, req, run_dir, log_w)
+            self._claim = (time.perf_counter() - began, member is not None)
+            self.count_claim(shape, hit=member is not None)
+            if member is not None:
+                return member.sandbox, member
+            shape = None  # counted: the fallback below must not count again
+        if data_dir is not None:
+            _own_tree(data_dir, int(req["sandbox"]["uid"]))
+        sb = self.sandboxes
+        sb.prepare_socket_dir(str(run_dir), spec.uid)
         if call is not None:
             sandbox = sb.spawn_call(
                 spec, call, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w
@@ -307,11 +363,115 @@ class ForkServer:
             sandbox = sb.spawn(spec, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w)
         if shape is not None:
             self.count_claim(shape, hit=self._claim[1])
-        return sandbox
+        return sandbox, None
+
+    # -- serving members ------------------------------------------------------------------------
+    def _claim_member(
+        self, shape: Shape, spec: Any, req: dict[str, Any], run_dir: Path, log_w: int
+    ) -> Member | None:
+        """Turn an idle serving member into this instance; None if there is none (or it failed:
+        the caller falls back to a zygote fork, which serves the request a little later)."""
+        while shape.idle:
+            member = shape.idle.pop()
+            self.selector.unregister(member.pidfd)
+            os.close(member.pidfd)
+            member.pidfd = -1
+            try:
+                binds = []
+                if spec.app_dir is not None:
+                    binds.append((spec.app_dir.encode(), b"/app", self._ro_attrs))
+                if spec.data_dir is not None:
+                    _own_tree(spec.data_dir, member.uid)
+                    binds.append((spec.data_dir.encode(), b"/data", self._rw_attrs))
+                self.sandboxes.attach(member.pid, binds, spec.hostname.encode())
+                # The gateway connects to <run_dir>/http.sock: that is the member's socket dir.
+                run_dir.rmdir()
+                os.symlink(member.socket_dir, run_dir)
+                claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
+                socket.send_fds(member.channel, [claim], [log_w])
+            except Exception as exc:
+                print(f"dorm fork server: claim failed: {exc}", file=sys.stderr, flush=True)
+                self._discard_member(member)
+                _remove_run_dir(run_dir)
+                run_dir.mkdir(parents=True, mode=0o700)
+                continue
+            member.channel.close()
+            return member
+        return None
+
+    def _build_member(self, shape: Shape) -> Member:
+        """Start one serving member for `shape` (blocks until it is confined: a few ms)."""
+        assert self.member_dir is not None
+        if not self.member_uids:
+            raise OSError(errno.EAGAIN, "the pool's uid range is exhausted")
+        uid = self.member_uids.popleft()
+        n = next(self._member_ids)
+        socket_dir = self.member_dir / f"m{n}"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            self.sandboxes.prepare_socket_dir(str(socket_dir), uid)
+            spec = dataclasses.replace(
+                shape.spec,
+                name=f"member-{n}",
+                uid=uid,
+                app_dir=None,
+                data_dir=None,
+                hostname="dorm",
+                socket_dir=str(socket_dir),
+            )
+            sandbox = self.sandboxes.spawn_call(
+                spec,
+                MEMBER_TARGET,
+                ["dorm-member"],
+                {**MEMBER_ENV, "DORM_SOCKET": "/run/dorm/http.sock"},
+                stdout_fd=self.devnull,
+                stderr_fd=self.devnull,
+                stdin_fd=theirs.fileno(),
+            )
+        except BaseException:
+            ours.close()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            self.member_uids.append(uid)
+            raise
+        finally:
+            theirs.close()
+        member = Member(sandbox.pid, os.pidfd_open(sandbox.pid), uid, sandbox, ours, socket_dir)
+        self.selector.register(member.pidfd, selectors.EVENT_READ, member)
+        return member
+
+    def member_died(self, member: Member) -> None:
+        """An idle serving member exited (OOM killer, operator): drop it; refill replaces it."""
+        for shape in self.shapes.values():
+            if member in shape.idle:
+                shape.idle.remove(member)
+        self._discard_member(member)
+        self.refill_pending = True
+
+    def _discard_member(self, member: Member) -> None:
+        """Kill an unclaimed (or failed) member and release everything it held."""
+        if member.pidfd >= 0:
+            self.selector.unregister(member.pidfd)
+            os.close(member.pidfd)
+            member.pidfd = -1
+        member.channel.close()
+        member.sandbox.kill()
+        with contextlib.suppress(ChildProcessError, TimeoutError):
+            member.sandbox.wait(5)
+        with contextlib.suppress(Exception):
+            member.sandbox.cleanup()
+        self._release_member(member)
+
+    def _release_member(self, member: Member) -> None:
+        """Its processes are gone: its socket dir goes, its uid can be handed out again."""
+        shutil.rmtree(member.socket_dir, ignore_errors=True)
+        self.member_uids.append(member.uid)
 
     def _sandbox_spec(self, req: dict[str, Any], socket_dir: Path) -> Any:
         if self.sandboxes is None:
             self.sandboxes = importlib.import_module("sandboxes")
+            mounts = importlib.import_module("sandboxes.mounts")
+            self._ro_attrs, self._rw_attrs = mounts.RO_ATTRS, mounts.RW_ATTRS
             self._time_claims()
         fields = dict(req["sandbox"])
         fields["extra_ro_binds"] = tuple(fields.get("extra_ro_binds", ()))
@@ -422,7 +582,14 @@ class ForkServer:
         )
         shape = self.shapes.pop(key, None)
         if shape is None:
-            shape = Shape(spec, runtime, low)
+            serving = (
+                runtime in SERVING_RUNTIMES
+                and self.member_dir is not None
+                and bool(self.member_uids)
+                and spec.network == "none"
+                and spec.rootfs is None
+            )
+            shape = Shape(spec, runtime, low, serving)
         shape.spec, shape.runtime = spec, runtime
         self.shapes[key] = shape
         while len(self.shapes) > MAX_SHAPES:
@@ -447,6 +614,8 @@ class ForkServer:
 
     def idle_members(self, shape: Shape) -> list[int]:
         """The pool's members still idle (claimed or dead ones drop out of `members`)."""
+        if shape.serving:
+            return sorted(m.pid for m in shape.idle)
         idle = set(importlib.import_module("sandboxes.prefork").POOL.idle_pids())
         shape.members &= idle
         return sorted(shape.members)
@@ -458,6 +627,16 @@ class ForkServer:
         budget = max(1, self.pool.refill_concurrency)
         more = False
         for shape in reversed(list(self.shapes.values())):
+            while budget > 0 and shape.serving and len(shape.idle) < shape.target:
+                try:
+                    member = self._build_member(shape)
+                except Exception as exc:  # a failed build only costs the next spawn time
+                    print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+                    return False
+                shape.idle.insert(0, member)  # claims take the most recently built last
+                shape.built += 1
+                shape.build_times.append(time.monotonic())
+                budget -= 1
             while budget > 0 and len(self.idle_members(shape)) < shape.target:
                 before = set(pool.idle_pids())
                 try:
@@ -498,6 +677,8 @@ class ForkServer:
 
     def _dismiss(self, shape: Shape, keep: int) -> None:
         """Kill idle members beyond `keep` (the most recently built stay)."""
+        while len(shape.idle) > keep:
+            self._discard_member(shape.idle.pop(0))
         pool = importlib.import_module("sandboxes.prefork").POOL
         idle = self.idle_members(shape)
         for pid in idle[: max(0, len(idle) - keep)]:
@@ -641,9 +822,20 @@ class ForkServer:
             how += " (out of memory: the kernel killed it at its memory limit)"
         child.log.write(f"[dorm] pid {child.pid} {how}\n".encode())
         child.log.close()
-        shutil.rmtree(child.run_dir, ignore_errors=True)
+        _remove_run_dir(child.run_dir)
+        if child.member is not None:
+            self._release_member(child.member)
         del self.children[child.id]
         self.send(info)
+
+
+def _remove_run_dir(path: Path) -> None:
+    """An instance's run dir: a directory, or a symlink to its claimed member's socket dir."""
+    if path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _catches(pid: int, sig: int) -> bool:

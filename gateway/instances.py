@@ -152,6 +152,16 @@ def resolve_isolation(wanted: str) -> tuple[str, list[str]]:
     return "process", reasons
 
 
+def member_uids(uids: range, pool: PoolConfig) -> range:
+    """The top quarter of gateway.uid_range, for warm-pool members (empty with pools off).
+
+    A serving member drops to its uid before anyone knows its tenant, so its uid cannot come
+    from the per-instance allocation; the fork server hands these out and takes them back."""
+    if pool.max_idle <= 0 or len(uids) < 4:
+        return range(0)
+    return uids[len(uids) - len(uids) // 4 :]
+
+
 def python_binds() -> tuple[str, ...]:
     """Host directories a sandbox needs read-only for Python tenants: the interpreter's prefix,
     the virtualenv, and dorm's runtimes package (for the fresh-process path)."""
@@ -238,6 +248,7 @@ class Instance:
         self.site: StaticSite | None = None  # static runtime: answered in the gateway
         self.special = False  # any of the three above: one check on the hot path
         self.uid: int | None = None  # the sandbox uid while a sandboxed process runs
+        self.uid_from_pool = False  # `uid` is a claimed member's (the fork server returns it)
         self.internal = False  # one of dorm's own services: never evicted
         self.netns_fd = -1  # a sandboxed TCP app's network namespace, to connect inside it
         self.woken_at: float | None = None  # when the request that started it was queued
@@ -406,12 +417,19 @@ class InstanceManager:
         self.instances: dict[tuple[str, str], Instance] = {}
         self.running: dict[str, Instance] = {}
         self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
+        uids = parse_uid_range(cfg.uid_range)
+        members = member_uids(uids, self.pool)
+        pool_settings = {
+            **self.pool.settings(),
+            "member_uids": [members.start, members.stop - 1],
+            "member_dir": str(cfg.run_path / "pool"),
+        }
         self.launcher = Launcher(
             self._on_exit,
             cfg.cgroup_parent if self.isolation == "sandbox" else None,
-            self.pool.settings(),
+            pool_settings,
         )
-        self._free_uids = list(reversed(parse_uid_range(cfg.uid_range)))
+        self._free_uids = list(reversed(uids[: len(uids) - len(members)]))
         self._python_binds = python_binds()
         self.internal: dict[str, Instance] = {}
         self._ids = itertools.count(1)
@@ -682,6 +700,9 @@ class InstanceManager:
             spawned = await self.launcher.spawn(spec)
             spawned_at = time.monotonic()
             inst.pid = spawned.pid
+            if spawned.uid is not None:  # a claimed pool member keeps the uid it was built with
+                self._release_uid(inst)
+                inst.uid, inst.uid_from_pool = spawned.uid, True
             if sandboxed and app.port is not None:
                 # Held while it runs: connections to the app are made inside this namespace.
                 inst.netns_fd = os.open(f"/proc/{inst.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -838,9 +859,9 @@ class InstanceManager:
         }
 
     def _release_uid(self, inst: Instance) -> None:
-        if inst.uid is not None:
+        if inst.uid is not None and not inst.uid_from_pool:
             self._free_uids.append(inst.uid)
-            inst.uid = None
+        inst.uid, inst.uid_from_pool = None, False
 
     # -- exits ------------------------------------------------------------------------------------
     def _on_exit(self, instance_id: str, info: ExitInfo) -> None:

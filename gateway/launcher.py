@@ -73,6 +73,7 @@ class Spawned:
     path: str  # "pool" (an idle pre-confined child), "zygote" (forked for it), "fresh" (exec)
     claim_ms: float  # taking the idle child, or forking one
     confine_ms: float  # confinement until the tenant code was about to run
+    uid: int | None = None  # a claimed pool member runs as its own uid (from the pool's range)
 
 
 class LaunchError(RuntimeError):
@@ -241,6 +242,7 @@ class Launcher:
                         str(message.get("path", "fresh")),
                         float(message.get("claim_ms", 0.0)),
                         float(message.get("confine_ms", 0.0)),
+                        message.get("uid"),
                     )
                 )
         elif ev == "spawn_failed":

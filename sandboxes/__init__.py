@@ -4,6 +4,7 @@ no_new_privs, seccomp, rlimits, network). Imports nothing from ``gateway`` or ``
 See docs/sandboxes.md for the confinement order, the filesystem layout and the measured costs.
 """
 
+from .attach import attach
 from .doctor import detect_isolation, host_report
 from .errors import CgroupUnavailable, SandboxError
 from .recovery import cleanup_stale
@@ -18,6 +19,7 @@ __all__ = [
     "SandboxError",
     "SandboxSpec",
     "SandboxSpecError",
+    "attach",
     "cleanup_stale",
     "detect_isolation",
     "host_report",

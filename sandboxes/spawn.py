@@ -328,7 +328,7 @@ def _send_plan(
     argv: list[str],
     env: dict[str, str],
     mplan: mounts.MountPlan,
-    stdio: tuple[int, int],
+    stdio: tuple[int, int, int],
     pid: int,
     sock: socket.socket,
     netns_fd: int,
@@ -343,7 +343,7 @@ def _send_plan(
             os.kill(pid, signal.SIGKILL)
         _reap(pid, time.monotonic() + 1)
         raise SandboxError("mount_instance", e.errno or 0, str(e)) from e
-    send = [stdio[0], stdio[1], _devnull(), *bind_fds] + ([netns_fd] if netns_fd >= 0 else [])
+    send = [stdio[0], stdio[1], stdio[2], *bind_fds] + ([netns_fd] if netns_fd >= 0 else [])
     nb = len(bind_fds)
     plan = _plan(
         spec,
@@ -371,7 +371,7 @@ def _start_rootless(
     argv: list[str],
     env: dict[str, str],
     mplan: mounts.MountPlan,
-    stdio: tuple[int, int],
+    stdio: tuple[int, int, int],
     netns_fd: int,
     call: str,
 ) -> tuple[int, int]:
@@ -384,7 +384,7 @@ def _start_rootless(
         env,
         mplan,
         rootless=True,
-        fds=(*stdio, _devnull(), w, (), netns_fd, ()),
+        fds=(*stdio, w, (), netns_fd, ()),
         call=call,
     )
     libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -407,13 +407,14 @@ def spawn(
     *,
     stdout_fd: int,
     stderr_fd: int,
+    stdin_fd: int | None = None,
 ) -> Sandbox:
     """Start ``argv`` fully confined per ``spec`` (see the module docstring for the step order).
 
     Must be called from a single-threaded process (the fork server). Returns once the child has
     exec'd; raises ``SandboxError`` naming the failed step otherwise.
     """
-    return _spawn(spec, argv, env, stdout_fd, stderr_fd, "")
+    return _spawn(spec, argv, env, (stdout_fd, stderr_fd, stdin_fd), "")
 
 
 def spawn_call(
@@ -424,6 +425,7 @@ def spawn_call(
     *,
     stdout_fd: int,
     stderr_fd: int,
+    stdin_fd: int | None = None,
 ) -> Sandbox:
     """Zygote mode: like ``spawn``, but instead of execve the confined child calls ``target``
     ("module:qualname", normally pre-imported by the fork server) with ``sys.argv = argv`` and
@@ -436,20 +438,20 @@ def spawn_call(
     """
     if not isinstance(target, str) or ":" not in target:
         raise SandboxSpecError("target", f"must be 'module:qualname', got {target!r}")
-    return _spawn(spec, argv, env, stdout_fd, stderr_fd, target)
+    return _spawn(spec, argv, env, (stdout_fd, stderr_fd, stdin_fd), target)
 
 
 def _spawn(
     spec: SandboxSpec,
     argv: list[str],
     env: dict[str, str],
-    stdout_fd: int,
-    stderr_fd: int,
+    stdio: tuple[int, int, int | None],
     call: str,
 ) -> Sandbox:
     validate_argv(argv)
     validate_env(env)
     rootless = os.geteuid() != 0
+    out_err_in = (stdio[0], stdio[1], _devnull() if stdio[2] is None else stdio[2])
     seccomp.compiled_filter()  # built once, before any fork
     limits = _limits(spec)
     cg: cgroups.CgroupHandle | None = None
@@ -469,9 +471,7 @@ def _spawn(
         netns_fd = net.netns_fd if net is not None else -1
         mplan = _mount_plan(spec, rootless)
         if rootless:
-            pid, report_fd = _start_rootless(
-                spec, argv, env, mplan, (stdout_fd, stderr_fd), netns_fd, call
-            )
+            pid, report_fd = _start_rootless(spec, argv, env, mplan, out_err_in, netns_fd, call)
         else:
             try:
                 backend = cgroups.detect()
@@ -487,7 +487,7 @@ def _spawn(
                 raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
             pid, report = idle.pid, idle.sock
             idle = None
-            _send_plan(spec, argv, env, mplan, (stdout_fd, stderr_fd), pid, report, netns_fd, call)
+            _send_plan(spec, argv, env, mplan, out_err_in, pid, report, netns_fd, call)
             report_fd = report.fileno()
         deadline = time.monotonic() + SPAWN_TIMEOUT
         try:

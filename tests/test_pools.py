@@ -204,7 +204,9 @@ def test_claim_isolation_nothing_before_nothing_after(gw: Gateway, tmp_path: Pat
         environ, app, tmp = member_view(pid)
         assert "TENANT_SECRET" not in environ and "a-secret-value" not in environ
         assert "DORM_APP" not in environ and "tenant-a" not in environ
-        assert app == [] and tmp == [], (pid, app, tmp)  # no tenant code, no tenant files
+        # No tenant code, no tenant files: /tmp holds at most the mount points of dorm's own
+        # read-only binds that live under /tmp on the host (a CI checkout's virtualenv).
+        assert app == [] and set(tmp) <= BINDS_UNDER_TMP, (pid, app, tmp)
         assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{a_pid}/ns/mnt")
         assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     stop_and_wait(gw, "tenant-a")

@@ -1,0 +1,170 @@
+"""Serving pool members: a claimed member must behave exactly like a sandbox started for the tenant.
+
+What is checked, each through a real sandboxing gateway: the WSGI runtime, ASGI lifespan state,
+an app that cannot be imported (a clear error, never a member that looks ready), a lifespan that
+fails, the member's own uid (reported, unique, from the pool's quarter of uid_range), a persistent
+/data volume, and the tenant's hostname.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandboxes import detect_isolation
+from tests.conftest import Gateway
+from tests.test_pools import start_gateway, wait_pool
+
+LEVEL = detect_isolation()
+pytestmark = pytest.mark.skipif(
+    LEVEL != "sandbox",
+    reason=f"warm pools need sandboxes (root with namespaces and cgroups); this host: {LEVEL}",
+)
+
+ASGI = """
+import json, os, socket
+async def app(scope, receive, send):
+    if scope['type'] == 'lifespan':
+        while True:
+            message = await receive()
+            if message['type'] == 'lifespan.startup':
+                if os.environ.get('FAIL_STARTUP'):
+                    await send({'type': 'lifespan.startup.failed', 'message': 'no database'})
+                    return
+                scope['state']['greeting'] = 'set at startup'
+                await send({'type': 'lifespan.startup.complete'})
+            else:
+                await send({'type': 'lifespan.shutdown.complete'})
+                return
+    if scope['path'] == '/write':
+        with open('/data/count', 'a') as f:
+            f.write('x')
+    count = open('/data/count').read() if os.path.exists('/data/count') else ''
+    body = json.dumps({
+        'state': scope.get('state', {}).get('greeting'),
+        'uid': os.getuid(),
+        'hostname': socket.gethostname(),
+        'count': count,
+    })
+    await send({'type': 'http.response.start', 'status': 200, 'headers': []})
+    await send({'type': 'http.response.body', 'body': body.encode()})
+"""
+
+WSGI = """
+import os
+def app(environ, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [('wsgi ' + environ['PATH_INFO'] + ' ' + os.environ['DORM_APP']).encode()]
+"""
+
+
+def code_dir(tmp_path: Path, name: str, source: str) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "main.py").write_text(source)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(d, 0o755)
+    return str(d)
+
+
+@pytest.fixture
+def gw(gateway_factory: Any) -> Gateway:
+    return start_gateway(gateway_factory)
+
+
+def last_start(gw: Gateway, app: str) -> dict[str, Any]:
+    status, inst = gw.admin("GET", f"/v1/instances/{app}/main")
+    assert status == 200, inst
+    return dict(inst)
+
+
+def prime(gw: Gateway, source_dir: str) -> None:
+    """Start one python-asgi app so the shape's pool is built, then wait for two members."""
+    gw.put_app("primer", {"runtime": "python-asgi", "entry": "main:app", "app_dir": source_dir})
+    assert gw.request("/", host="primer.localhost").status == 200
+    wait_pool(gw, lambda p: p["idle"] >= 2)
+
+
+def real_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def test_claimed_member_is_the_tenant(gw: Gateway, tmp_path: Path) -> None:
+    asgi = code_dir(tmp_path, "asgi", ASGI)
+    prime(gw, asgi)
+    gw.put_app("lively", {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
+    resp = gw.request("/", host="lively.localhost")
+    assert resp.status == 200, resp.body
+    seen = json.loads(resp.body)
+    inst = last_start(gw, "lively")
+    assert inst["last_start"]["path"] == "pool", inst
+    assert (
+        seen["state"] == "set at startup"
+    )  # its lifespan ran at the claim, state reaches requests
+    assert seen["hostname"] == "lively"  # set in the member's UTS namespace at the claim
+    assert seen["uid"] == inst["uid"] == real_uid(inst["pid"])
+    first, last = 310000, 311999  # start_gateway's uid_range: members use its top quarter
+    assert last - (last - first + 1) // 4 < seen["uid"] <= last
+    primer = gw.instance("primer")
+    assert primer is not None and primer["uid"] != seen["uid"]
+
+
+def test_wsgi_app_from_the_pool(gw: Gateway, tmp_path: Path) -> None:
+    # Members do not know their interface before the claim: one pool serves asgi and wsgi apps
+    # of the same sandbox shape.
+    prime(gw, code_dir(tmp_path, "asgi", ASGI))
+    wsgi = code_dir(tmp_path, "wsgi", WSGI)
+    gw.put_app("classic", {"runtime": "python-wsgi", "entry": "main:app", "app_dir": wsgi})
+    resp = gw.request("/hello", host="classic.localhost")
+    assert resp.status == 200 and resp.body == b"wsgi /hello classic", resp.body
+    assert last_start(gw, "classic")["last_start"]["path"] == "pool"
+
+
+def test_volume_survives_and_belongs_to_the_member_uid(gw: Gateway, tmp_path: Path) -> None:
+    asgi = code_dir(tmp_path, "asgi", ASGI)
+    prime(gw, asgi)
+    gw.put_app(
+        "keeper", {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi, "volume": True}
+    )
+    assert json.loads(gw.request("/write", host="keeper.localhost").body)["count"] == "x"
+    assert last_start(gw, "keeper")["last_start"]["path"] == "pool"
+    status, _ = gw.admin("POST", "/v1/apps/keeper/stop")
+    assert status == 200
+    gw.wait_state("keeper", "cold")
+    wait_pool(gw, lambda p: p["idle"] >= 1)
+    seen = json.loads(gw.request("/write", host="keeper.localhost").body)
+    assert seen["count"] == "xx"  # the new member (another uid) owns the volume now
+    assert last_start(gw, "keeper")["last_start"]["path"] == "pool"
+
+
+@pytest.mark.parametrize(
+    ("entry", "env", "wanted"),
+    [
+        ("nowhere:app", {}, "cannot import 'nowhere'"),
+        ("main:missing", {}, "has no attribute 'missing'"),
+        ("main:app", {"FAIL_STARTUP": "1"}, "lifespan startup failed"),
+    ],
+)
+def test_a_claim_that_fails_is_a_clear_error(
+    gw: Gateway, tmp_path: Path, entry: str, env: dict[str, str], wanted: str
+) -> None:
+    asgi = code_dir(tmp_path, "asgi", ASGI)
+    prime(gw, asgi)
+    spec = {"runtime": "python-asgi", "entry": entry, "app_dir": asgi, "env": env}
+    gw.put_app("broken", spec)
+    resp = gw.request("/", host="broken.localhost", timeout=30)
+    assert resp.status == 502, resp.body
+    assert "exited with code 2 during startup" in resp.body.decode(), resp.body
+    logs = "".join(
+        p.read_text(errors="replace") for p in (gw.data_dir / "logs" / "broken").rglob("*.log")
+    )
+    assert wanted in logs, logs  # the instance's log says why
+    inst = last_start(gw, "broken")
+    assert inst["state"] in ("cold", "failed") and inst["pid"] is None, inst
