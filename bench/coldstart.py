@@ -609,6 +609,7 @@ class Bench:
     def run_gateway(self, setups: list[Setup]) -> None:
         """One gateway for setups that share isolation and pools; each setup measured in turn."""
         first = setups[0]
+        began = time.monotonic()
         gw = Gateway(self.tmp, first.isolation, first.pools, first.gateway)
         self.gateways.append(gw)
         gw.start()
@@ -634,6 +635,11 @@ class Bench:
             self.idle_memory(gw, setup)
         gw.check_alive()
         gw.close()
+        print(
+            f"bench.coldstart: {', '.join(s.key for s in setups)} took "
+            f"{time.monotonic() - began:.0f} s",
+            file=sys.stderr,
+        )
 
     def sequential(self, gw: Gateway, setup: Setup) -> None:
         app = self.app_names(setup, 1)[0]
