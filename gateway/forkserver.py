@@ -100,6 +100,7 @@ class Member:
 MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least recent is dropped
 RATE_WINDOW = 60.0  # seconds over which the refill rate is reported
 MAINTAIN_EVERY = 0.5  # seconds between checks for dead idle members and quiet pools
+REFILL_GRACE = 0.02  # seconds after a spawn before refilling pools that still have members
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,7 @@ class ForkServer:
         self.shapes: dict[tuple[Any, ...], Shape] = {}
         self.refill_pending = False
         self.last_maintain = 0.0
+        self.last_spawn = 0.0
         self.control.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
@@ -172,10 +174,14 @@ class ForkServer:
     # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         while self.running or self.children:
-            ready = self.selector.select(timeout=0 if self.refill_pending else MAINTAIN_EVERY)
+            wait = MAINTAIN_EVERY
+            if self.refill_pending:
+                wait = max(0.0, self.last_spawn + self.refill_grace() - time.monotonic())
+            ready = self.selector.select(timeout=wait)
             if self.shapes and time.monotonic() - self.last_maintain >= MAINTAIN_EVERY:
                 self.maintain()
-            if not ready and self.refill_pending and self.running:
+            due = self.refill_pending and time.monotonic() >= self.last_spawn + self.refill_grace()
+            if not ready and due and self.running:
                 self.refill_pending = self.refill()
             for key, events in ready:
                 data = key.data
@@ -287,7 +293,7 @@ class ForkServer:
             raise RuntimeError(f"instance {instance_id} is already running")
         run_dir = Path(req["run_dir"])
         _remove_run_dir(run_dir)  # a stale socket would fake readiness
-        run_dir.mkdir(parents=True, mode=0o700)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         began = time.perf_counter()
@@ -298,6 +304,7 @@ class ForkServer:
                 sandbox, member = self._spawn_sandboxed(req, run_dir, log_w)
                 pid = sandbox.pid
             else:
+                run_dir.mkdir(mode=0o700)
                 pid, sandbox = self._spawn_process(req, run_dir, log_w), None
             pidfd = os.pidfd_open(pid)
         except BaseException as exc:
@@ -310,6 +317,7 @@ class ForkServer:
             os.close(log_w)
         fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
         elapsed = (time.perf_counter() - began) * 1000
+        self.last_spawn = time.monotonic()
         claim_ms = self._claim[0] * 1000
         # Which path served the start: a serving pool member (pool), a fork of this process
         # made for the request (zygote, maybe from a half-confined pre-forked child), or a new
@@ -340,7 +348,8 @@ class ForkServer:
         data_dir = req["sandbox"].get("data_dir")
         if data_dir is not None:  # it must exist for the spec; its owner depends on the path
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        spec = self._sandbox_spec(req, run_dir)
+        # The socket dir the gateway will connect in: a claimed member's, or a new one.
+        spec = self._sandbox_spec(req, run_dir.parent)
         shape = self.remember_shape(spec, req.get("pool") or "?")
         call = req.get("call")
         if shape is not None and shape.serving and call == MEMBER_CALL:
@@ -351,6 +360,8 @@ class ForkServer:
             if member is not None:
                 return member.sandbox, member
             shape = None  # counted: the fallback below must not count again
+        run_dir.mkdir(mode=0o700)
+        spec = dataclasses.replace(spec, socket_dir=str(run_dir))
         if data_dir is not None:
             _own_tree(data_dir, int(req["sandbox"]["uid"]))
         sb = self.sandboxes
@@ -385,7 +396,6 @@ class ForkServer:
                     binds.append((spec.data_dir.encode(), b"/data", self._rw_attrs))
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode())
                 # The gateway connects to <run_dir>/http.sock: that is the member's socket dir.
-                run_dir.rmdir()
                 os.symlink(member.socket_dir, run_dir)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
@@ -393,7 +403,6 @@ class ForkServer:
                 print(f"dorm fork server: claim failed: {exc}", file=sys.stderr, flush=True)
                 self._discard_member(member)
                 _remove_run_dir(run_dir)
-                run_dir.mkdir(parents=True, mode=0o700)
                 continue
             member.channel.close()
             return member
@@ -619,6 +628,14 @@ class ForkServer:
         idle = set(importlib.import_module("sandboxes.prefork").POOL.idle_pids())
         shape.members &= idle
         return sorted(shape.members)
+
+    def refill_grace(self) -> float:
+        """How long after a spawn to hold back refills: building a member costs both CPUs of a
+        small host for a few ms, exactly when the instance just started answers its first
+        request. Not when a serving pool is empty, though: the next claim would miss."""
+        if any(shape.serving and not shape.idle for shape in self.shapes.values()):
+            return 0.0
+        return REFILL_GRACE
 
     def refill(self) -> bool:
         """Build up to `refill_concurrency` members for pools below their target; a spawn
