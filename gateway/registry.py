@@ -185,6 +185,10 @@ class Registry:
         # and what of it is already on disk.
         self.last_requests: dict[tuple[str, str], float] = {}
         self._flushed: dict[tuple[str, str], float] = {}
+        # app → names of its branches that have a key in `branches`, `last_requests` or
+        # `_flushed`: deleting an app or listing its branches visits only its own keys, not
+        # every key of every app (with 100,000 apps that was milliseconds of event loop each).
+        self._branch_names: dict[str, set[str]] = {}
         # Stored runtimes whose definition no longer validates: name → digest (tree kept).
         self.invalid_runtimes: dict[str, str] = {}
         self._shared = _Shared()
@@ -241,6 +245,7 @@ class Registry:
             self.runtimes[name] = RuntimeRecord(name, digest, rd, size, files, unpacked, uploaded)
         for app, branch, when in db.execute("SELECT app, branch, last_request FROM activity"):
             self.last_requests[(app, branch)] = self._flushed[(app, branch)] = when
+            self._index(app, branch)
         # A row that no longer validates (the rules tightened since it was stored) must not keep
         # the gateway from starting: it is skipped with an error in the log, and left on disk
         # so a corrected spec can be PUT over it.
@@ -257,6 +262,7 @@ class Registry:
             if app not in self.apps:
                 continue
             try:
+                self._index(app, name)
                 self.branches[(app, name)] = replace(
                     parse_branch_spec(app, name, orjson.loads(spec)),
                     bundle=bundle,
@@ -346,8 +352,20 @@ class Registry:
         refs.update(self.invalid_runtimes.values())
         return refs
 
+    def _index(self, app: str, branch: str) -> None:
+        names = self._branch_names.get(app)
+        if names is None:
+            self._branch_names[app] = {branch}
+        else:
+            names.add(branch)
+
     def branches_of(self, app: str) -> list[BranchSpec]:
-        out = [b for (a, _), b in self.branches.items() if a == app]
+        branches = self.branches
+        out = [
+            branches[(app, name)]
+            for name in self._branch_names.get(app, ())
+            if (app, name) in branches
+        ]
         if app in self.apps and (app, DEFAULT_BRANCH) not in self.branches:
             out.append(BranchSpec(app=app, name=DEFAULT_BRANCH))
         return sorted(out, key=lambda b: b.name)
@@ -383,11 +401,11 @@ class Registry:
 
         deleted = await self._run(write)
         self.apps.pop(name, None)
-        for key in [k for k in self.branches if k[0] == name]:
-            del self.branches[key]
-        for table in (self.last_requests, self._flushed):
-            for key in [k for k in table if k[0] == name]:
-                del table[key]
+        for branch in self._branch_names.pop(name, ()):
+            key = (name, branch)
+            self.branches.pop(key, None)
+            self.last_requests.pop(key, None)
+            self._flushed.pop(key, None)
         return deleted
 
     async def put_branch(self, branch: BranchSpec) -> None:
@@ -408,6 +426,7 @@ class Registry:
         key = (branch.app, branch.name)
         old = self.branches.get(key)
         if old is None:
+            self._index(branch.app, branch.name)
             self.branches[key] = replace(
                 branch,
                 bundle=None,
@@ -480,6 +499,7 @@ class Registry:
         if bundle is not None and bundle.digest not in self.bundles:
             self.bundles[bundle.digest] = bundle
         key = (branch.app, branch.name)
+        self._index(branch.app, branch.name)
         self.branches[key] = replace(branch, created=created, last_request=self._flushed.get(key))
 
     async def forget_bundles(self, digests: Iterable[str]) -> None:
@@ -542,9 +562,12 @@ class Registry:
         return deleted
 
     def touch(self, app: str, branch: str, when: float) -> None:
-        """Record a request to (app, branch) at Unix time `when`. Hot path: one dict write;
-        `flush_activity` persists it later."""
-        self.last_requests[(app, branch)] = when
+        """Record a request to (app, branch) at Unix time `when`: a dict write (and, the first
+        time, an index entry); `flush_activity` persists it later."""
+        key = (app, branch)
+        if key not in self.last_requests:
+            self._index(app, branch)
+        self.last_requests[key] = when
 
     async def flush_activity(self) -> int:
         """Persist last-request times recorded since the previous flush. Returns how many."""
@@ -589,4 +612,9 @@ class Registry:
         self.branches.pop((app, name), None)
         self.last_requests.pop((app, name), None)
         self._flushed.pop((app, name), None)
+        names = self._branch_names.get(app)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._branch_names[app]
         return deleted
