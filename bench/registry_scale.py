@@ -8,15 +8,20 @@ SQLite rows, and whatever per-app state routing builds; this benchmark measures 
 real `dorm serve` (bench.coldstart's Gateway: throw-away config and data dir, 127.0.0.1 only):
 
 1. register N apps through the real admin API (`PUT /v1/apps/{app}`, one request per app: there is
-   no bulk endpoint) from `--concurrency` keep-alive connections; S of them are `static` apps, the
-   rest python-asgi apps sharing one `app_dir`. The gateway's RSS is read at every tenth of the
-   way, and the admin latency per tenth shows whether a write gets slower as the registry grows;
-2. deploy one static bundle (the same archive, so one stored tree) to the S static apps through
-   `PUT /v1/apps/{app}/branches/main/bundle`, then send a request to each of the S distinct hosts
-   twice (first: the gateway builds that app's routing state and instance record; second: cached)
-   and to S unknown hosts (404): nothing is started, the static runtime answers in the gateway;
-3. restart: SIGTERM, then `dorm serve` again on the same data dir: time until the admin API
-   answers (it opens last, after the registry is loaded), RSS then, and after routing again.
+   no bulk endpoint) from `--concurrency` keep-alive connections; half of them (at least S) are
+   `static` apps, the rest python-asgi apps sharing one `app_dir`. At every tenth of the way the
+   gateway's RSS is read, with the admin p50 and the gateway's CPU per registration in that
+   tenth: CPU per write rising with the app count would be an O(n) write path;
+2. deploy one static bundle (the same archive, so one stored tree) to S static apps through
+   `PUT /v1/apps/{app}/branches/main/bundle`, then send a request to each of those S hosts twice
+   (first: the gateway builds that app's routing state and instance record; second: cached) and
+   to S unknown hosts (404); then one request to every other static app (503, no bundle): what
+   an app that has been requested costs beyond a registered one. Nothing is ever started, the
+   static runtime answers in the gateway;
+3. the idle gateway's CPU over 10 s: empty, with N apps registered, after the requests;
+4. restart: SIGTERM, then `dorm serve` again on the same data dir: time until the admin API
+   answers (it opens last, after the registry is loaded; the registry's own load time is read
+   from the gateway's log), RSS then, and after routing the S hosts again.
 
 Memory is the gateway process's VmRSS, VmHWM (peak RSS) and PSS (/proc/<pid>/status and
 smaps_rollup); its fork server is a separate process (measured in bench.coldstart) and not counted.
