@@ -50,6 +50,7 @@ from gateway.runtimespec import (
 log = logging.getLogger("dorm.registry")
 
 DEFAULT_BRANCH = "main"
+_MAIN = (DEFAULT_BRANCH,)
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -188,7 +189,8 @@ class Registry:
         # app → names of its branches that have a key in `branches`, `last_requests` or
         # `_flushed`: deleting an app or listing its branches visits only its own keys, not
         # every key of every app (with 100,000 apps that was milliseconds of event loop each).
-        self._branch_names: dict[str, set[str]] = {}
+        # Tuples, not sets: most apps have one or two names, and an empty set alone is 216 bytes.
+        self._branch_names: dict[str, tuple[str, ...]] = {}
         # Stored runtimes whose definition no longer validates: name → digest (tree kept).
         self.invalid_runtimes: dict[str, str] = {}
         self._shared = _Shared()
@@ -353,11 +355,12 @@ class Registry:
         return refs
 
     def _index(self, app: str, branch: str) -> None:
-        names = self._branch_names.get(app)
-        if names is None:
-            self._branch_names[app] = {branch}
-        else:
-            names.add(branch)
+        names = self._branch_names.get(app, ())
+        if branch not in names:
+            # Most apps only ever have `main`: they all share one tuple.
+            self._branch_names[app] = (
+                (*names, branch) if names or branch != DEFAULT_BRANCH else _MAIN
+            )
 
     def branches_of(self, app: str) -> list[BranchSpec]:
         branches = self.branches
@@ -612,9 +615,7 @@ class Registry:
         self.branches.pop((app, name), None)
         self.last_requests.pop((app, name), None)
         self._flushed.pop((app, name), None)
-        names = self._branch_names.get(app)
-        if names is not None:
-            names.discard(name)
-            if not names:
-                del self._branch_names[app]
+        rest = tuple(n for n in self._branch_names.pop(app, ()) if n != name)
+        if rest:
+            self._branch_names[app] = rest
         return deleted
