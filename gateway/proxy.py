@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -41,6 +43,22 @@ LINGER_TIMEOUT = 2.0
 PAUSED_BY_UPSTREAM, PAUSED_BUFFERING = 1, 2
 _NOT_FOUND = object()
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_NO_BODY: list[bytes] = []  # Exchange.buffer of a request without body bytes; never appended to
+_UNSPLIT: list[bytes] = []  # Exchange.lines of a fast-path request not split yet; never appended to
+_new_exchange = object.__new__  # an Exchange without running __init__ (one Python call less)
+_NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
+# The plain-head fast path (ClientConnection._plain_request), run over the lowercased head. Every
+# header line starts right after "\n" (llhttp's strict mode refuses bare LF and obs-fold), so one
+# scan sees every header name: a Host with a plain value yields that value; the empty line that
+# ends the head, and any header that needs the parsing path (framing, hop-by-hop, forwarded,
+# Expect, an unusual Host), yield b"". One pass in C instead of a Python callback per header; the
+# pattern starts with a literal "\n" so the regex engine jumps from line to line (an anchored
+# alternative or re.IGNORECASE would make it try every byte and cost several times as much).
+_PLAIN_SCAN = re.compile(
+    rb"\n(?:\r\n|host:[ \t]*([!-~]+)\r|proxy-[^:\r\n]*:"
+    rb"|(?:host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
+    rb"|upgrade|expect|x-forwarded-for|x-forwarded-host|x-forwarded-proto|forwarded)[ \t]*:)"
+)
 
 
 class DataPlane:
@@ -50,6 +68,9 @@ class DataPlane:
         self.cfg = cfg
         self.manager = manager
         self.suffixes = tuple(sorted(("." + d for d in cfg.domains), key=len, reverse=True))
+        # Read on every request: copied out of cfg so the hot path does one lookup less.
+        self.max_header_size = cfg.max_header_size
+        self.upstream_timeout = cfg.upstream_timeout
         self.hosts = HostCache()
         self.host_entries = self.hosts.entries  # read directly: one dict lookup per request
         self.connections: set[ClientConnection] = set()
@@ -135,11 +156,30 @@ class Exchange:
     # A response written by the gateway itself (gateway/static.py) waits here for the client
     # to drain its write buffer; called from resume_writing.
     on_drain: Callable[[], None] | None = None
+    # The forwarded header lines ("Name: value\r\n"), built by the parsing path; _UNSPLIT for
+    # a request taken by the plain-head fast path until someone asks for `parts`.
+    lines: list[bytes] = _UNSPLIT
+    # Fast path only: the request head as received, and the head to forward (built once).
+    raw_head = b""
+    forward_head = b""
+    # Body bytes waiting for an upstream connection. The parsing path gives each exchange its
+    # own list in on_message_begin; a fast-path request has no body, so it shares this empty one
+    # (never appended to).
+    buffer: list[bytes] = _NO_BODY
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
-        self.parts: list[bytes] = []
-        self.buffer: list[bytes] = []
+
+    @property
+    def parts(self) -> list[bytes]:
+        """The request's header lines as forwarded ("Name: value\\r\\n"; gateway/static.py reads
+        them). Split from the raw head on first use for a fast-path request: most never ask."""
+        lines = self.lines
+        if lines is _UNSPLIT:
+            head = self.raw_head
+            block = head[head.find(b"\r\n") + 2 : -4]
+            lines = self.lines = [line + b"\r\n" for line in block.split(b"\r\n")]
+        return lines
 
     # -- called by the instance -------------------------------------------------------------------
     def attach(self, conn: UpstreamConnection) -> None:
@@ -154,14 +194,14 @@ class Exchange:
             client.transport.write(CONTINUE_100)
             if client.deadline_kind == BODY:
                 client.deadline = time.monotonic() + client.plane.cfg.body_timeout
-        head = self.request_head()
+        head = self.forward_head or self.request_head()
         if self.buffer:
             conn.send(head + b"".join(self.buffer))
             self.buffer = []
             self.buffered = 0
             client.resume(PAUSED_BUFFERING)
-        else:
-            conn.send(head)
+        elif not conn.closed:
+            conn.transport.write(head)  # conn.send, inlined: this runs once per request
         if client.write_paused:
             conn.pause()
         if conn.write_paused:
@@ -204,9 +244,9 @@ class Exchange:
                     b" ",
                     self.url,
                     b" HTTP/1.1\r\n",
-                    *self.parts,
+                    *self.lines,
                     client.forwarded,
-                    self.host or b"",
+                    (self.host or b"").lower(),  # as the fast path sends it (nginx's $host too)
                     b"\r\n\r\n",
                 ]
             )
@@ -214,7 +254,7 @@ class Exchange:
         extra = [b"X-Forwarded-For: " + xff + b"\r\n"]
         given = self.forwarded_given
         if b"x-forwarded-host" not in given:
-            extra.append(b"X-Forwarded-Host: " + (self.host or b"") + b"\r\n")
+            extra.append(b"X-Forwarded-Host: " + (self.host or b"").lower() + b"\r\n")
         if b"x-forwarded-proto" not in given:
             extra.append(b"X-Forwarded-Proto: http\r\n")
         if self.chunked:
@@ -222,7 +262,7 @@ class Exchange:
         if self.upgrade:
             extra.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade_value + b"\r\n")
         return b"".join(
-            [self.method, b" ", self.url, b" HTTP/1.1\r\n", *self.parts, *extra, b"\r\n"]
+            [self.method, b" ", self.url, b" HTTP/1.1\r\n", *self.lines, *extra, b"\r\n"]
         )
 
 
@@ -231,6 +271,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "active",
+        "checker",
         "closed",
         "deadline",
         "deadline_kind",
@@ -255,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
         self.plane = plane
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
+        self.checker = HttpRequestParser(_NO_CALLBACKS)  # validates fast-path heads
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.pending: deque[Exchange] = deque()
@@ -306,6 +348,8 @@ class ClientConnection(asyncio.Protocol):
             if len(self.tunnel_tail) > BUFFER_LIMIT:
                 self.pause(PAUSED_BUFFERING)
             return
+        if self.parsing is None and self._plain_request(data):
+            return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -324,6 +368,65 @@ class ClientConnection(asyncio.Protocol):
                     self.protocol_error(431, f"request head larger than {limit} bytes")
             elif ex.head_size > limit:
                 self.protocol_error(431, f"request trailers larger than {limit} bytes")
+
+    def _plain_request(self, data: bytes) -> bool:
+        """Take a plain request without per-header callbacks; False: use the parsing path.
+
+        Plain means: `data` is exactly one complete HTTP/1.1 head, arriving between requests (so
+        the parser is at a message boundary), with an origin-form target, one Host with a plain
+        value, and no header the gateway acts on (framing, Expect, hop-by-hop, X-Forwarded-*,
+        Forwarded), so the request has no body and its head is forwarded as it came plus the
+        three X-Forwarded-* lines: the same bytes the parsing path builds. One regex scan over the
+        head finds Host and refuses the rest. The head still goes through llhttp's strict mode
+        (a second parser with no Python callbacks, fed only whole messages, so it is always at a
+        boundary): anything it refuses goes down the parsing path, which answers 400 for it.
+        A Host that does not route to an instance takes the parsing path too (404 and friends).
+        """
+        plane = self.plane
+        if data[-3:] != b"\n\r\n" or len(data) > plane.max_header_size:
+            return False  # not ending in an empty line (or too big: parsing path, then 431)
+        try:
+            method, url, rest = data.split(b" ", 2)
+            # The last match is the empty line at the end (data ends "\n\r\n"), and the only
+            # one: the head ends exactly where this read does. The other is Host, if plain.
+            host, _ = _PLAIN_SCAN.findall(data.lower())
+        except ValueError:
+            return False  # not three parts, a special header or a second empty line
+        if (
+            not host
+            or data[0] < 65  # llhttp skips CR and LF before a request line; methods start A-Z
+            or url[:1] != b"/"
+            or rest[:10] != b"HTTP/1.1\r\n"
+            or method == b"CONNECT"
+        ):
+            return False
+        inst = plane.host_entries.get(host)
+        if inst is None:
+            inst = plane.route(host)  # the first request for this (lowercased) Host
+        if inst is None or inst is _NOT_FOUND:
+            return False
+        try:
+            self.checker.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade):
+            self.checker = HttpRequestParser(_NO_CALLBACKS)
+            return False
+        ex = _new_exchange(Exchange)
+        ex.client = self
+        ex.method = method
+        ex.url = url
+        ex.host = host
+        ex.raw_head = data
+        ex.forward_head = data[:-2] + self.forwarded + host + b"\r\n\r\n"
+        ex.request_done = True
+        ex.instance = inst  # type: ignore[assignment]
+        self.deadline_kind = RESPONSE
+        self.deadline = monotonic() + plane.upstream_timeout
+        if self.active is None and not self.pending:
+            self.active = ex
+            inst.acquire(ex)  # type: ignore[attr-defined]
+        else:
+            self.pending.append(ex)
+        return True
 
     def eof_received(self) -> bool | None:
         if self.lingering:
@@ -383,7 +486,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks (request) ------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.parsing = Exchange(self)
+        ex = self.parsing = Exchange(self)
+        ex.lines = []
+        ex.buffer = []
         self.head_bytes = 0
         self.deadline = time.monotonic() + self.plane.cfg.header_timeout
         self.deadline_kind = HEAD
@@ -402,16 +507,16 @@ class ClientConnection(asyncio.Protocol):
             return  # a trailer field (after a chunked body): counted, never forwarded
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
-            ex.parts.append(name + b": " + value + b"\r\n")
+            ex.lines.append(name + b": " + value + b"\r\n")
             return
         if lname == b"host":
             if ex.host is not None:
                 ex.reject = (400, "more than one Host header")
             ex.host = value
-            ex.parts.append(name + b": " + value + b"\r\n")
+            ex.lines.append(name + b": " + value + b"\r\n")
         elif lname == b"content-length":
             ex.content_length = int(value)  # llhttp has checked it is digits, and only one
-            ex.parts.append(name + b": " + value + b"\r\n")
+            ex.lines.append(name + b": " + value + b"\r\n")
         elif lname == b"transfer-encoding":
             # llhttp refuses a request whose last coding is not "chunked"; codings before it
             # (gzip, chunked) describe the content and travel on unchanged.
@@ -430,7 +535,7 @@ class ClientConnection(asyncio.Protocol):
             if lname == b"x-forwarded-for":
                 ex.xff = ex.xff + b", " + value if ex.xff else value
             else:
-                ex.parts.append(name + b": " + value + b"\r\n")
+                ex.lines.append(name + b": " + value + b"\r\n")
                 ex.forwarded_given = ex.forwarded_given | {lname}
 
     def on_headers_complete(self) -> None:
@@ -485,8 +590,8 @@ class ClientConnection(asyncio.Protocol):
                 authority, slash, path = rest.partition(b"/")
                 ex.host = authority
                 ex.url = slash + path or b"/"
-                ex.parts = [p for p in ex.parts if p[:5].lower() != b"host:"]
-                ex.parts.append(b"Host: " + authority + b"\r\n")
+                ex.lines = [p for p in ex.lines if p[:5].lower() != b"host:"]
+                ex.lines.append(b"Host: " + authority + b"\r\n")
             else:
                 return (400, "request target must be an absolute path")
         if not ex.host:
@@ -528,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
             b"transfer-encoding",
         }
         if listed:
-            ex.parts = [p for p in ex.parts if p.split(b":", 1)[0].lower() not in listed]
+            ex.lines = [p for p in ex.lines if p.split(b":", 1)[0].lower() not in listed]
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -636,6 +741,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.pending:
+            # A response that completes in one read does not push the deadline back (the raw
+            # path skips it); the next pipelined request gets its own full wait.
+            if self.deadline_kind == RESPONSE:
+                self.deadline = time.monotonic() + self.plane.cfg.upstream_timeout
             self.next_exchange()
         elif self.parsing is None:
             if self.plane.draining:

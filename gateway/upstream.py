@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -25,14 +25,22 @@ if TYPE_CHECKING:
 # Body framing towards the client.
 NONE, LENGTH, CHUNKED, CLOSE = range(4)
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
-# A header (at a line start) that sends a response down the parsing path, and the one header
-# the raw path reads. Compiled regexes: ten `bytes in` searches cost six times as much here.
-_RAW_REFUSE = re.compile(
-    rb"\n(?:connection|keep-alive|proxy-[a-z-]*|te|trailer|transfer-encoding|upgrade)[ \t]*:",
+# The raw path's one scan over a response head: a plain Content-Length yields its digits; a
+# header that sends the response down the parsing path (hop-by-hop, Transfer-Encoding, an odd
+# Content-Length) yields b"". The pattern starts with a literal "\n", so the regex engine jumps
+# from line to line; one findall replaces the two scans (refuse, then find the length) this
+# used to take.
+_RAW_SCAN = re.compile(
+    rb"\n(?:content-length:[ \t]*([0-9]{1,15})[ \t]*\r|proxy-[^:\r\n]*:"
+    rb"|(?:content-length|connection|keep-alive|te|trailer|transfer-encoding|upgrade)[ \t]*:)",
     re.IGNORECASE,
 )
 _NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
-_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r", re.IGNORECASE)
+# Status lines the raw path takes, up to the space before the reason: HTTP/1.1 and a status
+# with a body (not 1xx, 204 or 304). One slice and one set lookup instead of five byte tests.
+_RAW_STATUS = frozenset(
+    b"HTTP/1.1 %d " % code for code in range(200, 600) if code not in (204, 304)
+)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -97,15 +105,15 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.close()  # bytes nobody asked for: this connection cannot be trusted any more
             return
-        first = not self.received
-        self.received = True
-        client = ex.client
-        client.deadline = time.monotonic() + client.plane.cfg.upstream_timeout
         if self._remaining >= 0:
             self._raw_body(ex, data)
             return
-        if first and self._raw_head(ex, data):
-            return
+        if not self.received:
+            self.received = True
+            if self._raw_head(ex, data):
+                return
+        client = ex.client
+        client.deadline = monotonic() + client.plane.upstream_timeout
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -124,7 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._head_response and self.exchange is not None:
             self._head_response = False
             self.parser = HttpResponseParser(self)
-            self._complete(reusable=self._keep_alive)
+            self._complete(self._keep_alive)
 
     # -- the raw fast path --------------------------------------------------------------------
     def _raw_head(self, ex: Exchange, data: bytes) -> bool:
@@ -141,19 +149,17 @@ class UpstreamConnection(asyncio.Protocol):
         malformed responses.
         """
         end = data.find(b"\r\n\r\n")
-        if end < 0 or not data.startswith(b"HTTP/1.1 ") or ex.method == b"HEAD":
+        if end < 0 or data[:13] not in _RAW_STATUS:
             return False
-        status = data[9:12]
-        if not status.isdigit() or status < b"200" or status in (b"204", b"304"):
+        if ex.method == b"HEAD" or ex.http10 or ex.upgrade:
             return False
-        if ex.http10 or ex.upgrade:
+        try:
+            (length_digits,) = _RAW_SCAN.findall(data, 16, end + 2)
+        except ValueError:
+            return False  # no Content-Length, or a second one, or a hop-by-hop header
+        if not length_digits:
             return False
-        if _RAW_REFUSE.search(data, 16, end + 2) is not None:
-            return False
-        found = _CONTENT_LENGTH.findall(data, 16, end + 2)
-        if len(found) != 1:
-            return False
-        length = int(found[0])
+        length = int(length_digits)
         body_at = end + 4
         available = len(data) - body_at
         try:
@@ -174,24 +180,37 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(head + data[body_at : body_at + length])
         if available < length:
             self._remaining = length - available
+            client.deadline = monotonic() + client.plane.upstream_timeout
             return True
-        # Bytes past the body are something the app should not have sent: do not reuse.
-        self._complete(reusable=available == length)
+        # _complete, inlined for the common case (nothing buffered, not chunked). Bytes past
+        # the body are something the app should not have sent: that connection is not reused.
+        self.exchange = None
+        self.served += 1
+        self.received = False
+        if self.write_paused:
+            client.resume(1)
+        if client.write_paused:
+            self.resume()
+        ex.upstream = None
+        self.inst.release(self, available == length and ex.request_done)
+        client.response_done(ex)
         return True
 
     def _raw_body(self, ex: Exchange, data: bytes) -> None:
         remaining = self._remaining
         size = len(data)
+        client = ex.client
         if size < remaining:
-            ex.client.transport.write(data)
+            client.transport.write(data)
             self._checker.feed_data(data)  # body bytes: keeps the checker in step, cannot fail
             self._remaining = remaining - size
+            client.deadline = monotonic() + client.plane.upstream_timeout
             return
         body = data if size == remaining else data[:remaining]
-        ex.client.transport.write(body)
+        client.transport.write(body)
         self._checker.feed_data(body)
         self._remaining = -1
-        self._complete(reusable=size == remaining)
+        self._complete(size == remaining)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -203,7 +222,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         if ex.head_sent and self._close_delimited:
-            self._complete(reusable=False)  # EOF is how this response ends
+            self._complete(False)  # EOF is how this response ends
         elif self.served and not self.received and ex.retryable():
             # The app closed a pooled keep-alive connection just as we reused it: nothing was
             # answered, and the request is safe to repeat, so send it on another connection.
@@ -339,7 +358,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.exchange is None or self._switching or self._head_response:
             return  # after a 101 the tunnel starts where httptools raises HttpParserUpgrade
-        self._complete(reusable=self._keep_alive)
+        self._complete(self._keep_alive)
 
     # -- ending a response ------------------------------------------------------------------------
     def _flush(self) -> None:
