@@ -195,6 +195,8 @@ class ForkServer:
                         os.read(self.sig_r, 4096)
                 elif isinstance(data, Member):  # an idle serving member died
                     self.member_died(data)
+                elif isinstance(data, tuple) and data[0] == "live":
+                    self.member_live(data[1])
                 elif isinstance(data, tuple):  # ("exit", child): its pidfd became readable
                     self.reap(data[1])
                 else:
@@ -332,6 +334,8 @@ class ForkServer:
             timing["uid"] = member.uid
         child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
         child.member = member
+        if member is not None:  # it says when it is live (see `member_live`)
+            self.selector.register(member.channel, selectors.EVENT_READ, ("live", child))
         self.children[instance_id] = child
         self.selector.register(log_r, selectors.EVENT_READ, child)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
@@ -399,12 +403,12 @@ class ForkServer:
                 os.symlink(member.socket_dir, run_dir)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
+                member.channel.setblocking(False)
             except Exception as exc:
                 print(f"dorm fork server: claim failed: {exc}", file=sys.stderr, flush=True)
                 self._discard_member(member)
                 _remove_run_dir(run_dir)
                 continue
-            member.channel.close()
             return member
         return None
 
@@ -448,6 +452,20 @@ class ForkServer:
         member = Member(sandbox.pid, os.pidfd_open(sandbox.pid), uid, sandbox, ours, socket_dir)
         self.selector.register(member.pidfd, selectors.EVENT_READ, member)
         return member
+
+    def member_live(self, child: Child) -> None:
+        """A claimed member's channel spoke (its socket is live) or closed (it failed, or died):
+        either way the channel is done; "live" is forwarded so the gateway connects at once."""
+        assert child.member is not None
+        channel = child.member.channel
+        try:
+            said = channel.recv(16)
+        except OSError:
+            said = b""
+        self.selector.unregister(channel)
+        channel.close()
+        if said == b"L":
+            self.send({"ev": "live", "id": child.id})
 
     def member_died(self, member: Member) -> None:
         """An idle serving member exited (OOM killer, operator): drop it; refill replaces it."""

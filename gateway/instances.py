@@ -241,6 +241,9 @@ class Instance:
         self.failed_until = 0.0
         self.last_error: str | None = None
         self.exited: asyncio.Future[ExitInfo] | None = None
+        # Resolved when the fork server reports the instance's socket live (pool claims only):
+        # the readiness probe then connects once instead of polling.
+        self.live: asyncio.Future[None] | None = None
         self.lost: list[Callable[[str], None]] = []
         self.stopping = False
         self.retired = False  # replaced by a new spec: finish what it has, never start again
@@ -428,6 +431,7 @@ class InstanceManager:
             self._on_exit,
             cfg.cgroup_parent if self.isolation == "sandbox" else None,
             pool_settings,
+            self._on_live,
         )
         self._free_uids = list(reversed(uids[: len(uids) - len(members)]))
         self._python_binds = python_binds()
@@ -640,6 +644,7 @@ class InstanceManager:
         inst.first_byte_pending = False
         inst.starts += 1
         inst.exited = asyncio.get_running_loop().create_future()
+        inst.live = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
         try:
@@ -714,7 +719,7 @@ class InstanceManager:
             self._start_failed(inst, 502, f"app {app.name!r} could not start: {exc}")
             return
         deadline = inst.started_at + app.startup_timeout
-        conn = await self._wait_ready(inst, deadline)
+        conn = await self._wait_ready(inst, deadline, announced=spawned.path == "pool")
         if conn is None:
             if inst.exited.done():
                 return  # _on_exit already failed the waiters with the reason
@@ -753,9 +758,16 @@ class InstanceManager:
         self.launcher.note(instance_id, f"{ready_in} ({stages.describe()})")
         inst.dispatch_waiters()
 
-    async def _wait_ready(self, inst: Instance, deadline: float) -> UpstreamConnection | None:
-        """Poll the instance's socket until it accepts (and the health path answers)."""
-        assert inst.exited is not None
+    async def _wait_ready(
+        self, inst: Instance, deadline: float, *, announced: bool = False
+    ) -> UpstreamConnection | None:
+        """Poll the instance's socket until it accepts (and the health path answers).
+
+        With `announced` (a claimed pool member, which tells the fork server when its socket is
+        live), a first attempt that fails waits for that word (or the exit) instead of polling:
+        the member is usually live before the gateway even heard "spawned", so the first attempt
+        mostly succeeds, and when it does not, the next one is made at the right moment."""
+        assert inst.exited is not None and inst.live is not None
         pause = 0.0005
         while not inst.exited.done():
             try:
@@ -769,8 +781,11 @@ class InstanceManager:
                 conn.close()
             if time.monotonic() + pause > deadline:
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(inst.exited), pause)
+            wake: set[asyncio.Future[Any]] = {inst.exited}
+            if announced and not inst.live.done():
+                wake.add(inst.live)
+                pause = max(0.0, deadline - time.monotonic())
+            await asyncio.wait(wake, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             pause = min(pause * 1.5, 0.05)
         return None
 
@@ -862,6 +877,12 @@ class InstanceManager:
         if inst.uid is not None and not inst.uid_from_pool:
             self._free_uids.append(inst.uid)
         inst.uid, inst.uid_from_pool = None, False
+
+    def _on_live(self, instance_id: str) -> None:
+        inst = self.running.get(instance_id)
+        live = inst.live if inst is not None and inst.id == instance_id else None
+        if live is not None and not live.done():
+            live.set_result(None)
 
     # -- exits ------------------------------------------------------------------------------------
     def _on_exit(self, instance_id: str, info: ExitInfo) -> None:

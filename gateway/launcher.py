@@ -86,7 +86,9 @@ class Launcher:
         on_exit: Callable[[str, ExitInfo], None],
         cgroup_parent: str | None = None,
         pool: dict[str, Any] | None = None,
+        on_live: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_live = on_live or (lambda _id: None)  # a claimed pool member is serving
         self._pool = pool or {}  # [pool] settings, passed to the fork server at each start
         self._overrides: dict[str, tuple[int, int]] = {}  # runtime → (min_idle, max_idle)
         # Recent sandbox shapes (by their limits and layout), for refilling after a restart.
@@ -245,6 +247,8 @@ class Launcher:
                         message.get("uid"),
                     )
                 )
+        elif ev == "live":
+            self._on_live(instance_id)
         elif ev == "spawn_failed":
             future = self._pending.get(instance_id)
             if future is not None and not future.done():

@@ -42,6 +42,7 @@ from granian.server.embed import Server
 INTERFACES = ("asgi", "wsgi")
 MEMBER_SOCKET = ".member.sock"  # a member listens here until its claim is complete
 MAX_CLAIM = 1 << 20  # bytes of one claim message (the tenant's environment)
+LIVE = b"L"  # sent back on the claim channel once the socket has its real name
 
 
 class EntryError(Exception):
@@ -189,7 +190,6 @@ def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
     """Read the claim from fd 0: the tenant's environment and argv, and its log fd, which
     becomes stdout and stderr. fd 0 then becomes /dev/null, as in any other instance."""
     message, fds, _flags, _addr = socket.recv_fds(channel, MAX_CLAIM, 1)
-    channel.close()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -242,6 +242,9 @@ async def _member(late: LateApp, socket_dir: str) -> None:
             raise ClaimError(str(exc)) from None
         await late.claim(app)
         os.rename(os.path.join(socket_dir, MEMBER_SOCKET), env["DORM_SOCKET"])
+        with contextlib.suppress(OSError):  # "live": the gateway may connect now, no polling
+            channel.send(LIVE)
+        channel.close()
         took = (time.perf_counter() - began) * 1000
         print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
     except ClaimError as exc:
