@@ -284,7 +284,8 @@ class ForkServer:
                 # Only the shape matters: no tenant paths beyond what spawned it last time.
                 message["sandbox"] = {**message["sandbox"], "data_dir": None, "app_dir": None}
                 spec = self._sandbox_spec(message, Path(message["socket_dir"]))
-                self.remember_shape(spec, message.get("pool") or "?")
+                if message.get("pool"):
+                    self.remember_shape(spec, message["pool"])
         elif op == "shutdown":
             self.stop()
 
@@ -354,7 +355,8 @@ class ForkServer:
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
         # The socket dir the gateway will connect in: a claimed member's, or a new one.
         spec = self._sandbox_spec(req, run_dir.parent)
-        shape = self.remember_shape(spec, req.get("pool") or "?")
+        pool = req.get("pool")  # None: this runtime is not pooled
+        shape = self.remember_shape(spec, pool) if pool else None
         call = req.get("call")
         if shape is not None and shape.serving and call == MEMBER_CALL:
             began = time.perf_counter()

@@ -698,7 +698,7 @@ class InstanceManager:
             log_keep=self.cfg.log_keep,
             cwd=code_dir,
             sandbox=sandbox,
-            pool=app.runtime if sandbox is not None else None,
+            pool=app.runtime if sandbox is not None and self._poolable(app) else None,
         )
         self.running[instance_id] = inst
         try:
@@ -877,6 +877,14 @@ class InstanceManager:
         if inst.uid is not None and not inst.uid_from_pool:
             self._free_uids.append(inst.uid)
         inst.uid, inst.uid_from_pool = None, False
+
+    def _poolable(self, app: AppSpec) -> bool:
+        """Built-in runtimes are pooled; an operator's runtime only if its runtime.toml says
+        `pool = true` (a pre-started member must be harmless to keep idle)."""
+        if not is_uploaded_runtime(app.runtime):
+            return True
+        record = self.runtime_defs(app.runtime)
+        return record is not None and record.definition.pool
 
     def _on_live(self, instance_id: str) -> None:
         inst = self.running.get(instance_id)

@@ -147,7 +147,7 @@ class Launcher:
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
-        if spec.sandbox is not None:
+        if spec.sandbox is not None and spec.pool is not None:
             self._remember_shape(spec)
         self._writer.write(encode_frame(message))
         try:

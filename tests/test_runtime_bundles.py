@@ -457,6 +457,8 @@ def test_uploaded_runtime_serves_an_app_from_its_own_rootfs(gateway_factory: Any
     assert first["listen"] == "unix:/run/dorm/http.sock"
     inst = gw.instance("web")
     assert inst is not None and inst["isolation"] == "sandbox"
+    # runtime.toml says pool = true: its sandbox shape gets a warm pool
+    assert "cserver" in {p["runtime"] for p in gw.admin("GET", "/v1/pools")[1]["pools"]}
 
     gw.wait_state("web", "cold")  # idle_timeout 1s: evicted
     second = wake(gw, "web.localhost")
@@ -496,6 +498,8 @@ def test_tcp_runtime_and_replacing_a_runtime_restarts_its_apps(gateway_factory: 
     first = wake(gw, "tcpapp.localhost")
     assert first["listen"] == "tcp:8080" and first["marker"] == "marker-42"
     assert first["greeting"] == "-"
+    # no `pool = true` in its runtime.toml: no warm pool for it
+    assert "ctcp" not in {p["runtime"] for p in gw.admin("GET", "/v1/pools")[1]["pools"]}
 
     # Same name, new definition: the running instance is replaced on the next request.
     toml = TCP_TOML.replace(b"8080", b"9090") + b'env = { GREETING = "v2" }\n'
