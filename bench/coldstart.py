@@ -96,6 +96,7 @@ MIB = 1024 * 1024
 START_TIMEOUT = 30.0  # the gateway itself
 REQUEST_TIMEOUT = 60.0  # one cold request (a burst of 100 fresh interpreters on 2 CPUs is slow)
 STOP_TIMEOUT = 60.0  # waiting for stopped instances to be reported cold
+MAX_SEQ_ERRORS = 3  # failed sequential starts after which a setup's sequential phase gives up
 SETTLE = 0.15  # pause after instances are cold, so a teardown does not overlap the next start
 POOL_WAIT = 5.0  # at most this long for a pool to be back at min_idle before an idle-memory wake
 IDLE_SETTLE = 3.0  # how long woken instances idle before their memory is read (--quick: 1 s)
@@ -653,6 +654,13 @@ class Bench:
                 before = gw.stop_apps([app])
                 phase.samples.append(s)
                 self.progress(setup.key, f"seq {i + 1}/{self.args.seq}", [s])
+                if sum(not x.ok for x in phase.samples) >= MAX_SEQ_ERRORS:
+                    # A broken path would cost REQUEST_TIMEOUT per sample; say so and go on.
+                    self.results.errors.append(
+                        f"{setup.key} sequential stopped after {len(phase.samples)} starts: "
+                        f"{MAX_SEQ_ERRORS} failed (last: {s.error})"
+                    )
+                    break
         self.results.phases.append(phase)
         gw.check_alive()
 
@@ -669,6 +677,12 @@ class Bench:
                 before = gw.stop_apps(apps)
                 phase.samples += samples
                 self.progress(setup.key, f"burst {size} ({r + 1}/{reps})", samples)
+                if not any(x.ok for x in samples):
+                    self.results.errors.append(
+                        f"{setup.key} burst of {size}: every request of round {r + 1} failed; "
+                        "no more rounds"
+                    )
+                    break
         self.results.phases.append(phase)
         gw.check_alive()
 
@@ -682,11 +696,15 @@ class Bench:
         apps = self.app_names(setup, self.args.idle)
         self.wait_quiet()
         before = gw.instances()
+        failed = 0
         for app in apps:
             self.wait_pool(gw)
             s = self.loop.run(fetch(gw.port, app, setup.key, "idle"))
             if not s.ok:
                 self.results.errors.append(f"{setup.key} idle wake {s.app}: {s.error}")
+                failed += 1
+                if failed >= MAX_SEQ_ERRORS:
+                    break
         time.sleep(self.args.idle_settle)
         insts = gw.instances()
         by_path: dict[str, list[dict[str, int]]] = {}
