@@ -412,7 +412,8 @@ def spawn(
     """Start ``argv`` fully confined per ``spec`` (see the module docstring for the step order).
 
     Must be called from a single-threaded process (the fork server). Returns once the child has
-    exec'd; raises ``SandboxError`` naming the failed step otherwise.
+    exec'd; raises ``SandboxError`` naming the failed step otherwise. ``stdin_fd`` becomes the
+    sandbox's fd 0 (default /dev/null).
     """
     return _spawn(spec, argv, env, (stdout_fd, stderr_fd, stdin_fd), "")
 
