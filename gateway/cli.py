@@ -275,7 +275,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
         print(f"warm pools are off (isolation {answer.get('isolation')}, or max_idle = 0)")
     rows = [
         (
-            p.get("runtime"),
+            f"runner:{p.get('pool')}" if p.get("kind") == "runner" else p.get("runtime"),
             p.get("shape", {}).get("memory"),
             p.get("idle"),
             f"{p.get('min_idle')}-{p.get('max_idle')}",
@@ -301,6 +301,15 @@ def cmd_pools(args: argparse.Namespace) -> int:
         ),
         rows,
     )
+    # The code runner's pools are per sandbox layout: say which languages each one serves.
+    runner = answer.get("runner")
+    for p in answer.get("pools", []):
+        if p.get("kind") == "runner":
+            print(f"runner:{p.get('pool')} serves {', '.join(p.get('languages', []))}")
+            for error in p.get("errors", []):
+                print(f"runner:{p.get('pool')}: {error}")
+    if runner is not None and runner.get("state") != "ready":
+        print(f"code runner {runner.get('state')}: its pools are built when it starts")
     # The point of a pool is the start it saves: show recent starts per path next to it.
     starts = client.call("GET", "/v1/stats")["cold_starts"]
     stage_rows = []
@@ -801,7 +810,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--set", metavar="MIN:MAX", help="set min_idle:max_idle for --runtime")
-    p.add_argument("--runtime", dest="set_runtime", default="python-asgi", help="runtime for --set")
+    p.add_argument(
+        "--runtime",
+        dest="set_runtime",
+        default="python-asgi",
+        help="runtime for --set, or a code-runner language (sets the pool serving it)",
+    )
 
     p = add("branches", cmd_branches, "list an app's branches")
     p.add_argument("app", metavar="APP")

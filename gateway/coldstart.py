@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.admin import ApiError, Request, Response, Route, json_response
 from gateway.appspec import RUNTIMES
 from gateway.launcher import LaunchError
+from gateway.runner import RunnerHook, RunnerUnavailable, hook_for
 
 if TYPE_CHECKING:
     from gateway.instances import InstanceManager
@@ -106,11 +107,23 @@ class ColdStartApi:
     GET /v1/instances/{app}/{branch}   one instance, with its last start stage by stage
     GET /v1/stats                      cold starts summarized per path (count, p50, p99 per stage)
     GET /v1/pools                      warm pools per sandbox shape: idle, claimed, misses...
-    PUT /v1/pools/{runtime}            {"min_idle": n, "max_idle": m} for that runtime's pools
+                                       (the fork server's, then the code runner's)
+    PUT /v1/pools/{runtime}            {"min_idle": n, "max_idle": m} for that runtime's pools,
+                                       or for the runner pool serving that language
+
+    The code runner's pools live in its spawner processes, not the fork server: they are asked
+    for through the runner's hook (gateway/runner.py), each entry marked `"kind": "runner"`,
+    with the languages it serves. App runtime names win over language names on PUT.
     """
 
-    def __init__(self, manager: InstanceManager) -> None:
+    def __init__(self, manager: InstanceManager, runner: RunnerHook | None = None) -> None:
         self.manager = manager
+        self._runner = runner
+
+    @property
+    def runner(self) -> RunnerHook | None:
+        """The enabled code runner, if any (found through the manager when not given)."""
+        return self._runner if self._runner is not None else hook_for(self.manager)
 
     def routes(self) -> list[Route]:
         return [
@@ -142,34 +155,68 @@ class ColdStartApi:
             state = await manager.launcher.pools()
         except LaunchError as exc:
             raise ApiError(503, None, f"pool state unavailable: {exc}") from None
-        return json_response(
-            200,
-            {
-                "enabled": manager.isolation == "sandbox" and manager.pool.max_idle > 0,
-                "isolation": manager.isolation,
-                "pools": state.get("pools", []),
-                "config": state.get("config", {}),
-            },
-        )
+        body: dict[str, Any] = {
+            "enabled": manager.isolation == "sandbox" and manager.pool.max_idle > 0,
+            "isolation": manager.isolation,
+            "pools": [{"kind": "runtime", **p} for p in state.get("pools", [])],
+            "config": state.get("config", {}),
+        }
+        runner = self.runner
+        if runner is not None:
+            try:
+                found = await runner.pool_state()
+            except RunnerUnavailable as exc:
+                raise ApiError(503, None, f"pool state unavailable: {exc}") from None
+            body["pools"] += found["pools"]
+            body["runner"] = {"state": found["state"], "config": found["config"]}
+        return json_response(200, body)
 
     async def put_pool(self, req: Request) -> Response:
         runtime = req.params["runtime"]
         known = runtime in RUNTIMES and runtime != "static"
-        if not known and self.manager.runtime_defs(runtime) is None:
+        is_runtime = known or self.manager.runtime_defs(runtime) is not None
+        runner = self.runner
+        if not is_runtime and runner is None:
             raise ApiError(404, "runtime", f"no runtime named {runtime!r} that runs processes")
-        body = req.json()
-        if not isinstance(body, dict):
-            raise ApiError(400, None, "expected a JSON object")
-        unknown = sorted(set(body) - {"min_idle", "max_idle"})
-        if unknown:
-            raise ApiError(400, unknown[0], f"unknown key {unknown[0]!r}")
-        bounds: dict[str, int] = {}
-        for key in ("min_idle", "max_idle"):
-            value = body.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
-                raise ApiError(400, key, f"{key}: expected a whole number from 0 to 1000")
-            bounds[key] = value
-        if bounds["max_idle"] < bounds["min_idle"]:
-            raise ApiError(400, "max_idle", "max_idle must be >= min_idle")
+        bounds = _bounds(req.json())
+        if not is_runtime:
+            assert runner is not None
+            return await self._put_runner_pool(runner, runtime, bounds)
         self.manager.launcher.configure_pool(runtime, bounds["min_idle"], bounds["max_idle"])
         return json_response(200, {"runtime": runtime, **bounds})
+
+    async def _put_runner_pool(
+        self, runner: RunnerHook, name: str, bounds: dict[str, int]
+    ) -> Response:
+        try:
+            status, answer = await runner.configure_pool(
+                name, bounds["min_idle"], bounds["max_idle"]
+            )
+        except RunnerUnavailable as exc:
+            raise ApiError(503, None, str(exc)) from None
+        if status == 404:
+            raise ApiError(
+                404, "runtime", f"no runtime or code-runner language named {name!r}"
+            ) from None
+        if status != 200:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise ApiError(502 if status >= 500 else 400, None, f"the code runner: {message}")
+        return json_response(200, answer)
+
+
+def _bounds(body: Any) -> dict[str, int]:
+    """{"min_idle": n, "max_idle": m}, validated; a 400 names the field at fault."""
+    if not isinstance(body, dict):
+        raise ApiError(400, None, "expected a JSON object")
+    unknown = sorted(set(body) - {"min_idle", "max_idle"})
+    if unknown:
+        raise ApiError(400, unknown[0], f"unknown key {unknown[0]!r}")
+    bounds: dict[str, int] = {}
+    for key in ("min_idle", "max_idle"):
+        value = body.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+            raise ApiError(400, key, f"{key}: expected a whole number from 0 to 1000")
+        bounds[key] = value
+    if bounds["max_idle"] < bounds["min_idle"]:
+        raise ApiError(400, "max_idle", "max_idle must be >= min_idle")
+    return bounds

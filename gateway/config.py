@@ -75,7 +75,7 @@ class GatewayConfig:
 
 PYTHON_MODES = ("zygote", "fresh")
 _RUNNER_DURATIONS = frozenset(
-    {"run_timeout", "compile_timeout", "run_cpu_time", "compile_cpu_time"}
+    {"run_timeout", "compile_timeout", "run_cpu_time", "compile_cpu_time", "shrink_after"}
 )
 _RUNNER_SIZES = frozenset(
     {"run_memory", "compile_memory", "output_max_size", "max_file_size", "tmp_size", "max_body"}
@@ -114,8 +114,13 @@ class RunnerConfig:
     max_file_size: int = 10_000_000
     tmp_size: int = 64 * 1024**2  # the sandbox's /tmp (work dir), charged to its memory
     max_body: int = 2 * 1024**2
-    prewarm: int = 2  # pre-forked sandboxes each spawner keeps ready
     spawners: int = 3  # processes forking sandboxes (refilling a pool blocks one for ~10 ms)
+    # Warm pools of pre-forked sandboxes, one per sandbox layout (the built-in languages share
+    # one): totals over the spawners; PUT /v1/pools/{language} changes them at run time.
+    min_idle: int = 6  # kept idle at rest
+    max_idle: int = 12  # the most a pool grows to after misses (a burst)
+    refill_concurrency: int = 1  # sandboxes a spawner builds before looking at requests again
+    shrink_after: float = 30.0  # seconds without a miss before a grown pool shrinks back
 
     def settings(self, cgroup_parent: str, internal_token: str) -> dict[str, Any]:
         """What the runner service gets (as JSON in its environment)."""
@@ -147,8 +152,11 @@ class RunnerConfig:
             "max_file_size": self.max_file_size,
             "tmp_size": self.tmp_size,
             "max_body": self.max_body,
-            "prewarm": self.prewarm,
             "spawners": self.spawners,
+            "min_idle": self.min_idle,
+            "max_idle": self.max_idle,
+            "refill_concurrency": self.refill_concurrency,
+            "shrink_after": self.shrink_after,
         }
 
 
@@ -419,11 +427,15 @@ def _load_runner(section: Any, environ: Mapping[str, str], source: str) -> Runne
     values: dict[str, Any] = {}
     try:
         for key, raw in section.items():
+            if key == "prewarm":
+                raise ConfigError("prewarm is now min_idle (a total over the spawners)")
             if key not in known:
                 raise ConfigError(f"unknown key runner.{key}")
             values[key] = _coerce_runner(key, raw, from_env=False)
     except ConfigError as exc:
         raise ConfigError(f"{source}: runner.{exc}".replace("runner.unknown", "unknown")) from None
+    if "DORM_RUNNER_PREWARM" in environ:
+        raise ConfigError("DORM_RUNNER_PREWARM is now DORM_RUNNER_MIN_IDLE (a total)")
     for key in known:
         env_key = "DORM_RUNNER_" + key.upper()
         if env_key in environ:
@@ -446,6 +458,12 @@ def _load_runner(section: Any, environ: Mapping[str, str], source: str) -> Runne
         raise ConfigError(f"{source}: runner.{exc}") from None
     if runner.spawners < 1 or runner.spawners > 16:
         raise ConfigError(f"{source}: runner.spawners: expected 1 to 16")
+    if runner.max_idle > 1000:
+        raise ConfigError(f"{source}: runner.max_idle: expected a whole number from 0 to 1000")
+    if runner.max_idle < runner.min_idle:
+        raise ConfigError(f"{source}: runner.max_idle must be >= runner.min_idle")
+    if not 1 <= runner.refill_concurrency <= 64:
+        raise ConfigError(f"{source}: runner.refill_concurrency: expected 1 to 64")
     if runner.run_memory < 4 * 1024**2 or runner.compile_memory < 4 * 1024**2:
         raise ConfigError(f"{source}: runner.run_memory and compile_memory: at least 4MiB")
     if runner.output_max_size < 1 or runner.tmp_size < 1024**2:

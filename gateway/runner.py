@@ -9,6 +9,11 @@ The admin listener answers `/api/v2/runtimes` and `/api/v2/execute` too, behind 
 those requests are forwarded to the service's Unix socket (waking it if cold) with a per-start
 internal token instead of the caller's Authorization header, so the admin token never reaches the
 runner and API keys are not needed there.
+
+The runner's warm pools are shown and set through the gateway's pool routes (coldstart.py):
+`pool_state` and `configure_pool` talk to the service's internal `/dorm/pools` endpoint with the
+same token, each with a bounded wait. Bounds set that way are kept by the service in a file under
+the run dir, which this hook empties at each gateway start (the config's values apply again).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import os
 import secrets
 import sys
 import time
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import h11
 import orjson
@@ -39,6 +46,22 @@ STARTUP_TIMEOUT = 60.0
 FORWARD_TIMEOUT = 300.0
 MAX_RESPONSE = 64 * 1024**2
 PATHS = ("/api/v2/runtimes", "/api/v2/execute", "/api/v2/piston/runtimes", "/api/v2/piston/execute")
+POOLS_PATH = "/dorm/pools"  # the service's internal pool endpoint (runtimes/runner/service.py)
+POOL_QUERY_TIMEOUT = 5.0  # the service answers within its spawners' 2 s bound, or is stuck
+POOL_WAKE_TIMEOUT = 30.0  # a PUT starts a cold runner (its pools live in its spawners)
+OVERRIDES_FILE = "runner-pools.json"
+
+_HOOKS: weakref.WeakKeyDictionary[InstanceManager, RunnerHook] = weakref.WeakKeyDictionary()
+
+
+class RunnerUnavailable(Exception):
+    """The runner should have answered a pool request but could not (the gateway says 503)."""
+
+
+def hook_for(manager: InstanceManager) -> RunnerHook | None:
+    """The registered (enabled) runner of this manager, if any: how the pool routes find it
+    without a reference being threaded through the server's start-up."""
+    return _HOOKS.get(manager)
 
 
 def runner_unavailable(manager: InstanceManager) -> str | None:
@@ -69,6 +92,10 @@ class RunnerHook:
             log.warning("code runner disabled: %s", why)
             return False
         settings = runner.settings(self.config.gateway.cgroup_parent, self.token)
+        overrides = self.config.gateway.run_path / OVERRIDES_FILE
+        with contextlib.suppress(OSError):
+            overrides.unlink()  # a new gateway start: the config's bounds apply again
+        settings["pool_overrides_file"] = str(overrides)
         root = str(Path(__file__).resolve().parent.parent)
         spec = parse_app_spec(
             runner.host,
@@ -88,6 +115,7 @@ class RunnerHook:
             },
         )
         self.instance = self.manager.add_internal(spec)
+        _HOOKS[self.manager] = self
         log.info("code runner at %s.<domain> (and /api/v2/* on the admin listener)", runner.host)
         return True
 
@@ -102,13 +130,13 @@ class RunnerHook:
                 out.append(Route("POST", path, self.forward, max_body=self.config.runner.max_body))
         return out
 
-    async def _socket(self) -> str:
+    async def _socket(self, timeout: float = STARTUP_TIMEOUT) -> str:
         """The service's socket path once it is ready, waking it if cold."""
         from gateway.instances import State
 
         inst = self.instance
         assert inst is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+        deadline = time.monotonic() + timeout
         while inst.state is not State.READY:
             if inst.state in (State.COLD, State.FAILED):
                 self.manager.wake(inst)
@@ -116,6 +144,68 @@ class RunnerHook:
                 raise TimeoutError(inst.last_error or "the runner did not start")
             await asyncio.sleep(0.01)
         return inst.socket_path
+
+    @property
+    def state(self) -> str:
+        """The service's instance state ("cold", "starting", "ready", ...)."""
+        assert self.instance is not None
+        return self.instance.state.name.lower()
+
+    async def pool_state(self) -> dict[str, Any]:
+        """{"state", "pools", "config"}; pools only while the service runs (a cold runner has
+        none: its spawners hold them). Raises RunnerUnavailable if it runs but cannot answer."""
+        from gateway.instances import State
+
+        inst = self.instance
+        assert inst is not None
+        if inst.state is not State.READY:
+            return {"state": self.state, "pools": [], "config": None}
+        status, body = await self._call("GET", POOLS_PATH, b"", POOL_QUERY_TIMEOUT)
+        if status != 200 or not isinstance(body, dict):
+            raise RunnerUnavailable(f"the code runner answered {status}: {_message(body)}")
+        return {"state": self.state, "pools": body.get("pools", []), "config": body.get("config")}
+
+    async def configure_pool(self, name: str, min_idle: int, max_idle: int) -> tuple[int, Any]:
+        """Set the bounds of the pool serving language `name` (waking the runner if cold);
+        (status, body) of the service: 200, 404 (no such language) or 400."""
+        try:
+            await self._socket(POOL_WAKE_TIMEOUT)
+        except TimeoutError as exc:
+            raise RunnerUnavailable(f"the code runner is not available: {exc}") from None
+        payload = orjson.dumps({"min_idle": min_idle, "max_idle": max_idle})
+        path = f"{POOLS_PATH}/{quote(name, safe='')}"
+        return await self._call("PUT", path, payload, POOL_QUERY_TIMEOUT)
+
+    async def _call(self, method: str, path: str, body: bytes, timeout: float) -> tuple[int, Any]:
+        """One internal request to the running service; RunnerUnavailable if it fails."""
+        assert self.instance is not None
+        headers = [
+            ("host", "runner"),
+            ("x-dorm-runner-internal", self.token),
+            ("connection", "close"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+        client = h11.Connection(h11.CLIENT)
+        data = client.send(h11.Request(method=method, target=path, headers=headers)) or b""
+        data += (client.send(h11.Data(data=body)) if body else b"") or b""
+        data += client.send(h11.EndOfMessage()) or b""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(self.instance.socket_path)
+                writer.write(data)
+                resp = await _read_response(client, reader)
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise RunnerUnavailable(f"the code runner did not answer: {why}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+        try:
+            return resp.status, orjson.loads(resp.body)
+        except orjson.JSONDecodeError:
+            return resp.status, {"message": resp.body[:200].decode(errors="replace")}
 
     async def forward(self, req: Request) -> Response:
         try:
@@ -174,6 +264,12 @@ async def _read_response(client: h11.Connection, reader: asyncio.StreamReader) -
                 raise OSError("the runner's answer is too large")
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
             return Response(status, bytes(body), content_type=content_type, headers=headers)
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return repr(body)[:200]
 
 
 def _error(status: int, message: str) -> Response:

@@ -26,6 +26,7 @@ from typing import Any
 from runtimes.runner.api import Job, JobFile
 from runtimes.runner.languages import Language
 from runtimes.runner.limits import Settings, StageLimits
+from runtimes.runner.pools import PoolDef, aggregate
 from runtimes.runner.wire import MAGIC, PREFIX, STATUS, WORK_DIR
 
 log = logging.getLogger("dorm.runner")
@@ -34,6 +35,7 @@ MAX_STATUS = 128 << 20  # the init's report plus compile artifacts
 EXIT_GRACE = 5.0  # after the deadline, how long until the spawner must have reported the exit
 DRAIN_GRACE = 2.0  # after the exit, how long the output pipes may take to reach EOF
 SPAWNER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+QUERY_TIMEOUT = 2.0  # a spawner answers between two builds (<= ~25 ms each) or not at all
 
 
 class SpawnerGone(RuntimeError):
@@ -70,6 +72,8 @@ class SpawnerClient:
         self.load = 0
         self.busy = False  # topping up its pool of pre-forked sandboxes (blocks it for ms)
         self.closing = False
+        self.queries: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.query_ids = itertools.count(1)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,6 +121,11 @@ class SpawnerClient:
             return
         if kind == "busy":
             self.busy = bool(ev["busy"])
+            return
+        if kind == "pools":
+            query = self.queries.get(str(ev.get("id")))
+            if query is not None and not query.done():
+                query.set_result(ev)
             return
         pending = self.pending.get(ev.get("id", ""))
         if pending is None:
@@ -194,6 +203,29 @@ class SpawnerClient:
             self.pending.pop(sid, None)
             raise
         return pending
+
+    async def pools(self) -> dict[str, Any] | None:
+        """This spawner's pool state, or None if it is down or does not answer in time."""
+        if self.sock is None:
+            return None
+        qid = f"q{next(self.query_ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = future
+        try:
+            self._send({"op": "pools", "id": qid})
+            return await asyncio.wait_for(future, QUERY_TIMEOUT)
+        except (TimeoutError, SpawnerGone, OSError):
+            return None
+        finally:
+            self.queries.pop(qid, None)
+
+    def configure_pool(self, pool: dict[str, Any]) -> None:
+        """New bounds for one pool: kept in the settings a restarted spawner gets, and sent."""
+        self.settings["pools"] = [
+            pool if p["name"] == pool["name"] else p for p in self.settings.get("pools", [])
+        ]
+        with contextlib.suppress(SpawnerGone, OSError):
+            self._send({"op": "pool_config", **pool})
 
     def kill(self, sid: str, reason: str) -> None:
         if sid in self.pending:
@@ -275,11 +307,25 @@ def error_stage(message: str) -> dict[str, Any]:
 class Executor:
     """Runs jobs: one or more spawner processes, a uid pool, and the per-stage plumbing."""
 
-    def __init__(self, settings: Settings, spawner_settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spawner_settings: dict[str, Any],
+        pools: list[PoolDef] | None = None,
+    ) -> None:
         self.settings = settings
+        self.pools = pools or []
+        count = max(1, settings.spawners)
         self.spawners = [
-            SpawnerClient({**spawner_settings, "cgroup_parent": f"{settings.cgroup_parent}-{i}"}, i)
-            for i in range(max(1, settings.spawners))
+            SpawnerClient(
+                {
+                    **spawner_settings,
+                    "cgroup_parent": f"{settings.cgroup_parent}-{i}",
+                    "pools": [d.spawner_settings(count, i) for d in self.pools],
+                },
+                i,
+            )
+            for i in range(count)
         ]
         self.free_uids = list(range(settings.uid_last, settings.uid_first - 1, -1))
         self.ids = itertools.count(1)
@@ -291,6 +337,17 @@ class Executor:
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.spawners))
+
+    async def pool_state(self, shape: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every pool's state summed over the spawners that answered (see pools.aggregate)."""
+        answers = await asyncio.gather(*(s.pools() for s in self.spawners))
+        return aggregate(self.pools, list(answers), shape)
+
+    def configure_pool(self, pool: PoolDef, min_idle: int, max_idle: int) -> None:
+        """Set a pool's total bounds; each spawner gets its share at once."""
+        pool.min_idle, pool.max_idle = min_idle, max_idle
+        for index, spawner in enumerate(self.spawners):
+            spawner.configure_pool(pool.spawner_settings(len(self.spawners), index))
 
     def _spawner(self) -> SpawnerClient:
         """An idle spawner (not refilling its pool) with the fewest executions; ties rotate."""

@@ -42,8 +42,13 @@ class Settings:
     max_body: int = 2 << 20
     max_files: int = 64
     cpus: float = 1.0  # CPU quota of one sandbox
-    prewarm: int = 2
     spawners: int = 3
+    # Warm pools (pools.py): totals over the spawners, per pool (sandbox layout).
+    min_idle: int = 6
+    max_idle: int = 12
+    refill_concurrency: int = 1  # children one spawner builds between two looks at its socket
+    shrink_after: float = 30.0  # seconds without a miss before a grown pool shrinks back
+    pool_overrides_file: str = ""  # bounds set through the admin API, kept across restarts
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Settings:

@@ -26,6 +26,8 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
 
 import h11
 import orjson
@@ -35,6 +37,13 @@ from runtimes.runner.api import ApiError, parse_job
 from runtimes.runner.executor import Executor, SpawnerGone, error_stage
 from runtimes.runner.languages import Language, load_languages, python_interpreter, python_path
 from runtimes.runner.limits import Settings
+from runtimes.runner.pools import (
+    MAX_IDLE_LIMIT,
+    layouts,
+    load_overrides,
+    pool_for,
+    save_overrides,
+)
 
 log = logging.getLogger("dorm.runner")
 
@@ -42,6 +51,7 @@ MAX_HEAD = 16 * 1024
 READ_TIMEOUT = 60.0
 RUNTIMES_PATHS = ("/api/v2/runtimes", "/api/v2/piston/runtimes")
 EXECUTE_PATHS = ("/api/v2/execute", "/api/v2/piston/execute")
+POOLS_PATH = "/dorm/pools"  # internal (admin listener) only: warm pool state and bounds
 INTERNAL_HEADER = b"x-dorm-runner-internal"
 BUCKET_IDLE = 600.0  # forget a client's rate bucket after this long without requests
 
@@ -147,6 +157,8 @@ class RunnerService:
         self.runtimes_body = orjson.dumps([lang.to_piston() for lang in languages])
         self.keys = [k.encode() for k in settings.api_keys]
         self.internal = settings.internal_token.encode()
+        self.overrides = load_overrides(settings.pool_overrides_file)
+        self.pool_shape: dict[str, Any] = {}
 
     # -- HTTP ---------------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -223,7 +235,62 @@ class RunnerService:
             if method != b"POST":
                 raise ApiError(405, f"{method.decode()} is not allowed on {path}")
             return await self.execute(request, body)
+        if (path == POOLS_PATH or path.startswith(POOLS_PATH + "/")) and self._internal(request):
+            return await self.pools(method, unquote(path[len(POOLS_PATH) + 1 :]), body)
         raise ApiError(404, f"no such endpoint: {path}")
+
+    # -- warm pools (internal) ----------------------------------------------------------------
+    async def pools(self, method: bytes, name: str, body: bytes) -> bytes:
+        """GET: every pool's state summed over the spawners; PUT <language>: its pool's bounds."""
+        if not name:
+            if method != b"GET":
+                raise ApiError(405, f"{method.decode()} is not allowed on {POOLS_PATH}")
+            return orjson.dumps(
+                {
+                    "pools": await self.executor.pool_state(self.pool_shape),
+                    "config": self.pool_config(),
+                }
+            )
+        if method != b"PUT":
+            raise ApiError(405, f"{method.decode()} is not allowed on {POOLS_PATH}/{name}")
+        pool = pool_for(self.executor.pools, self.languages, name)
+        if pool is None:
+            raise ApiError(404, f"no runner language or pool named {name!r}")
+        try:
+            data = orjson.loads(body)
+            low, high = int(data["min_idle"]), int(data["max_idle"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ApiError(400, 'expected {"min_idle": n, "max_idle": m}') from None
+        if not 0 <= low <= high <= MAX_IDLE_LIMIT:
+            raise ApiError(400, f"expected 0 <= min_idle <= max_idle <= {MAX_IDLE_LIMIT}")
+        self.executor.configure_pool(pool, low, high)
+        self.overrides[pool.name] = (low, high)
+        try:
+            path = self.settings.pool_overrides_file
+            await asyncio.to_thread(save_overrides, path, dict(self.overrides))
+        except OSError as exc:  # applied now; only a restart would forget it
+            log.warning("could not save the runner's pool bounds: %s", exc)
+        return orjson.dumps(
+            {
+                "runtime": "runner",
+                "pool": pool.name,
+                "languages": list(pool.languages),
+                "min_idle": low,
+                "max_idle": high,
+            }
+        )
+
+    def pool_config(self) -> dict[str, Any]:
+        s = self.settings
+        overrides = {k: {"min_idle": lo, "max_idle": hi} for k, (lo, hi) in self.overrides.items()}
+        return {
+            "min_idle": s.min_idle,
+            "max_idle": s.max_idle,
+            "refill_concurrency": s.refill_concurrency,
+            "shrink_after": s.shrink_after,
+            "spawners": len(self.executor.spawners),
+            "overrides": overrides,
+        }
 
     # -- execute ------------------------------------------------------------------------------
     def _header(self, request: h11.Request, name: bytes) -> bytes | None:
@@ -250,11 +317,15 @@ class RunnerService:
             ok |= hmac.compare_digest(given.strip(), key)
         return ok
 
-    async def execute(self, request: h11.Request, body: bytes) -> bytes:
+    def _internal(self, request: h11.Request) -> bool:
+        """Forwarded by the gateway's admin listener (it carries this start's internal token)."""
         token = self._header(request, INTERNAL_HEADER)
-        internal = (
-            bool(self.internal) and token is not None and hmac.compare_digest(token, self.internal)
-        )
+        if not self.internal or token is None:
+            return False
+        return hmac.compare_digest(token, self.internal)
+
+    async def execute(self, request: h11.Request, body: bytes) -> bytes:
+        internal = self._internal(request)
         if self.keys and not internal and not self._authorized(request):
             raise ApiError(401, "a valid API key is required in the Authorization header")
         content_type = self._header(request, b"content-type") or b""
@@ -302,10 +373,11 @@ async def serve(settings: Settings, socket_path: str) -> None:
     languages = await asyncio.to_thread(load_languages, settings.languages_dir or None, python)
     log.info("runner languages: %s", ", ".join(f"{lang.name} {lang.version}" for lang in languages))
     uid_first = settings.uid_first
-    spawner_settings = {
+    spawner_settings: dict[str, Any] = {
         "empty_dir": _empty_dir(socket_path),
         "binds": [],
-        "prewarm": settings.prewarm,
+        "refill_concurrency": settings.refill_concurrency,
+        "shrink_after": settings.shrink_after,
         "uid": uid_first,
         # Pre-forked children get the largest memory limit any stage may have: on cgroup v1 a
         # limit can be lowered at spawn but raising it fails (memsw must grow first).
@@ -318,10 +390,22 @@ async def serve(settings: Settings, socket_path: str) -> None:
             "cpu": settings.cpus,
         },
     }
-    executor = Executor(settings, spawner_settings)
+    pools = layouts(languages, settings.min_idle, settings.max_idle)
+    overrides = load_overrides(settings.pool_overrides_file)  # set through the admin API
+    for pool in pools:
+        pool.min_idle, pool.max_idle = overrides.get(pool.name, (pool.min_idle, pool.max_idle))
+    executor = Executor(settings, spawner_settings, pools)
     executor.python_path = await asyncio.to_thread(python_path, python)
     await executor.start()
     service = RunnerService(settings, languages, executor)
+    warm = spawner_settings["warm"]
+    service.pool_shape = {
+        "rootfs": None,
+        "network": "none",
+        "memory": warm["memory"],
+        "cpu": warm["cpu"],
+        "pids": warm["pids"],
+    }
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     server = await asyncio.start_unix_server(service.handle, path=socket_path, limit=MAX_HEAD)

@@ -10,12 +10,20 @@ directly. It is exec'd (not forked) by the service with a scrubbed environment, 
 hold the service's memory (API keys, other requests) either.
 
 One epoll loop: spawn and kill requests in, pidfds of running sandboxes, wall-clock deadlines and
-CPU-time polls (cgroup usage, every ``CPU_POLL`` seconds), and topping up the pre-forked pool
+CPU-time polls (cgroup usage, every ``CPU_POLL`` seconds), and topping up the pre-forked pools
 whenever nothing else is pending. Exits are reported with the cgroup's final counters.
 
+Pools (see pools.py): one per sandbox layout (set of extra binds) the service names in its
+settings, each with this spawner's share of ``min_idle``/``max_idle``. A spawn that finds no idle
+child of its layout is a *miss* and raises the pool's target by one up to ``max_idle`` (reactive
+prewarm); ``shrink_after`` seconds without a miss bring it back to ``min_idle``. At most
+``refill_concurrency`` children are built between two looks at the control socket, which bounds
+how long a request can wait behind a refill.
+
 Protocol (SOCK_SEQPACKET, one JSON object per message): the service sends ``settings`` first, then
-``spawn`` (with the sandbox's control socket attached) and ``kill``; the spawner answers ``ready``,
-``spawned``, ``failed`` and ``exited``.
+``spawn`` (with the sandbox's control socket attached), ``kill``, ``pools`` (a state query) and
+``pool_config`` (new bounds for one pool); the spawner answers ``ready``, ``spawned``, ``failed``,
+``exited``, ``busy`` and ``pools``.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 # The init every sandbox runs; imported here so pre-forked children already have it.
@@ -45,6 +54,8 @@ CPU_POLL = 0.02
 MAX_MESSAGE = 65536
 PR_SET_PDEATHSIG = 1
 BOOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+RATE_WINDOW = 60.0  # seconds of builds the refill rate is averaged over
+MAINTAIN_EVERY = 1.0  # how often dead idle children are replaced and quiet pools shrunk
 
 
 @dataclass(slots=True)
@@ -59,6 +70,26 @@ class Running:
     cpu_limit_us: int | None
     cpu_file: str | None
     killed: str | None = None
+
+
+@dataclass(slots=True)
+class Pool:
+    """This spawner's idle children of one sandbox layout, and their accounting."""
+
+    name: str
+    binds: tuple[str, ...]
+    template: SandboxSpec
+    min_idle: int
+    max_idle: int
+    target: int
+    members: set[int] = field(default_factory=set)  # pids built for this pool, maybe taken
+    claimed: int = 0  # spawns that got an idle child
+    misses: int = 0  # spawns that found none (and forked a child on the spot)
+    built: int = 0
+    peak: int = 0  # the highest target so far: how far bursts have grown this pool
+    build_times: deque[float] = field(default_factory=deque)
+    last_miss: float = 0.0
+    error: str | None = None  # why nothing is being built (a failed prewarm)
 
 
 def _cpu_file(box: sandboxes.Sandbox) -> str | None:
@@ -94,10 +125,17 @@ class Spawner:
         self.cgroup_parent: str = settings["cgroup_parent"]
         self.empty_dir: str = settings["empty_dir"]
         self.binds: tuple[str, ...] = tuple(settings["binds"])
-        self.prewarm_count: int = int(settings["prewarm"])
-        self.template = self._spec({"id": "warm", "uid": int(settings["uid"]), **settings["warm"]})
-        # The pool is keyed by the filesystem layout; sandboxes only reuse it for its count.
-        self.layout = _mount_plan(self.template, False)
+        self.refill_concurrency = max(1, int(settings.get("refill_concurrency", 1)))
+        self.shrink_after = float(settings.get("shrink_after", 30.0))
+        # Pre-forked children get the warm limits; a spawn lowers them if its stage asks less.
+        self.warm: dict[str, Any] = {"id": "warm", "uid": int(settings["uid"]), **settings["warm"]}
+        self.pools: dict[tuple[str, ...], Pool] = {}
+        for p in settings.get("pools", []):
+            binds = tuple(p["binds"])
+            low, high = int(p["min_idle"]), int(p["max_idle"])
+            template = self._spec({**self.warm, "binds": list(binds)})
+            self.pools[binds] = Pool(p["name"], binds, template, low, max(low, high), low)
+        self.last_maintain = time.monotonic()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.ctl, selectors.EVENT_READ, None)
         self.running: dict[str, Running] = {}
@@ -135,36 +173,143 @@ class Spawner:
                 else:
                     self.reap(key.data)
             self.check_limits()
-            if not events and not self.stopping:
+            if self.stopping:
+                continue
+            if time.monotonic() - self.last_maintain >= MAINTAIN_EVERY:
+                self.maintain()
+            if not events:
                 self.top_up()
 
     def _timeout(self) -> float | None:
-        if not self.stopping and POOL.available(*self._pool_key()) < self.prewarm_count:
-            return 0.0
-        if not self.running:
-            return None
+        if self.stopping:
+            if not self.running:
+                return None
+            soonest = MAINTAIN_EVERY
+        else:
+            if self._wanting():
+                return 0.0
+            soonest = self.last_maintain + MAINTAIN_EVERY - time.monotonic()
         now = time.monotonic()
-        soonest = min(r.deadline for r in self.running.values()) - now
+        if self.running:
+            soonest = min(soonest, min(r.deadline for r in self.running.values()) - now)
         if any(r.cpu_limit_us is not None and r.killed is None for r in self.running.values()):
             soonest = min(soonest, CPU_POLL)
         return max(0.0, soonest)
 
-    def _pool_key(self) -> tuple[Any, str]:
-        return self.layout, self.cgroup_parent
+    # -- pools --------------------------------------------------------------------------------
+    def idle_members(self, pool: Pool) -> set[int]:
+        """The pool's children still idle (taken or dead ones drop out of `members`)."""
+        pool.members &= set(POOL.idle_pids())
+        return pool.members
+
+    def _wanting(self) -> list[Pool]:
+        return [
+            p
+            for p in self.pools.values()
+            if p.error is None and len(self.idle_members(p)) < p.target
+        ]
 
     def top_up(self) -> None:
-        """Pre-fork one idle child when nothing else is pending (each costs 1-20 ms)."""
-        have = POOL.available(*self._pool_key())
-        if have >= self.prewarm_count:
+        """Pre-fork up to `refill_concurrency` idle children when nothing else is pending (each
+        costs 1-25 ms, during which this process answers nothing)."""
+        wanting = self._wanting()
+        if not wanting:
             return
         # Tell the service we are blocked for a while, so it sends work to another spawner.
         self.send({"ev": "busy", "busy": True})
         try:
-            sandboxes.prewarm(self.template, have + 1)
+            budget = self.refill_concurrency
+            while budget > 0 and wanting:
+                for pool in wanting[:budget]:
+                    self._build(pool)
+                    budget -= 1
+                wanting = self._wanting()
+        finally:
+            self.send({"ev": "busy", "busy": False})
+
+    def _build(self, pool: Pool) -> None:
+        before = set(POOL.idle_pids())
+        layout = _mount_plan(pool.template, False)
+        try:
+            # prewarm(spec, n) builds until n children of this layout are idle: one more.
+            sandboxes.prewarm(pool.template, POOL.available(layout, self.cgroup_parent) + 1)
         except Exception as exc:  # a failed prewarm only makes the next spawn slower
             print(f"runner spawner: prewarm failed: {exc}", file=sys.stderr, flush=True)
-            self.prewarm_count = 0
-        self.send({"ev": "busy", "busy": False})
+            pool.error = f"prewarm failed: {exc}"
+            return
+        new = set(POOL.idle_pids()) - before
+        if not new:
+            pool.error = "nothing can be pre-forked here"
+            return
+        pool.members |= new
+        pool.built += len(new)
+        now = time.monotonic()
+        pool.build_times.extend([now] * len(new))
+
+    def count_spawn(self, pool: Pool, *, hit: bool) -> None:
+        """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""
+        if hit:
+            pool.claimed += 1
+            return
+        pool.misses += 1
+        if pool.built:
+            # Only a pool that had members can be outrun by demand: a miss before the first
+            # build (right after start) says nothing about bursts.
+            pool.last_miss = time.monotonic()
+            pool.target = min(pool.max_idle, pool.target + 1)
+            pool.peak = max(pool.peak, pool.target)
+
+    def maintain(self) -> None:
+        """Drop idle children that died (OOM killer, operator) so they are rebuilt, shrink pools
+        that have been quiet for `shrink_after`, and age the refill-rate window."""
+        now = self.last_maintain = time.monotonic()
+        POOL.reap_dead()
+        for pool in self.pools.values():
+            if pool.target > pool.min_idle and now - pool.last_miss >= self.shrink_after:
+                pool.target = pool.min_idle
+                self._dismiss(pool, pool.target)
+            while pool.build_times and now - pool.build_times[0] > RATE_WINDOW:
+                pool.build_times.popleft()
+
+    def _dismiss(self, pool: Pool, keep: int) -> None:
+        """Kill idle children beyond `keep` (the most recently built stay)."""
+        idle = sorted(self.idle_members(pool))
+        for pid in idle[: max(0, len(idle) - keep)]:
+            POOL.discard(pid)
+            pool.members.discard(pid)
+
+    def configure(self, req: dict[str, Any]) -> None:
+        """New bounds (this spawner's share) for one pool, applied at once."""
+        pool = next((p for p in self.pools.values() if p.name == req.get("name")), None)
+        if pool is None:
+            return
+        low, high = int(req["min_idle"]), int(req["max_idle"])
+        pool.min_idle, pool.max_idle = low, max(low, high)
+        pool.target = min(max(pool.target, low), pool.max_idle)
+        pool.error = None  # a new bound is a new attempt
+        self._dismiss(pool, pool.target)
+
+    def pool_state(self) -> list[dict[str, Any]]:
+        out = []
+        for pool in self.pools.values():
+            idle = len(self.idle_members(pool))
+            out.append(
+                {
+                    "name": pool.name,
+                    "idle": idle,
+                    "target": pool.target,
+                    "peak": max(pool.peak, pool.target),
+                    "min_idle": pool.min_idle,
+                    "max_idle": pool.max_idle,
+                    "claimed": pool.claimed,
+                    "misses": pool.misses,
+                    "built": pool.built,
+                    "forking": 0 if pool.error else max(0, pool.target - idle),
+                    "refill_rate": round(len(pool.build_times) / RATE_WINDOW, 3),
+                    "error": pool.error,
+                }
+            )
+        return out
 
     # -- control ------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -209,14 +354,25 @@ class Spawner:
             run = self.running.get(req["id"])
             if run is not None:
                 self.kill(run, str(req.get("reason") or "killed"))
+        elif op == "pools":
+            pending = bool(self._wanting())
+            message = {"ev": "pools", "id": req.get("id"), "refill_pending": pending}
+            self.send({**message, "pools": self.pool_state()})
+        elif op == "pool_config":
+            self.configure(req)
         elif op == "stop":
             self.stop()
 
     def spawn(self, req: dict[str, Any], ctl_fd: int) -> None:
         spec = self._spec(req)
+        pool = self.pools.get(tuple(req.get("binds", ())))
+        idle = set(self.idle_members(pool)) if pool is not None else set()
         box = sandboxes.spawn_call(
             spec, BOOT_TARGET, ["dorm-boot"], dict(BOOT_ENV), stdout_fd=ctl_fd, stderr_fd=ctl_fd
         )
+        if pool is not None:
+            # A pre-forked child becomes the sandbox's pid 1: its pid says whether it was idle.
+            self.count_spawn(pool, hit=box.pid in idle)
         now = time.monotonic()
         pidfd = os.pidfd_open(box.pid)
         cpu_ms = req.get("cpu_ms")
