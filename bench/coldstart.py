@@ -1748,7 +1748,12 @@ def run(bench: Bench, args: argparse.Namespace, cmd: str) -> int:
     )
     targets, missed = targets_table(r)
     para = reading(r, args.quick)
-    images: list[Path] = plot(r) if args.plot else []
+    images: list[Path] = []
+    if args.plot:
+        try:
+            images = plot(r)
+        except Exception as exc:  # minutes of measurements must still be written
+            print(f"bench.coldstart: no plots: {type(exc).__name__}: {exc}", file=sys.stderr)
     profile = "\n\n".join(
         f"#### One start of the {setup} setup\n\n{text}" for setup, text in r.profiles.items()
     )
