@@ -86,6 +86,24 @@ class Child:
 
 
 @dataclass
+class Build:
+    """A serving member on its way, driven by the main loop (its socket is in the selector):
+    first the pre-forked child joins its cgroup and namespaces (`idle`), then it confines itself
+    (`pending`). Neither step needs the fork server, so it keeps serving meanwhile."""
+
+    shape: Shape
+    uid: int
+    socket_dir: Path
+    spec: Any
+    channel: socket.socket  # our end of the member's claim channel
+    their_end: socket.socket | None  # its fd 0 once confining; closed after the plan went out
+    idle: Any  # sandboxes.prefork.Idle
+    pending: Any = None  # sandboxes.spawn.PendingSandbox once the plan went out
+    watched: socket.socket | None = None  # what the selector watches for it right now
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class Member:
     """A serving pool member: confined, granian listening on its hidden socket, no tenant yet."""
 
@@ -101,6 +119,8 @@ MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least rece
 RATE_WINDOW = 60.0  # seconds over which the refill rate is reported
 MAINTAIN_EVERY = 0.5  # seconds between checks for dead idle members and quiet pools
 REFILL_GRACE = 0.02  # seconds after a spawn before refilling pools that still have members
+BUILD_BACKOFF = 1.0  # seconds without new builds after one failed
+BUILD_TIMEOUT = 30.0  # a member build that has not finished by then is abandoned
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +169,8 @@ class ForkServer:
         self.refill_pending = False
         self.last_maintain = 0.0
         self.last_spawn = 0.0
+        self.builds: list[Build] = []  # serving members on their way (see `advance_build`)
+        self.build_failed_at = -BUILD_BACKOFF
         self.control.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
@@ -175,13 +197,13 @@ class ForkServer:
     def serve(self) -> None:
         while self.running or self.children:
             wait = MAINTAIN_EVERY
-            if self.refill_pending:
+            if self.can_refill():
                 wait = max(0.0, self.last_spawn + self.refill_grace() - time.monotonic())
             ready = self.selector.select(timeout=wait)
             if self.shapes and time.monotonic() - self.last_maintain >= MAINTAIN_EVERY:
                 self.maintain()
-            due = self.refill_pending and time.monotonic() >= self.last_spawn + self.refill_grace()
-            if not ready and due and self.running:
+            due = time.monotonic() >= self.last_spawn + self.refill_grace()
+            if not ready and due and self.can_refill():
                 self.refill_pending = self.refill()
             for key, events in ready:
                 data = key.data
@@ -195,6 +217,8 @@ class ForkServer:
                         os.read(self.sig_r, 4096)
                 elif isinstance(data, Member):  # an idle serving member died
                     self.member_died(data)
+                elif isinstance(data, Build):
+                    self.advance_build(data)
                 elif isinstance(data, tuple) and data[0] == "live":
                     self.member_live(data[1])
                 elif isinstance(data, tuple):  # ("exit", child): its pidfd became readable
@@ -204,6 +228,8 @@ class ForkServer:
         if self.sandboxes is not None:
             # Idle pre-confined children are ours too: dismiss them and remove their cgroups.
             importlib.import_module("sandboxes.prefork").POOL.clear()
+            for build in list(self.builds):
+                self._abandon_build(build)
             for shape in self.shapes.values():
                 self._dismiss(shape, 0)
 
@@ -414,8 +440,8 @@ class ForkServer:
             return member
         return None
 
-    def _build_member(self, shape: Shape) -> Member:
-        """Start one serving member for `shape` (blocks until it is confined: a few ms)."""
+    def _start_build(self, shape: Shape) -> None:
+        """Begin one serving member for `shape`; `advance_build` takes it from there."""
         assert self.member_dir is not None
         if not self.member_uids:
             raise OSError(errno.EAGAIN, "the pool's uid range is exhausted")
@@ -435,25 +461,87 @@ class ForkServer:
                 hostname="dorm",
                 socket_dir=str(socket_dir),
             )
-            sandbox = self.sandboxes.spawn_call(
-                spec,
-                MEMBER_TARGET,
-                ["dorm-member"],
-                {**MEMBER_ENV, "DORM_SOCKET": "/run/dorm/http.sock"},
-                stdout_fd=self.devnull,
-                stderr_fd=self.devnull,
-                stdin_fd=theirs.fileno(),
-            )
+            idle = self.sandboxes.prefork_for(spec)
         except BaseException:
             ours.close()
+            theirs.close()
             shutil.rmtree(socket_dir, ignore_errors=True)
             self.member_uids.append(uid)
             raise
-        finally:
-            theirs.close()
-        member = Member(sandbox.pid, os.pidfd_open(sandbox.pid), uid, sandbox, ours, socket_dir)
+        build = Build(shape, uid, socket_dir, spec, ours, theirs, idle)
+        self.builds.append(build)
+        self._watch(build, idle.sock)
+
+    def _watch(self, build: Build, sock: socket.socket | None) -> None:
+        """Point the selector at `sock` for this build (None: at nothing). Always unregistered
+        before anything can close it, so the selector never keeps a stale fd."""
+        if build.watched is not None:
+            self.selector.unregister(build.watched)
+        build.watched = sock
+        if sock is not None:
+            self.selector.register(sock, selectors.EVENT_READ, build)
+
+    def advance_build(self, build: Build) -> None:
+        """The build's child spoke: it is ready for its plan, or confined (or it failed)."""
+        self._watch(build, None)
+        try:
+            if build.pending is None:
+                build.idle.complete_ready()
+                build.pending = self.sandboxes.start_call(
+                    build.spec,
+                    MEMBER_TARGET,
+                    ["dorm-member"],
+                    {**MEMBER_ENV, "DORM_SOCKET": "/run/dorm/http.sock"},
+                    stdout_fd=self.devnull,
+                    stderr_fd=self.devnull,
+                    stdin_fd=build.their_end.fileno() if build.their_end else None,
+                    idle=build.idle,
+                )
+                build.idle = None  # its socket is the pending sandbox's report channel now
+                if build.their_end is not None:
+                    build.their_end.close()
+                    build.their_end = None
+                self._watch(build, build.pending.report)
+                return
+            sandbox = build.pending.finish()
+            build.pending = None
+        except Exception as exc:  # a failed build only costs the next spawn time
+            print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+            self._abandon_build(build)
+            self.build_failed_at = time.monotonic()
+            return
+        self.builds.remove(build)
+        member = Member(
+            sandbox.pid,
+            os.pidfd_open(sandbox.pid),
+            build.uid,
+            sandbox,
+            build.channel,
+            build.socket_dir,
+        )
         self.selector.register(member.pidfd, selectors.EVENT_READ, member)
-        return member
+        shape = build.shape
+        shape.idle.insert(0, member)  # claims take the most recently built last
+        shape.built += 1
+        shape.build_times.append(time.monotonic())
+        self.refill_pending = True
+        if self.shapes.get(self._shape_key(shape.spec)) is not shape:
+            self._dismiss(shape, 0)  # its shape was dropped while it was being built
+
+    def _abandon_build(self, build: Build) -> None:
+        """Undo a build at any stage: kill its child, return its uid, remove its dir."""
+        with contextlib.suppress(ValueError):
+            self.builds.remove(build)
+        self._watch(build, None)
+        if build.pending is not None:
+            build.pending.abandon()
+        elif build.idle is not None:
+            build.idle.discard()
+        build.channel.close()
+        if build.their_end is not None:
+            build.their_end.close()
+        shutil.rmtree(build.socket_dir, ignore_errors=True)
+        self.member_uids.append(build.uid)
 
     def member_live(self, child: Child) -> None:
         """A claimed member's channel spoke (its socket is live) or closed (it failed, or died):
@@ -600,15 +688,7 @@ class ForkServer:
         low, high = self._limits_for(runtime)
         if high <= 0:
             return None
-        key = (
-            spec.rootfs,
-            spec.extra_ro_binds,
-            spec.network,
-            spec.cgroup_parent,
-            spec.memory,
-            spec.cpu,
-            spec.pids,
-        )
+        key = self._shape_key(spec)
         shape = self.shapes.pop(key, None)
         if shape is None:
             serving = (
@@ -626,6 +706,18 @@ class ForkServer:
             self._dismiss(dropped, 0)
         self.refill_pending = True
         return shape
+
+    @staticmethod
+    def _shape_key(spec: Any) -> tuple[Any, ...]:
+        return (
+            spec.rootfs,
+            spec.extra_ro_binds,
+            spec.network,
+            spec.cgroup_parent,
+            spec.memory,
+            spec.cpu,
+            spec.pids,
+        )
 
     def count_claim(self, shape: Shape, *, hit: bool) -> None:
         """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""
@@ -663,17 +755,20 @@ class ForkServer:
         pool = importlib.import_module("sandboxes.prefork").POOL
         budget = max(1, self.pool.refill_concurrency)
         more = False
+        budget -= len(self.builds)  # serving members still on their way count too
         for shape in reversed(list(self.shapes.values())):
-            while budget > 0 and shape.serving and len(shape.idle) < shape.target:
+            while shape.serving and len(shape.idle) + self._building(shape) < shape.target:
+                if budget <= 0:
+                    return True
                 try:
-                    member = self._build_member(shape)
+                    self._start_build(shape)
                 except Exception as exc:  # a failed build only costs the next spawn time
                     print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+                    self.build_failed_at = time.monotonic()
                     return False
-                shape.idle.insert(0, member)  # claims take the most recently built last
-                shape.built += 1
-                shape.build_times.append(time.monotonic())
                 budget -= 1
+            if shape.serving:
+                continue
             while budget > 0 and len(self.idle_members(shape)) < shape.target:
                 before = set(pool.idle_pids())
                 try:
@@ -698,9 +793,24 @@ class ForkServer:
                 more = True
         return more
 
+    def _building(self, shape: Shape) -> int:
+        return sum(1 for b in self.builds if b.shape is shape)
+
+    def can_refill(self) -> bool:
+        """Whether the main loop should call `refill` now (else it waits for an event)."""
+        now = time.monotonic()
+        if not self.refill_pending or not self.running:
+            return False
+        if now < self.build_failed_at + BUILD_BACKOFF:
+            return False
+        return len(self.builds) < max(1, self.pool.refill_concurrency)
+
     def maintain(self) -> None:
         """Replace idle members that died, and shrink pools that have been quiet long enough."""
         now = self.last_maintain = time.monotonic()
+        for build in [b for b in self.builds if now - b.started > BUILD_TIMEOUT]:
+            print("dorm fork server: member build timed out", file=sys.stderr, flush=True)
+            self._abandon_build(build)
         pool = importlib.import_module("sandboxes.prefork").POOL
         if pool.reap_dead():
             self.refill_pending = True

@@ -8,12 +8,23 @@ from .attach import attach
 from .doctor import detect_isolation, host_report
 from .errors import CgroupUnavailable, SandboxError
 from .recovery import cleanup_stale
-from .spawn import STEPS, Sandbox, prepare_socket_dir, prewarm, spawn, spawn_call
+from .spawn import (
+    STEPS,
+    PendingSandbox,
+    Sandbox,
+    prefork_for,
+    prepare_socket_dir,
+    prewarm,
+    spawn,
+    spawn_call,
+    start_call,
+)
 from .spec import Rlimits, SandboxSpec, SandboxSpecError
 
 __all__ = [
     "STEPS",
     "CgroupUnavailable",
+    "PendingSandbox",
     "Rlimits",
     "Sandbox",
     "SandboxError",
@@ -23,8 +34,10 @@ __all__ = [
     "cleanup_stale",
     "detect_isolation",
     "host_report",
+    "prefork_for",
     "prepare_socket_dir",
     "prewarm",
     "spawn",
     "spawn_call",
+    "start_call",
 ]

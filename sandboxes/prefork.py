@@ -48,6 +48,14 @@ class Idle:
     key: PoolKey
     cgroup: cgroups.CgroupHandle
     limits: cgroups.Limits | None  # written at prewarm (None: unlimited until activated)
+    ready: bool = True  # False until ``complete_ready`` (``fork_idle(wait=False)``)
+
+    def complete_ready(self) -> None:
+        """For ``fork_idle(wait=False)``: the socket turned readable; take the child's word
+        (raises ``OSError`` if it failed, and the caller must then ``discard`` it)."""
+        msg = self.sock.recv(4096, socket.MSG_DONTWAIT)
+        _check_ready(msg)
+        self.ready = True
 
     def discard(self) -> None:
         """Kill and reap the child and remove its cgroup (used on failures and by ``clear``)."""
@@ -159,11 +167,18 @@ def _idle_main(
 
 
 def fork_idle(
-    mp: mounts.MountPlan, cgroup_parent: str, limits: cgroups.Limits | None = None
+    mp: mounts.MountPlan,
+    cgroup_parent: str,
+    limits: cgroups.Limits | None = None,
+    *,
+    wait: bool = True,
 ) -> Idle:
     """Create an idle cgroup and a namespace set, fork a child into both (in the fork server).
 
-    With ``limits`` (the expected spec's), they are written now so ``spawn`` need not."""
+    With ``limits`` (the expected spec's), they are written now so ``spawn`` need not. With
+    ``wait=False`` it returns before the child has joined them (its cgroup join waits for an RCU
+    grace period: milliseconds of nothing to do): the caller polls ``sock`` and then calls
+    ``complete_ready``."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         # unshare(CLONE_NEWNS) needs an unshared fs_struct, and fork() from a threaded process
@@ -199,7 +214,9 @@ def fork_idle(
     finally:
         for fd in join_fds:
             os.close(fd)
-    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
+    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits, ready=wait)
+    if not wait:
+        return idle
     try:
         _await_ready(idle)
     except BaseException:
@@ -220,6 +237,10 @@ def _await_ready(idle: Idle) -> None:
         raise OSError(110, "pre-forked child did not get ready") from None
     finally:
         idle.sock.settimeout(None)
+    _check_ready(msg)
+
+
+def _check_ready(msg: bytes) -> None:
     if msg == READY:
         return
     if msg.startswith(b"E"):

@@ -442,6 +442,115 @@ def spawn_call(
     return _spawn(spec, argv, env, (stdout_fd, stderr_fd, stdin_fd), target)
 
 
+def prefork_for(spec: SandboxSpec) -> prefork.Idle:
+    """A pre-forked child for ``spec``'s shape, not waited for: poll its ``sock``, then call
+    ``complete_ready`` and hand it to ``start_call``. Root only (rootless mode has no pre-forking).
+    """
+    seccomp.compiled_filter()
+    return prefork.fork_idle(
+        _mount_plan(spec, False), spec.cgroup_parent, _limits(spec), wait=False
+    )
+
+
+def start_call(
+    spec: SandboxSpec,
+    target: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stdout_fd: int,
+    stderr_fd: int,
+    stdin_fd: int | None = None,
+    idle: prefork.Idle,
+) -> PendingSandbox:
+    """``spawn_call`` without waiting: hand ``idle`` (a ready pre-forked child, see
+    ``prefork.fork_idle(wait=False)``) its plan and return at once. The caller polls the result's
+    ``fileno()`` for readability, then calls ``finish()`` for the ``Sandbox`` (or the
+    ``SandboxError``). Lets a single-threaded caller keep serving while children confine
+    themselves (the waits are the kernel's, not CPU)."""
+    if not isinstance(target, str) or ":" not in target:
+        raise SandboxSpecError("target", f"must be 'module:qualname', got {target!r}")
+    return _begin(spec, argv, env, (stdout_fd, stderr_fd, stdin_fd), target, idle)
+
+
+class PendingSandbox:
+    """A child that has its plan and is confining itself; owns everything the sandbox will."""
+
+    __slots__ = ("cg", "deadline", "net", "pid", "report", "report_fd", "rootless", "spec")
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        pid: int,
+        report: socket.socket | None,
+        report_fd: int,
+        rootless: bool,
+        cg: cgroups.CgroupHandle | None,
+        net: Any,
+    ) -> None:
+        self.spec, self.pid, self.report, self.report_fd = spec, pid, report, report_fd
+        self.rootless, self.cg, self.net = rootless, cg, net
+        self.deadline = time.monotonic() + SPAWN_TIMEOUT
+
+    def fileno(self) -> int:
+        """Readable once the child has exec'd, called its target, or failed."""
+        return self.report_fd
+
+    def finish(self) -> Sandbox:
+        """The running sandbox, or ``SandboxError`` naming the step that failed (blocks until
+        the child reports, at most until the spawn deadline)."""
+        pid = self.pid
+        try:
+            try:
+                data = _read_errpipe(self.report_fd, self.deadline)
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid, self.deadline + 1)
+                raise SandboxError(
+                    "execve", errno.ETIMEDOUT, "child did not exec in time"
+                ) from None
+            inner, error = _parse_errpipe(data)
+            if self.rootless:
+                _reap(pid, self.deadline)  # the intermediate exits right after forking pid 1
+                if inner is None:
+                    raise SandboxError(*(error or ("userns", 0, "intermediate died")))
+                pid = inner
+            if error is not None:
+                _reap(pid, self.deadline)
+                raise SandboxError(*error)
+            try:
+                pidfd = libc.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+            sandbox = Sandbox(pid, pidfd, self.spec, self.cg, self.net)
+            self.cg = self.net = None
+            return sandbox
+        finally:
+            self._release()
+
+    def abandon(self) -> None:
+        """Kill the child and release what it held (the caller gave up on it)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        _reap(self.pid, time.monotonic() + 1)
+        self._release()
+
+    def _release(self) -> None:
+        if self.report is not None:
+            self.report.close()
+            self.report = None
+        elif self.report_fd >= 0:
+            os.close(self.report_fd)
+        self.report_fd = -1
+        if self.cg is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                self.cg.remove()
+            self.cg = None
+        if self.net is not None:
+            self.net.teardown()
+            self.net = None
+
+
 def _spawn(
     spec: SandboxSpec,
     argv: list[str],
@@ -449,6 +558,19 @@ def _spawn(
     stdio: tuple[int, int, int | None],
     call: str,
 ) -> Sandbox:
+    return _begin(spec, argv, env, stdio, call).finish()
+
+
+def _begin(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    stdio: tuple[int, int, int | None],
+    call: str,
+    idle: prefork.Idle | None = None,
+) -> PendingSandbox:
+    """Everything up to the plan reaching the child: ``idle`` if given, else a pooled or newly
+    forked child. On failure nothing stays behind (child, cgroup, egress plumbing)."""
     validate_argv(argv)
     validate_env(env)
     rootless = os.geteuid() != 0
@@ -456,11 +578,9 @@ def _spawn(
     seccomp.compiled_filter()  # built once, before any fork
     limits = _limits(spec)
     cg: cgroups.CgroupHandle | None = None
-    idle: prefork.Idle | None = None
     net: Any = None
     report: socket.socket | None = None
     report_fd = -1
-    pid = -1
     try:
         if spec.network == "egress":
             from . import egress
@@ -478,10 +598,11 @@ def _spawn(
                 backend = cgroups.detect()
             except Exception as e:
                 raise SandboxError("cgroup_create", errno.ENODEV, str(e)) from e
-            try:
-                idle = prefork.POOL.take(mplan, spec.cgroup_parent, limits)
-            except OSError as e:
-                raise SandboxError("namespaces", e.errno or 0, f"preparing a child: {e}") from e
+            if idle is None:
+                try:
+                    idle = prefork.POOL.take(mplan, spec.cgroup_parent, limits)
+                except OSError as e:
+                    raise SandboxError("namespaces", e.errno or 0, f"preparing a child: {e}") from e
             try:
                 cg = backend.activate(idle.cgroup, spec.name, limits, idle.limits)
             except OSError as e:
@@ -490,30 +611,9 @@ def _spawn(
             idle = None
             _send_plan(spec, argv, env, mplan, out_err_in, pid, report, netns_fd, call)
             report_fd = report.fileno()
-        deadline = time.monotonic() + SPAWN_TIMEOUT
-        try:
-            data = _read_errpipe(report_fd, deadline)
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid, deadline + 1)
-            raise SandboxError("execve", errno.ETIMEDOUT, "child did not exec in time") from None
-        inner, error = _parse_errpipe(data)
-        if rootless:
-            _reap(pid, deadline)  # the intermediate exits right after forking the pid-1 process
-            if inner is None:
-                raise SandboxError(*(error or ("userns", 0, "intermediate died")))
-            pid = inner
-        if error is not None:
-            _reap(pid, deadline)
-            raise SandboxError(*error)
-        try:
-            pidfd = libc.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        sandbox = Sandbox(pid, pidfd, spec, cg, net)
-        cg = None
-        net = None
-        return sandbox
+        pending = PendingSandbox(spec, pid, report, report_fd, rootless, cg, net)
+        report, report_fd, cg, net = None, -1, None, None
+        return pending
     finally:
         if idle is not None:
             idle.discard()
