@@ -453,7 +453,7 @@ class Gateway:
         return sum(
             int(p.get("idle", 0))
             for p in self.pool_state().get("pools", [])
-            if p.get("runtime") == "python-asgi"
+            if p.get("runtime") == "python-asgi" and p.get("kind", "runtime") == "runtime"
         )
 
     def stop_apps(self, apps: list[str]) -> dict[str, dict[str, Any]]:
@@ -764,9 +764,11 @@ class Bench:
         fs = gw.forkserver_pid()
         assert gw.proc is not None
         # Idle pool members, as the gateway lists them: what a pool costs while nobody needs it.
+        # Only the app runtimes' pools (the fork server's), not the code runner's, if listed.
         members = [
             tree_memory(int(pid))
             for p in gw.pool_state().get("pools", [])
+            if p.get("kind", "runtime") == "runtime"
             for pid in p.get("idle_pids", [])
         ]
         members = [m for m in members if m.get("processes")]
