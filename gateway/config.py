@@ -174,14 +174,16 @@ class PoolConfig:
 
     A pool keeps `min_idle` members at rest; each spawn that finds none (a miss) raises its target
     by one up to `max_idle`, and `shrink_after` seconds without a miss bring it back (the extra
-    members are killed). The fork server builds at most `refill_concurrency` members between two
-    requests, which bounds how long a request can wait behind a refill. `max_idle = 0` turns
-    pools off. Per-runtime bounds can be changed at run time: `PUT /v1/pools/{runtime}`.
+    members are killed). `refill_concurrency` bounds the members being built at once: serving
+    members (the python runtimes) are built without blocking the fork server, so it is how much
+    CPU a refill may take; half-confined members are built between two requests, so for them it
+    bounds how long a request can wait behind a refill. `max_idle = 0` turns pools off.
+    Per-runtime bounds can be changed at run time: `PUT /v1/pools/{runtime}`.
     """
 
     min_idle: int = 2
     max_idle: int = 8
-    refill_concurrency: int = 1
+    refill_concurrency: int = 2
     shrink_after: float = 30.0
 
     def settings(self) -> dict[str, Any]:

@@ -129,7 +129,7 @@ class PoolConfig:
 
     min_idle: int = 0
     max_idle: int = 0
-    refill_concurrency: int = 1
+    refill_concurrency: int = 2
     shrink_after: float = 30.0
     member_uids: tuple[int, int] = (0, -1)  # first, last: uids for serving members (none: off)
     member_dir: str = ""  # where serving members' socket dirs live (the gateway's run dir/pool)

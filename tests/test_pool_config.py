@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_pool_defaults_and_values(tmp_path: Path) -> None:
-    assert load_config(None, environ={}).pool == PoolConfig(2, 8, 1, 30.0)
+    assert load_config(None, environ={}).pool == PoolConfig(2, 8, 2, 30.0)
     path = write(
         tmp_path,
         '[pool]\nmin_idle = 1\nmax_idle = 4\nrefill_concurrency = 2\nshrink_after = "1m"\n',
