@@ -60,6 +60,8 @@ PRELOAD = ("runtimes.python",)
 MEMBER_CALL = "runtimes.python:main"
 MEMBER_TARGET = "runtimes.python:member_main"
 SERVING_RUNTIMES = frozenset({"python-asgi", "python-wsgi"})
+# SandboxSpec fields that belong to one tenant: set at the claim, never part of a pool's shape.
+TENANT_FIELDS = frozenset({"name", "uid", "gid", "socket_dir", "app_dir", "data_dir", "hostname"})
 MEMBER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
@@ -456,6 +458,7 @@ class ForkServer:
                 shape.spec,
                 name=f"member-{n}",
                 uid=uid,
+                gid=None,
                 app_dir=None,
                 data_dir=None,
                 hostname="dorm",
@@ -709,14 +712,10 @@ class ForkServer:
 
     @staticmethod
     def _shape_key(spec: Any) -> tuple[Any, ...]:
-        return (
-            spec.rootfs,
-            spec.extra_ro_binds,
-            spec.network,
-            spec.cgroup_parent,
-            spec.memory,
-            spec.cpu,
-            spec.pids,
+        """Every field of the spec but the tenant's own: members of a pool are built from the
+        shape's spec and must differ from a tenant's sandbox only in what the claim sets."""
+        return tuple(
+            getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in TENANT_FIELDS
         )
 
     def count_claim(self, shape: Shape, *, hit: bool) -> None:
