@@ -10,6 +10,14 @@ import pytest
 from runtimes.runner.api import ApiError, parse_job, pick_language, version_matches
 from runtimes.runner.languages import Language
 from runtimes.runner.limits import Settings
+from runtimes.runner.pools import (
+    aggregate,
+    layouts,
+    load_overrides,
+    pool_for,
+    save_overrides,
+    split,
+)
 
 PY = Language(name="python", version="3.11.7", aliases=("py", "python3"), run=("python3",))
 PY12 = Language(name="python", version="3.12.1", aliases=("py",), run=("python3",))
@@ -157,3 +165,70 @@ def test_bad_encodings_and_contents() -> None:
     assert error(job(stdin=5)) == "stdin must be a string"
     big = Settings(max_file_size=10)
     assert "larger than the maximum file size" in error(job(files=[{"content": "x" * 11}]), big)
+
+
+# -- warm pools (runtimes/runner/pools.py) ------------------------------------------------------
+
+
+def test_languages_without_binds_share_one_pool_and_binds_get_their_own() -> None:
+    ruby = Language(name="ruby", version="3.2.0", aliases=("rb",), run=("ruby",), binds=("/opt",))
+    defs = layouts([PY, C, ruby], 6, 12)
+    assert [(d.name, d.languages, d.binds) for d in defs] == [
+        ("default", ("python", "c"), ()),
+        ("ruby", ("ruby",), ("/opt",)),
+    ]
+    assert pool_for(defs, [PY, C, ruby], "gcc") is defs[0]  # by alias
+    assert pool_for(defs, [PY, C, ruby], "RB") is defs[1]
+    assert pool_for(defs, [PY, C, ruby], "default") is defs[0]  # by pool name
+    assert pool_for(defs, [PY, C, ruby], "cobol") is None
+
+
+def test_pool_bounds_are_split_evenly_over_the_spawners() -> None:
+    assert [split(5, 2, i) for i in range(2)] == [3, 2]
+    assert [split(6, 3, i) for i in range(3)] == [2, 2, 2]
+    assert [split(1, 3, i) for i in range(3)] == [1, 0, 0]
+    defs = layouts([PY], 5, 7)
+    assert sum(defs[0].share(3, i)[0] for i in range(3)) == 5
+    assert sum(defs[0].share(3, i)[1] for i in range(3)) == 7
+
+
+def test_pool_overrides_survive_a_round_trip_and_bad_files_are_ignored(tmp_path: Any) -> None:
+    path = str(tmp_path / "run" / "runner-pools.json")
+    assert load_overrides(path) == {}
+    save_overrides(path, {"default": (2, 5)})
+    assert load_overrides(path) == {"default": (2, 5)}
+    (tmp_path / "run" / "runner-pools.json").write_text(
+        '{"default": {"min_idle": 9, "max_idle": 1}'
+    )
+    assert load_overrides(path) == {}  # not JSON
+    (tmp_path / "run" / "runner-pools.json").write_text(
+        '{"default": {"min_idle": 9, "max_idle": 1}}'
+    )
+    assert load_overrides(path) == {}  # min > max
+
+
+def test_pool_state_is_summed_over_the_spawners_that_answered() -> None:
+    defs = layouts([PY], 2, 4)
+    answer = {
+        "refill_pending": False,
+        "pools": [
+            {
+                "name": "default",
+                "idle": 1,
+                "target": 1,
+                "peak": 2,
+                "claimed": 3,
+                "misses": 1,
+                "built": 4,
+                "forking": 0,
+                "refill_rate": 0.05,
+                "min_idle": 1,
+                "max_idle": 2,
+            },
+        ],
+    }
+    [entry] = aggregate(defs, [answer, answer, None], {"memory": 1})
+    assert entry["idle"] == 2 and entry["claimed"] == 6 and entry["misses"] == 2
+    assert entry["built"] == 8 and entry["refill_rate"] == 0.1 and entry["peak_target"] == 4
+    assert entry["answered"] == 2 and entry["spawners"][2] == {"spawner": 2, "answered": False}
+    assert entry["min_idle"] == 2 and entry["max_idle"] == 4 and entry["kind"] == "runner"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Gateway
-from tests.test_runner import execute, start_runner_gateway, stop_gateway
+from tests.test_runner import RUNNER_HOST, execute, start_runner_gateway, stop_gateway
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the runner needs root: it confines every execution in a sandbox"
@@ -229,3 +229,17 @@ def test_dorm_pools_shows_the_runner(gw: Gateway) -> None:
     ).stdout
     assert '"pool": "default"' in set_out, set_out
     assert runner_pool(gw)["max_idle"] == 5
+
+
+def test_the_internal_pool_endpoint_is_not_public(gw: Gateway) -> None:
+    """`/dorm/pools` answers only requests carrying the per-start token (the admin listener's)."""
+    for method, body in (("GET", None), ("PUT", b'{"min_idle": 0, "max_idle": 0}')):
+        resp = gw.request("/dorm/pools/python", host=RUNNER_HOST, method=method, body=body)
+        assert resp.status == 404, resp.body
+    resp = gw.request(
+        "/dorm/pools",
+        host=RUNNER_HOST,
+        headers={"X-Dorm-Runner-Internal": "guess"},
+    )
+    assert resp.status == 404, resp.body
+    assert runner_pool(gw)["min_idle"] != 0
