@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,24 @@ def test_the_internal_pool_endpoint_is_not_public(gw: Gateway) -> None:
     )
     assert resp.status == 404, resp.body
     assert runner_pool(gw)["min_idle"] != 0
+
+
+def test_a_burst_grows_the_pool_and_quiet_shrinks_it(gw: Gateway) -> None:
+    status, body = gw.admin("PUT", "/v1/pools/python", {"min_idle": 2, "max_idle": 4})
+    assert status == 200, body
+    before = wait_pool(gw, lambda p: p["idle"] == 2 and p["target"] == 2)
+    burst = 12
+    with ThreadPoolExecutor(burst) as pool:
+        outs = list(pool.map(lambda n: run_python(gw, f"print({n})")["stdout"], range(burst)))
+    assert outs == [f"{n}\n" for n in range(burst)]
+    after = runner_pool(gw)
+    spawned = (after["claimed"] - before["claimed"]) + (after["misses"] - before["misses"])
+    assert spawned == burst, (before, after)
+    # Two idle children cannot serve twelve sandboxes: some spawns missed, and a miss on a pool
+    # that had members raises its target (up to max_idle, 4 over the two spawners).
+    assert after["misses"] > before["misses"], after
+    assert 2 < after["peak_target"] <= 4, after
+    # shrink_after = 2s without a miss: back to min_idle, the extra children dismissed.
+    shrunk = wait_pool(gw, lambda p: p["target"] == 2 and p["idle"] == 2, timeout=15)
+    assert shrunk["max_idle"] == 4
+    wait_roots(gw, 2)
