@@ -299,6 +299,7 @@ class Instance:
             return
         waiter.queued_at = now
         self.waiters.append(waiter)
+        self.manager._sweepable.add(self)
         if self.state in (State.COLD, State.FAILED):
             self.manager.wake(self)
 
@@ -418,6 +419,10 @@ class InstanceManager:
         self.pool = pool or PoolConfig()
         self.registry = registry
         self.instances: dict[tuple[str, str], Instance] = {}
+        self._by_app: dict[str, set[str]] = {}  # app → branches with an instance record
+        # Instances the 4/s sweep must look at: not cold, or with queued requests. Cold ones
+        # (most of them, with many tenants) leave it, so an idle gateway does no per-tenant work.
+        self._sweepable: set[Instance] = set()
         self.running: dict[str, Instance] = {}
         self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
         uids = parse_uid_range(cfg.uid_range)
@@ -475,7 +480,7 @@ class InstanceManager:
         inst = Instance(self, spec, BranchSpec(app=spec.name, name="main"))
         inst.internal = True
         self.internal[spec.name] = inst
-        self.instances[(spec.name, "main")] = inst
+        self._put((spec.name, "main"), inst)
         return inst
 
     def get(self, app_name: str, branch_name: str) -> Instance | None:
@@ -486,8 +491,24 @@ class InstanceManager:
             return inst
         inst = self._build(app_name, branch_name)
         if inst is not None:
-            self.instances[key] = inst
+            self._put(key, inst)
         return inst
+
+    def _put(self, key: tuple[str, str], inst: Instance) -> None:
+        self.instances[key] = inst
+        self._by_app.setdefault(key[0], set()).add(key[1])
+
+    def _pop(self, key: tuple[str, str]) -> Instance:
+        branches = self._by_app.get(key[0])
+        if branches is not None:
+            branches.discard(key[1])
+            if not branches:
+                del self._by_app[key[0]]
+        return self.instances.pop(key)
+
+    def _keys_of(self, app: str) -> list[tuple[str, str]]:
+        """The instance keys of one app, without visiting every instance (apps can be 100,000)."""
+        return [(app, branch) for branch in self._by_app.get(app, ())]
 
     def _build(self, app_name: str, branch_name: str) -> Instance | None:
         """A new Instance for the branch's effective spec (app spec overlaid by its bundle)."""
@@ -580,6 +601,7 @@ class InstanceManager:
     def wake(self, inst: Instance) -> None:
         if inst.state in (State.COLD, State.FAILED):
             inst.state = State.STARTING
+            self._sweepable.add(inst)
             inst.woken_at = time.monotonic()
             self._spawn_task(self._start(inst))
 
@@ -970,11 +992,9 @@ class InstanceManager:
                 await asyncio.wait_for(asyncio.shield(exited), KILL_WAIT)
 
     async def stop(self, app: str, branch: str | None) -> int:
-        targets = [
-            i
-            for (a, b), i in self.instances.items()
-            if a == app and (branch is None or b == branch) and i.state in WARM
-        ]
+        keys = self._keys_of(app) if branch is None else [(app, branch)]
+        found = (self.instances.get(key) for key in keys)
+        targets = [i for i in found if i is not None and i.state in WARM]
         await asyncio.gather(*(self.stop_instance(i, "stopped by the admin API") for i in targets))
         return len(targets)
 
@@ -989,14 +1009,15 @@ class InstanceManager:
 
     async def app_changed(self, app: str) -> None:
         """New app spec: new requests get new instances; running ones drain and stop."""
-        await self._retire([k for k in self.instances if k[0] == app], "app spec changed")
+        await self._retire(self._keys_of(app), "app spec changed")
 
     async def app_removed(self, app: str) -> None:
-        await self._retire([k for k in self.instances if k[0] == app], "app removed")
+        await self._retire(self._keys_of(app), "app removed")
 
     async def branch_changed(self, app: str, branch: str) -> None:
         """A branch was created, changed or deleted: same as an app change, for one branch."""
-        await self._retire([k for k in self.instances if k == (app, branch)], "branch changed")
+        key = (app, branch)
+        await self._retire([key] if key in self.instances else [], "branch changed")
 
     async def redeploy(self, app: str, branch: str) -> None:
         """Switch a branch to its newly deployed bundle without dropping a request.
@@ -1018,6 +1039,7 @@ class InstanceManager:
         if new.broken is not None:
             raise DeployError(new.broken)
         new.state = State.STARTING
+        self._sweepable.add(new)
         await self._start(new)
         if new.state is not State.READY:
             why = new.last_error or "it did not become ready"
@@ -1027,7 +1049,7 @@ class InstanceManager:
                 f"the new bundle failed to start ({why}); the previous one keeps "
                 f"serving. Last log lines:\n{tail.decode('utf-8', 'replace')}"
             )
-        self.instances[key] = new
+        self._put(key, new)
         old.retired = old.special = True
         self.on_change()
         waiters, old.waiters = old.waiters, deque()
@@ -1037,7 +1059,7 @@ class InstanceManager:
 
     async def _retire(self, keys: list[tuple[str, str]], why: str) -> None:
         keys = [k for k in keys if not self.instances[k].internal]  # dorm's own stay put
-        old = [self.instances.pop(key) for key in keys]
+        old = [self._pop(key) for key in keys]
         for inst in old:
             inst.retired = inst.special = True
         self.on_change()  # cached routes may name a retired instance, or none where one now is
@@ -1054,7 +1076,10 @@ class InstanceManager:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for inst in list(self.instances.values()):
+        for inst in list(self._sweepable):
+            if inst.state in (State.COLD, State.FAILED) and not inst.waiters:
+                self._sweepable.discard(inst)
+                continue
             while inst.waiters and now - inst.waiters[0].queued_at > inst.app.startup_timeout:
                 inst.waiters.popleft().fail(
                     504,
