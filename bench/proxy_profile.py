@@ -7,8 +7,9 @@ time counts as CPU), so per-request work is measured in instructions instead: th
 harness of bench/proxy.py (`_dorm_loop` / `_minimal_loop`: the protocol objects driven with null
 transports, no syscalls, no event loop) runs N and 2N requests under `valgrind --tool=callgrind`,
 and the difference divided by N is the cost of one request, free of start-up and import costs.
-The count is deterministic to a fraction of a percent, so a change of a few hundred instructions
-per request shows.
+Start-up objects are frozen out of the garbage collector's view first (a full collection that
+falls in one run and not the other would otherwise move the result by thousands), so the count
+repeats to within about a hundred instructions and a change of a few hundred per request shows.
 
 With --annotate, `callgrind_annotate` of the 2N run is printed (inclusive costs, top functions),
 to see where the instructions go. Needs valgrind on PATH; nothing leaves the process.
@@ -17,6 +18,7 @@ to see where the instructions go. Needs valgrind on PATH; nothing leaves the pro
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -33,6 +35,11 @@ def _child(target: str, n: int) -> None:
     from bench.proxy import _dorm_loop, _minimal_loop
 
     loop = _dorm_loop() if target == "dorm" else _minimal_loop()
+    # Everything allocated so far (imports, the harness) leaves the collector's view: otherwise
+    # a full collection that happens to fall in one run and not the other moves the difference
+    # by thousands of instructions per request. Young-generation collections still count.
+    gc.collect()
+    gc.freeze()
     loop(n)
 
 

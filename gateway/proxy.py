@@ -71,6 +71,7 @@ class DataPlane:
         # Read on every request: copied out of cfg so the hot path does one lookup less.
         self.max_header_size = cfg.max_header_size
         self.upstream_timeout = cfg.upstream_timeout
+        self.keepalive_timeout = cfg.keepalive_timeout
         self.hosts = HostCache()
         self.host_entries = self.hosts.entries  # read directly: one dict lookup per request
         self.connections: set[ClientConnection] = set()
@@ -143,6 +144,9 @@ class Exchange:
     forwarded_given: frozenset[bytes] | set[bytes] = frozenset()
     http10 = False
     keep_alive = True
+    # The response may take the raw path (gateway/upstream.py): not HEAD, not HTTP/1.0, not an
+    # upgrade. One flag, set where the request is parsed, read once per response.
+    raw_response = True
     keep_client = False
     upgrade = False
     instance: Instance | None = None
@@ -190,18 +194,27 @@ class Exchange:
             return
         self.upstream = conn
         conn.exchange = self
+        head = self.forward_head
+        if head:  # a fast-path request: no body, no Expect, its head built already
+            if not conn.closed:
+                conn.transport.write(head)  # conn.send, inlined: this runs once per request
+            if client.write_paused:
+                conn.pause()
+            if conn.write_paused:
+                client.pause(PAUSED_BY_UPSTREAM)
+            return
         if self.expect_continue and not self.request_done and not self.body_received:
             client.transport.write(CONTINUE_100)
             if client.deadline_kind == BODY:
                 client.deadline = time.monotonic() + client.plane.cfg.body_timeout
-        head = self.forward_head or self.request_head()
+        head = self.request_head()
         if self.buffer:
             conn.send(head + b"".join(self.buffer))
             self.buffer = []
             self.buffered = 0
             client.resume(PAUSED_BUFFERING)
-        elif not conn.closed:
-            conn.transport.write(head)  # conn.send, inlined: this runs once per request
+        else:
+            conn.send(head)
         if client.write_paused:
             conn.pause()
         if conn.write_paused:
@@ -419,6 +432,8 @@ class ClientConnection(asyncio.Protocol):
         ex.forward_head = data[:-2] + self.forwarded + host + b"\r\n\r\n"
         ex.request_done = True
         ex.instance = inst  # type: ignore[assignment]
+        if method == b"HEAD":
+            ex.raw_response = False
         self.deadline_kind = RESPONSE
         self.deadline = monotonic() + plane.upstream_timeout
         if self.active is None and not self.pending:
@@ -549,6 +564,8 @@ class ClientConnection(asyncio.Protocol):
         # RFC 9112 §6.1: after an HTTP/1.0 request with Transfer-Encoding, close.
         ex.keep_alive = parser.should_keep_alive() and not (ex.http10 and ex.chunked)
         ex.upgrade = parser.should_upgrade()
+        if ex.http10 or ex.upgrade or ex.method == b"HEAD":
+            ex.raw_response = False
         has_body = ex.chunked or bool(ex.content_length)
         self.deadline_kind = BODY if has_body else RESPONSE
         if has_body and ex.expect_continue:
@@ -744,14 +761,15 @@ class ClientConnection(asyncio.Protocol):
             # A response that completes in one read does not push the deadline back (the raw
             # path skips it); the next pipelined request gets its own full wait.
             if self.deadline_kind == RESPONSE:
-                self.deadline = time.monotonic() + self.plane.cfg.upstream_timeout
+                self.deadline = monotonic() + self.plane.upstream_timeout
             self.next_exchange()
         elif self.parsing is None:
-            if self.plane.draining:
+            plane = self.plane
+            if plane.draining:
                 self.close()
                 return
             self.deadline_kind = IDLE
-            self.deadline = time.monotonic() + self.plane.cfg.keepalive_timeout
+            self.deadline = monotonic() + plane.keepalive_timeout
 
     def start_tunnel(self, conn: UpstreamConnection, rest: bytes) -> None:
         """The app switched protocols: splice the two connections together."""

@@ -51,6 +51,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_framing",
         "_head_response",
         "_keep_alive",
+        "_length",
+        "_length_digits",
         "_parts",
         "_reason",
         "_remaining",
@@ -81,6 +83,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.served = 0  # responses completed on this connection
         self._remaining = -1  # raw fast path: body bytes still to relay (-1: not in one)
         self._checker = HttpResponseParser(_NO_CALLBACKS)  # strict validation of raw responses
+        self._length_digits = b""  # the last raw response's Content-Length, as sent and as int
+        self._length = 0
         self.received = False  # any byte of the current response seen
         self._wbuf: list[bytes] = []
         self._parts: list[bytes] = []
@@ -151,15 +155,19 @@ class UpstreamConnection(asyncio.Protocol):
         end = data.find(b"\r\n\r\n")
         if end < 0 or data[:13] not in _RAW_STATUS:
             return False
-        if ex.method == b"HEAD" or ex.http10 or ex.upgrade:
-            return False
+        if not ex.raw_response:
+            return False  # HEAD, HTTP/1.0 or an upgrade: the parsing path handles those
         try:
             (length_digits,) = _RAW_SCAN.findall(data, 16, end + 2)
         except ValueError:
             return False  # no Content-Length, or a second one, or a hop-by-hop header
         if not length_digits:
             return False
-        length = int(length_digits)
+        if length_digits == self._length_digits:
+            length = self._length  # an app's responses often have one size: skip int()
+        else:
+            length = self._length = int(length_digits)
+            self._length_digits = length_digits
         body_at = end + 4
         available = len(data) - body_at
         try:
