@@ -310,6 +310,7 @@ class Instance:
             waiter.fail(503, f"app {self.app.name!r} cannot run: {self.broken}")
         elif self.site is not None:
             self.last_request = self.last_activity = time.monotonic()
+            self.manager._recently_active.add(self)  # no process, never swept: noted for `activity`
             self.site.serve(waiter)
 
     def cancel(self, waiter: Waiter) -> None:
@@ -423,6 +424,7 @@ class InstanceManager:
         # Instances the 4/s sweep must look at: not cold, or with queued requests. Cold ones
         # (most of them, with many tenants) leave it, so an idle gateway does no per-tenant work.
         self._sweepable: set[Instance] = set()
+        self._recently_active: set[Instance] = set()  # requested since the last `activity`, unswept
         self.running: dict[str, Instance] = {}
         self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
         uids = parse_uid_range(cfg.uid_range)
@@ -538,16 +540,20 @@ class InstanceManager:
         return inst is not None and inst.busy
 
     def activity(self) -> list[tuple[str, str, float]]:
-        """(app, branch, wall-clock time of the last request) for every instance that had one.
+        """(app, branch, wall-clock time of the last request) for every instance warm since the
+        previous call that had one.
 
         The data plane stamps requests with the monotonic clock (one float store per request);
         converting here, off the hot path, is what the registry's periodic flush needs.
         """
         offset = time.time() - time.monotonic()
+        # Only instances warm since the last call can have a newer request: those still in the
+        # sweep set, and those that left it since (with 100,000 tenants, not every record).
+        recent, self._recently_active = self._sweepable | self._recently_active, set()
         return [
-            (a, b, offset + i.last_request)
-            for (a, b), i in self.instances.items()
-            if i.last_request is not None
+            (i.app.name, i.branch.name, offset + i.last_request)
+            for i in recent
+            if i.last_request is not None and not i.retired
         ]
 
     def warm_count(self) -> int:
@@ -1079,6 +1085,7 @@ class InstanceManager:
         for inst in list(self._sweepable):
             if inst.state in (State.COLD, State.FAILED) and not inst.waiters:
                 self._sweepable.discard(inst)
+                self._recently_active.add(inst)  # its last request still goes to the registry
                 continue
             while inst.waiters and now - inst.waiters[0].queued_at > inst.app.startup_timeout:
                 inst.waiters.popleft().fail(
