@@ -436,3 +436,48 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if gone.
+
+    A pid names a process only while it lives: once it exits the kernel may hand the number to
+    anyone's new process. (pid, start time) names one process for good.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_pid_if_same(pid: int, started: int | None, grace: float = 3.0) -> None:
+    """`kill_pid`, but only the process that is `pid` and started at `started`.
+
+    For belt-and-braces cleanup of processes we saw but did not start ourselves (app instances a
+    gateway started and has since stopped): after thousands of them exit, their pids are reused
+    by other people's processes on a shared machine, and a plain kill by pid would hit those. A
+    pidfd opened first and then checked against the start time names exactly that process, and
+    signals through it cannot reach a later owner of the number.
+    """
+    if started is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone
+    try:
+        if start_time(pid) != started:
+            return  # the number belongs to someone else's process now
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and start_time(pid) == started:
+                time.sleep(0.05)
+            if start_time(pid) != started:
+                return
+    finally:
+        os.close(fd)

@@ -57,6 +57,7 @@ from bench.common import (
     children_cpu,
     cpu_seconds,
     git_revision,
+    kill_pid_if_same,
     machine_cpu,
     machine_info,
     now_utc,
@@ -65,6 +66,7 @@ from bench.common import (
     process_tree,
     sigterm_as_interrupt,
     smaps_rollup,
+    start_time,
     stop_process,
     tree_cpu_seconds,
     wait_for,
@@ -114,6 +116,10 @@ class BigGateway(Gateway):
 
     max_warm = 10_000
 
+    def __init__(self, tmp: Path, isolation: str, pools: bool, name: str) -> None:
+        super().__init__(tmp, isolation, pools, name)
+        self.seen_started: dict[int, int | None] = {}  # instance pid → its start time
+
     def write_config(self) -> Path:
         cfg = self.dir / "dorm.toml"
         cfg.write_text(
@@ -139,9 +145,22 @@ class BigGateway(Gateway):
             raise RuntimeError(f"GET /v1/instances: {status} {body}")
         items = body["instances"] if isinstance(body, dict) else body
         for inst in items:
-            if inst.get("pid"):
-                self.seen_pids.add(int(inst["pid"]))
+            pid = int(inst.get("pid") or 0)
+            if pid and pid not in self.seen_started:
+                self.seen_started[pid] = start_time(pid)
         return list(items)
+
+    def close(self) -> None:
+        """Stop the gateway, then kill what it left of the instances we saw, by (pid, start
+        time) only: a density run sees thousands of instance pids, and once those instances
+        exit the numbers go to other people's processes on this shared machine (bench.coldstart's
+        plain kill by pid killed one of them after a full run)."""
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, grace=15)
+        for pid, started in self.seen_started.items():
+            kill_pid_if_same(pid, started, grace=1.0)
+        self.seen_pids.clear()  # pids without a start time: never killed by number
+        super().close()
 
 
 # -- memory / warm-instance sampler ----------------------------------------------------------------
