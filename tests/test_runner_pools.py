@@ -265,3 +265,49 @@ def test_a_burst_grows_the_pool_and_quiet_shrinks_it(gw: Gateway) -> None:
     shrunk = wait_pool(gw, lambda p: p["target"] == 2 and p["idle"] == 2, timeout=15)
     assert shrunk["max_idle"] == 4
     wait_roots(gw, 2)
+
+
+def spawner_pids(service_pid: int) -> list[int]:
+    """The runner service's spawner processes (its children running runtimes.runner.spawner)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == service_pid and b"runtimes.runner.spawner" in cmdline:
+            out.append(int(proc.name))
+    return sorted(out)
+
+
+def test_a_stuck_runner_is_a_bounded_503_and_a_stuck_spawner_is_left_out(gw: Gateway) -> None:
+    wait_pool(gw, lambda p: p["answered"] == 2 and p["forking"] == 0)
+    status, inst = gw.admin("GET", "/v1/instances/run/main")
+    assert status == 200 and inst["state"] == "ready", inst
+    spawners = spawner_pids(inst["pid"])
+    assert len(spawners) == 2, spawners
+    # One spawner stopped: the service waits 2 s for it, then lists what the other said.
+    os.kill(spawners[1], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        pool = runner_pool(gw)
+        assert time.monotonic() - started < 4.5
+        assert pool["answered"] == 1 and {"spawner": 1, "answered": False} in pool["spawners"]
+    finally:
+        os.kill(spawners[1], signal.SIGCONT)
+    # The service itself stopped: the gateway waits 5 s, then answers 503 saying why.
+    os.kill(inst["pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status, body = gw.admin("GET", "/v1/pools")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(inst["pid"], signal.SIGCONT)
+    assert status == 503, body
+    assert "the code runner did not answer" in body["error"]["message"], body
+    assert waited < 10, waited
+    assert runner_pool(gw)["answered"] == 2  # and all is well again
