@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ConfigError, load_config
 from runtimes.runner.api import ApiError, parse_job, pick_language, version_matches
 from runtimes.runner.languages import Language
 from runtimes.runner.limits import Settings
@@ -232,3 +233,43 @@ def test_pool_state_is_summed_over_the_spawners_that_answered() -> None:
     assert entry["built"] == 8 and entry["refill_rate"] == 0.1 and entry["peak_target"] == 4
     assert entry["answered"] == 2 and entry["spawners"][2] == {"spawner": 2, "answered": False}
     assert entry["min_idle"] == 2 and entry["max_idle"] == 4 and entry["kind"] == "runner"
+
+
+# -- [runner] pool keys (gateway/config.py) -----------------------------------------------------
+
+
+def test_runner_pool_keys_from_the_file_and_the_environment(tmp_path: Any) -> None:
+    path = tmp_path / "dorm.toml"
+    path.write_text('[runner]\nmin_idle = 3\nmax_idle = 9\nshrink_after = "5s"\n')
+    runner = load_config(str(path), environ={"DORM_RUNNER_REFILL_CONCURRENCY": "2"}).runner
+    assert (runner.min_idle, runner.max_idle, runner.refill_concurrency) == (3, 9, 2)
+    assert runner.shrink_after == 5.0
+    settings = Settings.from_json(runner.settings("dorm", "token"))
+    assert (settings.min_idle, settings.max_idle, settings.refill_concurrency) == (3, 9, 2)
+    defaults = load_config(None, environ={"DORM_RUNNER_MAX_IDLE": "20"}).runner
+    assert (defaults.min_idle, defaults.max_idle, defaults.refill_concurrency) == (6, 20, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "needle"),
+    [
+        ("[runner]\nprewarm = 2\n", {}, "runner.prewarm is now min_idle"),
+        (
+            "[runner]\nmin_idle = 5\nmax_idle = 2\n",
+            {},
+            "runner.max_idle must be >= runner.min_idle",
+        ),
+        ("[runner]\nmax_idle = 1001\n", {}, "runner.max_idle"),
+        ("[runner]\nrefill_concurrency = 0\n", {}, "runner.refill_concurrency"),
+        ("[runner]\nmin_idel = 1\n", {}, "unknown key runner.min_idel"),
+        ("", {"DORM_RUNNER_MIN_IDLE": "many"}, "DORM_RUNNER_MIN_IDLE"),
+        ("", {"DORM_RUNNER_PREWARM": "2"}, "DORM_RUNNER_PREWARM is now DORM_RUNNER_MIN_IDLE"),
+    ],
+)
+def test_bad_runner_pool_keys_name_the_key(
+    tmp_path: Any, text: str, environ: dict[str, str], needle: str
+) -> None:
+    path = tmp_path / "dorm.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(str(path), environ=environ)
