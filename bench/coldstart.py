@@ -73,7 +73,7 @@ from bench.common import (
     command_line,
     free_port,
     git_revision,
-    kill_pid,
+    kill_pid_if_same,
     machine_cpu,
     machine_info,
     now_utc,
@@ -82,6 +82,7 @@ from bench.common import (
     process_tree,
     sigterm_as_interrupt,
     smaps_rollup,
+    start_time,
     stop_process,
     tree_cpu_seconds,
     tree_memory,
@@ -318,6 +319,7 @@ class Gateway:
         self.log_path = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
+        self.seen_started: dict[int, int | None] = {}  # instance pid → its start time
 
     def pool_section(self) -> str:
         """[pool] spelled out (defaults but the bounds), or off (max_idle = 0: no members)."""
@@ -427,7 +429,7 @@ class Gateway:
         out = {i["app"]: i for i in items if i["branch"] == "main"}
         for inst in out.values():
             if inst.get("pid"):
-                self.seen_pids.add(int(inst["pid"]))
+                self.saw(int(inst["pid"]))
         return out
 
     def instance(self, app: str) -> dict[str, Any]:
@@ -438,8 +440,14 @@ class Gateway:
         if status != 200:
             raise RuntimeError(f"GET /v1/instances/{app}/main: {status} {body}")
         if body.get("pid"):
-            self.seen_pids.add(int(body["pid"]))
+            self.saw(int(body["pid"]))
         return dict(body)
+
+    def saw(self, pid: int) -> None:
+        """Remember an instance's pid with its start time, for the cleanup in `close()`."""
+        self.seen_pids.add(pid)
+        if pid not in self.seen_started:
+            self.seen_started[pid] = start_time(pid)
 
     def pool_state(self) -> dict[str, Any]:
         """GET /v1/pools: per pool (sandbox shape) idle, idle_pids, claimed, misses..."""
@@ -479,8 +487,13 @@ class Gateway:
         """Stop the gateway (it stops its instances), then make sure nothing of ours is left."""
         if self.proc is not None:
             stop_process(self.proc, signal.SIGTERM, grace=15)
-        for pid in self.seen_pids:  # the gateway kills them; this is the belt to its braces
-            kill_pid(pid, grace=1.0)
+        # The gateway kills its instances; this is the belt to its braces, by (pid, start time)
+        # only: thousands of instances come and go in a run, and once they are gone their pids
+        # belong to other people's processes on this shared machine.
+        for pid, started in self.seen_started.items():
+            kill_pid_if_same(pid, started, grace=1.0)
+        self.seen_started.clear()
+        self.seen_pids.clear()
         # The gateway removes its instances' cgroups but keeps the parent; it may sit right
         # under a controller's root or below this process's own cgroup (v1 hierarchies differ).
         # Directories may vanish while we look (the fork server's last removals): every scan
