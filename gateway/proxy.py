@@ -4,6 +4,12 @@ Hot path: accept → parse head → route → acquire an upstream connection →
 per request and no per-request timer: deadlines are plain floats checked by one sweep per second
 (`DataPlane.sweep`), and flow control is pause_reading/resume_reading on both sides.
 
+Plain requests (one whole HTTP/1.1 head in one read, a plain Host, no header the gateway acts on:
+what load generators, health checks and most GETs send) skip the per-header callbacks: one regex
+scan finds Host and refuses anything special, a callback-less llhttp parser validates the head,
+and it is forwarded as it came plus the X-Forwarded-* lines (`ClientConnection._plain_request`).
+Every other request, and every head that fast path refuses, takes the callback path below.
+
 Request smuggling defences come from llhttp's strict mode (both Content-Length and
 Transfer-Encoding, duplicate or invalid Content-Length, bad chunk sizes, obs-fold, bare CR or LF are
 parse errors); any parse error is answered 400 and the connection is closed, so a desynchronised
@@ -184,6 +190,10 @@ class Exchange:
             block = head[head.find(b"\r\n") + 2 : -4]
             lines = self.lines = [line + b"\r\n" for line in block.split(b"\r\n")]
         return lines
+
+    @parts.setter
+    def parts(self, lines: list[bytes]) -> None:
+        self.lines = lines
 
     # -- called by the instance -------------------------------------------------------------------
     def attach(self, conn: UpstreamConnection) -> None:
@@ -400,18 +410,14 @@ class ClientConnection(asyncio.Protocol):
             return False  # not ending in an empty line (or too big: parsing path, then 431)
         try:
             method, url, rest = data.split(b" ", 2)
+            if url[0] != 47 or data[0] < 65:  # origin-form ("/"); no CR or LF before the method
+                return False
             # The last match is the empty line at the end (data ends "\n\r\n"), and the only
             # one: the head ends exactly where this read does. The other is Host, if plain.
             host, _ = _PLAIN_SCAN.findall(data.lower())
-        except ValueError:
-            return False  # not three parts, a special header or a second empty line
-        if (
-            not host
-            or data[0] < 65  # llhttp skips CR and LF before a request line; methods start A-Z
-            or url[:1] != b"/"
-            or rest[:10] != b"HTTP/1.1\r\n"
-            or method == b"CONNECT"
-        ):
+        except (ValueError, IndexError):
+            return False  # not three parts, an empty target, a special header, two empty lines
+        if not host or rest[:10] != b"HTTP/1.1\r\n":
             return False
         inst = plane.host_entries.get(host)
         if inst is None:
@@ -420,7 +426,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         try:
             self.checker.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade):
+        except (HttpParserError, HttpParserUpgrade):  # Upgrade: CONNECT (405 on the other path)
             self.checker = HttpRequestParser(_NO_CALLBACKS)
             return False
         ex = _new_exchange(Exchange)

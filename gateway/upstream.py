@@ -158,7 +158,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not ex.raw_response:
             return False  # HEAD, HTTP/1.0 or an upgrade: the parsing path handles those
         try:
-            (length_digits,) = _RAW_SCAN.findall(data, 16, end + 2)
+            # From 12: "HTTP/1.1 NNN" holds no line break, so the status line's own "\n" (at 14
+            # with an empty reason) and every header line after it are scanned.
+            (length_digits,) = _RAW_SCAN.findall(data, 12, end + 2)
         except ValueError:
             return False  # no Content-Length, or a second one, or a hop-by-hop header
         if not length_digits:
@@ -179,8 +181,6 @@ class UpstreamConnection(asyncio.Protocol):
         keep = ex.keep_alive and ex.request_done and not client.plane.draining
         ex.keep_client = keep
         ex.head_sent = True
-        self._framing = LENGTH
-        self._keep_alive = True
         if keep and available <= length:
             client.transport.write(data)
         else:
@@ -188,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(head + data[body_at : body_at + length])
         if available < length:
             self._remaining = length - available
+            self._framing = LENGTH  # for _complete at the end of the body (no last chunk)
             client.deadline = monotonic() + client.plane.upstream_timeout
             return True
         # _complete, inlined for the common case (nothing buffered, not chunked). Bytes past

@@ -225,6 +225,7 @@ REFUSED = [
     pytest.param(b"OPTIONS * HTTP/1.1\r\nHost: bench.localhost\r\n\r\n", id="asterisk"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: bench.localhost \r\n\r\n", id="host-trailing-space"),
     pytest.param(b"\r\nGET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n", id="leading-crlf"),
+    pytest.param(b"GET  / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n", id="two-spaces"),
 ]
 
 
@@ -312,6 +313,20 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"CONNECT /x HTTP/1.1\r\nHost: bench.localhost\r\n\r\n",
+        b"CONNECT bench.localhost:443 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n",
+    ],
+)
+def test_connect_is_405_and_never_forwarded(request_bytes: bytes) -> None:
+    h = Harness()
+    h.send(request_bytes)
+    assert h.client_t.take().startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert h.up_t.take() == b""
+
+
 @pytest.mark.parametrize("request_bytes", MALFORMED)
 def test_malformed_heads_are_400_and_never_forwarded(request_bytes: bytes) -> None:
     for reads in ((request_bytes,), (request_bytes[:9], request_bytes[9:])):
@@ -378,6 +393,11 @@ def test_bytes_past_the_length_are_dropped_and_the_connection_not_reused() -> No
             b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
             b"HTTP/1.1 200 Status\r\nContent-Length: 2\r\n\r\nok",
             id="no-reason",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 \r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 Status\r\nContent-Length: 2\r\n\r\nok",
+            id="empty-reason-hop-by-hop",
         ),
         pytest.param(
             b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n",
