@@ -243,11 +243,12 @@ def wait_cold(gw: Gateway, app: str, timeout: float = 15.0) -> None:
 
 
 def test_sequential_cold_starts_all_answered(gw: Gateway, tmp_path: Path) -> None:
-    # A round costs ~35 ms on this 2-vCPU machine, nearly all of it gateway and fork-server work
-    # this test cannot skip: the stop (~15 ms until the instance is reported cold; SIGKILL
-    # instead of a graceful stop saves nothing measurable) and the start (~20 ms, most of it
+    # A round costs ~40 ms on this 2-vCPU machine, nearly all of it gateway and fork-server work
+    # this test cannot skip: the stop (~15-20 ms until the instance is reported cold; SIGKILL
+    # instead of a graceful stop saves nothing measurable), the start (~20 ms, most of it
     # waiting for the fork server to finish refilling the member the previous start claimed:
-    # with a 50 ms pause before each start, a start takes ~8 ms, but the rounds no less time).
+    # with a 50 ms pause before each start, a start takes ~8 ms, but the rounds no less time)
+    # and three admin requests (~5 ms).
     gw.put_app("seq", spec(app_dir(tmp_path)))
     hit(gw, "seq")
     wait_pool(gw, lambda p: p["idle"] >= 2)
