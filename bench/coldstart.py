@@ -1494,10 +1494,12 @@ def reading(results: Results, quick: bool) -> str:
     spawn = [t for x in pooled25 if (t := x.stage("spawn")) is not None]
     if pooled25 and spawn:
         worst = max(x.latency for x in pooled25)
+        rounds = len(b25.pool_idle) if b25 else 0
         text = (
             f"With {TARGET_BURST} idle members, {len(pooled25)} of {len(b25.samples) if b25 else 0}"
-            f" starts of a burst of {TARGET_BURST} took the pool path and the last was answered "
-            f"after {fmt_ms(worst)}; the gateway's spawn stage (launch request until the fork "
+            f" starts in {rounds} burst(s) of {TARGET_BURST} took the pool path and the slowest "
+            f"was answered after {fmt_ms(worst)}; the gateway's spawn stage (launch request until "
+            "the fork "
             f"server answered) was {fmt_ms(p50(spawn))} p50 and {fmt_ms(max(spawn))} at worst"
         )
         if max(spawn) > worst / 2:
