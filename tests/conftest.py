@@ -61,6 +61,20 @@ class Gateway:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
 
+    def cli(self, *args: str) -> str:
+        """Run `dorm ARGS` against this gateway's admin API; its stdout (raises if it fails)."""
+        env = {**os.environ, "DORM_ADMIN_URL": f"http://127.0.0.1:{self.admin_port}"}
+        env["DORM_ADMIN_TOKEN"] = self.token
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+
     # -- data plane ----------------------------------------------------------------------------
     def request(
         self,

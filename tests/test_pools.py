@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from gateway.instances import python_binds
 from sandboxes import detect_isolation
-from tests.conftest import ROOT, Gateway
+from tests.conftest import Gateway
 
 BINDS_UNDER_TMP = {p.split("/")[2] for p in python_binds() if p.startswith("/tmp/")}
 
@@ -168,17 +166,7 @@ def test_pool_api_cli_and_runtime_override(gw: Gateway, tmp_path: Path) -> None:
     status, body = gw.admin("PUT", "/v1/pools/python-asgi", {"min_idle": 1, "max_idle": 4})
     assert status == 200, body
     wait_pool(gw, lambda p: p["idle"] == 1)  # lowered: the extra members are dismissed
-    env = {**os.environ, "DORM_ADMIN_URL": f"http://127.0.0.1:{gw.admin_port}"}
-    env["DORM_ADMIN_TOKEN"] = gw.token
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "pools"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    out = gw.cli("pools")
     assert "RUNTIME" in out and "python-asgi" in out and "MISSES" in out
     assert "CONFINE" in out and "\nzygote " in out  # recent starts per path, below the pools
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Gateway
+from tests.conftest import Gateway
 from tests.test_runner import RUNNER_HOST, execute, start_runner_gateway, stop_gateway
 
 pytestmark = pytest.mark.skipif(
@@ -205,29 +203,11 @@ def test_the_runner_keeps_admin_bounds_across_its_restart(gw: Gateway) -> None:
 
 
 def test_dorm_pools_shows_the_runner(gw: Gateway) -> None:
-    env = {**os.environ, "DORM_ADMIN_URL": f"http://127.0.0.1:{gw.admin_port}"}
-    env["DORM_ADMIN_TOKEN"] = gw.token
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "pools"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    out = gw.cli("pools")
     row = next((line for line in out.splitlines() if line.startswith("runner:default")), None)
     assert row is not None, out
     assert "python" in out and "bash" in out, out
-    set_out = subprocess.run(
-        [sys.executable, "-m", "gateway", "pools", "--set", "2:5", "--runtime", "bash"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    set_out = gw.cli("pools", "--set", "2:5", "--runtime", "bash")
     assert '"pool": "default"' in set_out, set_out
     assert runner_pool(gw)["max_idle"] == 5
 
