@@ -182,7 +182,7 @@ class ColdStartApi:
         if not is_runtime:
             assert runner is not None
             return await self._put_runner_pool(runner, runtime, bounds)
-        self.manager.launcher.configure_pool(runtime, bounds["min_idle"], bounds["max_idle"])
+        await self.manager.set_pool_bounds(runtime, bounds["min_idle"], bounds["max_idle"])
         return json_response(200, {"runtime": runtime, **bounds})
 
     async def _put_runner_pool(

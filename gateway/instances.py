@@ -39,6 +39,7 @@ from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
 from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
 from gateway.runtimespec import ROOTFS_DIR, RuntimeRecord
+from runtimes.runner.pools import load_overrides, save_overrides
 
 if TYPE_CHECKING:
     from gateway.upstream import UpstreamConnection
@@ -454,8 +455,14 @@ class InstanceManager:
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
         self.runtime_defs: Callable[[str], RuntimeRecord | None] = registry.runtimes.get
         self.coldstarts = ColdStartStats()
+        self.pool_overrides_path = Path(cfg.data_dir) / "pool-overrides.json"
 
     async def start(self) -> None:
+        # Pool bounds set through the admin API before a restart apply again (the launcher hands
+        # them to the fork server when it starts it).
+        saved = await asyncio.to_thread(load_overrides, str(self.pool_overrides_path))
+        for runtime, (low, high) in saved.items():
+            self.launcher.configure_pool(runtime, low, high)
         if self.isolation == "process":
             log.warning(
                 "ISOLATION IS OFF: instances run as unconfined processes with the gateway's own "
@@ -906,6 +913,12 @@ class InstanceManager:
         if inst.uid is not None and not inst.uid_from_pool:
             self._free_uids.append(inst.uid)
         inst.uid, inst.uid_from_pool = None, False
+
+    async def set_pool_bounds(self, runtime: str, min_idle: int, max_idle: int) -> None:
+        """`PUT /v1/pools/{runtime}`: applied at once, and kept in the data dir for restarts."""
+        self.launcher.configure_pool(runtime, min_idle, max_idle)
+        overrides = self.launcher.pool_overrides
+        await asyncio.to_thread(save_overrides, str(self.pool_overrides_path), overrides)
 
     def _poolable(self, app: AppSpec) -> bool:
         """Built-in runtimes are pooled; an operator's runtime only if its runtime.toml says

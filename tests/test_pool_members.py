@@ -168,3 +168,22 @@ def test_a_claim_that_fails_is_a_clear_error(
     assert wanted in logs, logs  # the instance's log says why
     inst = last_start(gw, "broken")
     assert inst["state"] in ("cold", "failed") and inst["pid"] is None, inst
+
+
+def test_pool_bounds_set_through_the_api_survive_a_restart(gw: Gateway, tmp_path: Path) -> None:
+    prime(gw, code_dir(tmp_path, "asgi", ASGI))
+    status, body = gw.admin("PUT", "/v1/pools/python-asgi", {"min_idle": 3, "max_idle": 5})
+    assert status == 200, body
+    saved = json.loads((gw.data_dir / "pool-overrides.json").read_text())
+    assert saved == {"python-asgi": {"min_idle": 3, "max_idle": 5}}
+    gw.stop()
+    gw.start()
+    config = gw.admin("GET", "/v1/pools")[1]["config"]
+    assert config["overrides"]["python-asgi"] == {"min_idle": 3, "max_idle": 5}
+    assert gw.request("/", host="primer.localhost").status == 200
+    wait_pool(gw, lambda p: p["idle"] == 3 and p["max_idle"] == 5)  # the saved bounds apply
+    # A damaged file is ignored (the defaults apply), never a gateway that will not start.
+    gw.stop()
+    (gw.data_dir / "pool-overrides.json").write_text("{not json")
+    gw.start()
+    assert gw.admin("GET", "/v1/pools")[1]["config"]["overrides"] == {}

@@ -108,6 +108,8 @@ def save_overrides(path: str, overrides: dict[str, tuple[int, int]]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
