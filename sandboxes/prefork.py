@@ -48,14 +48,11 @@ class Idle:
     key: PoolKey
     cgroup: cgroups.CgroupHandle
     limits: cgroups.Limits | None  # written at prewarm (None: unlimited until activated)
-    ready: bool = True  # False until ``complete_ready`` (``fork_idle(wait=False)``)
 
     def complete_ready(self) -> None:
         """For ``fork_idle(wait=False)``: the socket turned readable; take the child's word
         (raises ``OSError`` if it failed, and the caller must then ``discard`` it)."""
-        msg = self.sock.recv(4096, socket.MSG_DONTWAIT)
-        _check_ready(msg)
-        self.ready = True
+        _check_ready(self.sock.recv(4096, socket.MSG_DONTWAIT))
 
     def discard(self) -> None:
         """Kill and reap the child and remove its cgroup (used on failures and by ``clear``)."""
@@ -214,7 +211,7 @@ def fork_idle(
     finally:
         for fd in join_fds:
             os.close(fd)
-    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits, ready=wait)
+    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
     if not wait:
         return idle
     try:

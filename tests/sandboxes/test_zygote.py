@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 
 import pytest
 
-from sandboxes import SandboxError, SandboxSpecError, spawn_call
+from sandboxes import SandboxError, SandboxSpecError, prefork_for, spawn_call, start_call
 
 from . import targets
 from .conftest import Runner
@@ -65,3 +67,64 @@ def test_unknown_target_fails_at_resolve(sbx: Runner) -> None:
     assert info.value.step == "resolve"
     with pytest.raises(SandboxSpecError):
         _call(sbx, "no-colon", ["a"], {})
+
+
+def _readable(fd: int, timeout: float = 10.0) -> None:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    assert p.poll(int(timeout * 1000)), "nothing to read in time"
+
+
+def test_start_call_without_blocking(sbx: Runner) -> None:
+    """prefork_for + complete_ready + start_call + finish: spawn_call in the halves a
+    single-threaded caller drives from its own poll loop (the fork server's member builds)."""
+    spec = sbx.spec()
+    out = sbx.workdir / "nbout"
+    fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        idle = prefork_for(spec)
+        _readable(idle.sock.fileno())
+        idle.complete_ready()
+        pending = start_call(
+            spec,
+            f"{targets.__name__}:report",
+            ["nb"],
+            {"A": "b"},
+            stdout_fd=fo,
+            stderr_fd=fo,
+            idle=idle,
+        )
+    finally:
+        os.close(fo)
+    _readable(pending.fileno())
+    sb = pending.finish()
+    sbx.live.append((sb, spec.uid))
+    r = sbx.finish(sb, out, out)
+    assert r.exit_code == 3, r.out
+    info = json.loads(r.out)
+    assert info["pid"] == 1 and info["argv"] == ["nb"] and info["env"] == {"A": "b"}
+    assert info["status"]["Seccomp"] == "2" and info["status"]["CapEff"] == "0000000000000000"
+
+
+def test_start_call_failures_name_the_step_and_leave_nothing(sbx: Runner) -> None:
+    spec = sbx.spec()
+    idle = prefork_for(spec)
+    _readable(idle.sock.fileno())
+    idle.complete_ready()
+    pending = start_call(
+        spec, "no_such_module_here:main", ["x"], {}, stdout_fd=2, stderr_fd=2, idle=idle
+    )
+    _readable(pending.fileno())
+    with pytest.raises(SandboxError) as caught:
+        pending.finish()
+    assert caught.value.step == "resolve"
+    assert pending.fileno() == -1  # everything released
+    # A pre-forked child that dies before it is ready: complete_ready says so.
+    other = prefork_for(sbx.spec())
+    os.kill(other.pid, signal.SIGKILL)
+    _readable(other.sock.fileno())
+    with pytest.raises(OSError, match="exited during setup"):
+        other.complete_ready()
+    other.discard()
+    with pytest.raises(SandboxSpecError):
+        start_call(sbx.spec(), "no-colon", [], {}, stdout_fd=2, stderr_fd=2, idle=other)
