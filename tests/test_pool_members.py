@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,31 @@ def test_pool_bounds_set_through_the_api_survive_a_restart(gw: Gateway, tmp_path
     (gw.data_dir / "pool-overrides.json").write_text("{not json")
     gw.start()
     assert gw.admin("GET", "/v1/pools")[1]["config"]["overrides"] == {}
+
+
+def test_an_exhausted_member_uid_range_falls_back_and_recovers(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """Four uids: one (the top quarter) for pool members, three for instances. A pool that wants
+    two members gets one; while its uid is lent to an instance, starts fork from the zygote."""
+    gw: Gateway = gateway_factory('isolation = "auto"\nuid_range = "310000-310003"', start=False)
+    with gw.config_path.open("a") as fh:
+        fh.write("\n[pool]\nmin_idle = 2\nmax_idle = 2\n")
+    gw.start()
+    asgi = code_dir(tmp_path, "asgi", ASGI)
+    for name in ("first", "second", "third"):
+        gw.put_app(name, {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
+    assert gw.request("/", host="first.localhost").status == 200
+    wait_pool(gw, lambda p: p["idle"] == 1)
+    time.sleep(1.5)  # builds back off after the failed one; still one member, not two
+    assert wait_pool(gw, lambda p: True)["idle"] == 1
+    seen = json.loads(gw.request("/", host="second.localhost").body)
+    assert last_start(gw, "second")["last_start"]["path"] == "pool"
+    assert seen["uid"] == 310003  # the only member uid
+    resp = gw.request("/", host="third.localhost")  # no member, no uid to build one: zygote
+    assert resp.status == 200, resp.body
+    assert last_start(gw, "third")["last_start"]["path"] == "zygote"
+    assert json.loads(resp.body)["uid"] < 310003
+    status, _ = gw.admin("POST", "/v1/apps/second/stop")
+    assert status == 200
+    wait_pool(gw, lambda p: p["idle"] == 1, timeout=20)  # its uid came back: rebuilt
