@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,13 +346,7 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         if key not in known:
             raise ConfigError(f"{source}: unknown key gateway.{key}")
         values[key] = _coerce(key, raw, from_env=False)
-    for key in known:
-        env_key = "DORM_" + key.upper()
-        if env_key in environ:
-            try:
-                values[key] = _coerce(key, environ[env_key], from_env=True)
-            except ConfigError as exc:
-                raise ConfigError(f"{env_key}: {exc}") from None
+    _env_overrides(values, known, "DORM_", _coerce, environ)
     cfg = GatewayConfig(**values)
     try:
         _validate(cfg)
@@ -373,6 +367,24 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         raise ConfigError(f"{source}: runner.uid_range must not overlap gateway.uid_range")
     pool = _load_pool(data.get("pool", {}), environ, source)
     return Config(gateway=cfg, apps=tuple(apps), source=source, runner=runner, pool=pool)
+
+
+def _env_overrides(
+    values: dict[str, Any],
+    known: Iterable[str],
+    prefix: str,
+    coerce: Callable[..., Any],
+    environ: Mapping[str, str],
+) -> None:
+    """Every known key set as PREFIX + KEY in the environment wins over the file; a bad value
+    names the variable."""
+    for key in known:
+        env_key = prefix + key.upper()
+        if env_key in environ:
+            try:
+                values[key] = coerce(key, environ[env_key], from_env=True)
+            except ConfigError as exc:
+                raise ConfigError(f"{env_key}: {exc}") from None
 
 
 def _load_pool(section: Any, environ: Mapping[str, str], source: str) -> PoolConfig:
@@ -438,13 +450,7 @@ def _load_runner(section: Any, environ: Mapping[str, str], source: str) -> Runne
         raise ConfigError(f"{source}: runner.{exc}".replace("runner.unknown", "unknown")) from None
     if "DORM_RUNNER_PREWARM" in environ:
         raise ConfigError("DORM_RUNNER_PREWARM is now DORM_RUNNER_MIN_IDLE (a total)")
-    for key in known:
-        env_key = "DORM_RUNNER_" + key.upper()
-        if env_key in environ:
-            try:
-                values[key] = _coerce_runner(key, environ[env_key], from_env=True)
-            except ConfigError as exc:
-                raise ConfigError(f"{env_key}: {exc}") from None
+    _env_overrides(values, known, "DORM_RUNNER_", _coerce_runner, environ)
     runner = RunnerConfig(**values)
     try:
         check_app_name(runner.host)
