@@ -189,7 +189,8 @@ class ForkServer:
         self.sandboxes: Any = None  # the module, imported on first sandboxed spawn
         self._claim = (0.0, False)  # the last spawn's claim-or-fork seconds, and pool hit
         first, last = self.pool.member_uids
-        self.member_uids: deque[int] = deque(range(first, last + 1))
+        self.member_uids: deque[int] = deque(range(first, last + 1))  # free ones
+        self.has_member_uids = last >= first  # configured at all (the free ones come and go)
         self.member_dir = Path(self.pool.member_dir) if self.pool.member_dir else None
         self._member_ids = itertools.count(1)
         if self.member_dir is not None:  # ours alone: whatever a previous run left is stale
@@ -697,7 +698,7 @@ class ForkServer:
             serving = (
                 runtime in SERVING_RUNTIMES
                 and self.member_dir is not None
-                and bool(self.member_uids)
+                and self.has_member_uids
                 and spec.network == "none"
                 and spec.rootfs is None
             )
