@@ -39,6 +39,7 @@ class StartStages:
     app: float | None = None  # "spawned" → the instance's socket accepted
     first_byte: float | None = None  # ready → the first response head relayed
     total: float | None = None  # first request queued → ready
+    fallback: str | None = None  # why a faster path was not taken (or failed), if so
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class StartStages:
             "app_ms": _round(self.app),
             "first_byte_ms": _round(self.first_byte),
             "total_ms": _round(self.total),
+            "fallback": self.fallback,
         }
 
     def describe(self) -> str:
@@ -59,7 +61,8 @@ class StartStages:
             for name, value in (("claim", self.claim), ("confine", self.confine), ("app", self.app))
             if value is not None
         ]
-        return f"{self.path}: {', '.join(parts)}"
+        why = f" (fallback: {self.fallback})" if self.fallback else ""
+        return f"{self.path}: {', '.join(parts)}{why}"
 
 
 def _round(value: float | None) -> float | None:
@@ -79,11 +82,14 @@ class ColdStartStats:
     def __init__(self) -> None:
         self.recent: dict[str, deque[StartStages]] = {p: deque(maxlen=KEEP) for p in PATHS}
         self.counts: dict[str, int] = dict.fromkeys(PATHS, 0)
+        self.fallbacks: dict[str, int] = dict.fromkeys(PATHS, 0)  # starts a faster path failed
 
     def record(self, stages: StartStages) -> None:
         """Add a start; its first_byte may still be filled in later (same object)."""
         self.recent.setdefault(stages.path, deque(maxlen=KEEP)).append(stages)
         self.counts[stages.path] = self.counts.get(stages.path, 0) + 1
+        if stages.fallback is not None:
+            self.fallbacks[stages.path] = self.fallbacks.get(stages.path, 0) + 1
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -97,7 +103,11 @@ class ColdStartStats:
                         "p50_ms": round(percentile(values, 50), 3),
                         "p99_ms": round(percentile(values, 99), 3),
                     }
-            out[path] = {"count": self.counts.get(path, 0), "stages": stages}
+            out[path] = {
+                "count": self.counts.get(path, 0),
+                "fallbacks": self.fallbacks.get(path, 0),
+                "stages": stages,
+            }
         return out
 
 

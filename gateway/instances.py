@@ -54,6 +54,7 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 10.0  # an instance ready this long before it died resets the failure count
 KILL_WAIT = 5.0
 LOST_REASON_WAIT = 0.5
+START_ATTEMPTS = 3  # per start: the first, a fresh interpreter, one after a fork-server restart
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 _first_byte_classes: dict[type, type] = {}
 
@@ -182,28 +183,62 @@ def python_binds() -> tuple[str, ...]:
 
 
 def launch_command(
-    app: AppSpec, runtimes: Callable[[str], RuntimeRecord | None] = lambda _: None
-) -> tuple[list[str], str | None, dict[str, str]]:
-    """(argv, zygote call target or None, runtime environment) that start `app`.
+    app: AppSpec,
+    runtimes: Callable[[str], RuntimeRecord | None] = lambda _: None,
+    *,
+    fresh: bool = False,
+    env: dict[str, str] | None = None,
+) -> tuple[list[str], str | None, dict[str, str], str | None]:
+    """(argv, zygote call target or None, runtime environment, why a fresh interpreter) that
+    start `app`.
 
     `runtimes` looks up operator-uploaded runtimes: their command runs (inside their rootfs,
     see `_sandbox_spec`) with its placeholders filled, and their `env` is set except where the
-    app's own spec sets the same variable.
+    app's own spec sets the same variable. A python app runs in a fresh interpreter when its
+    spec says `start = "fresh"`, when `fresh` (the zygote path failed it before), or when its
+    environment (or the branch's, `env`) sets a variable Python reads only at start-up.
     """
     if is_uploaded_runtime(app.runtime):
         record = runtimes(app.runtime)
         if record is None:  # deleted since the spec was accepted: _start reports it
             raise LookupError(f"no runtime named {app.runtime!r}")
         rd = record.definition
-        env = {k: v for k, v in rd.env.items() if k not in app.env}
-        env["DORM_RUNTIME"] = app.runtime
-        return rd.argv(app), None, env
+        runtime_env = {k: v for k, v in rd.env.items() if k not in app.env}
+        runtime_env["DORM_RUNTIME"] = app.runtime
+        return rd.argv(app), None, runtime_env, None
     if app.runtime in ("python-asgi", "python-wsgi"):
-        env = {"DORM_ENTRY": app.entry or "", "DORM_INTERFACE": app.runtime.removeprefix("python-")}
-        if app.start == "fresh":
-            return [sys.executable, "-m", "runtimes.python"], None, env
-        return ["dorm-python", app.entry or ""], PYTHON_TARGET, env
-    return list(app.command), None, {}
+        runtime_env = {
+            "DORM_ENTRY": app.entry or "",
+            "DORM_INTERFACE": app.runtime.removeprefix("python-"),
+        }
+        why = startup_variables(app.env, env or {})
+        if app.start == "fresh" or fresh or why is not None:
+            # -P: the app's directory is not searched before dorm's runtime is imported.
+            return [sys.executable, "-P", "-m", "runtimes.python"], None, runtime_env, why
+        return ["dorm-python", app.entry or ""], PYTHON_TARGET, runtime_env, None
+    return list(app.command), None, {}, None
+
+
+def startup_variables(*envs: dict[str, str]) -> str | None:
+    """Why a forked zygote child cannot honour this environment, or None if it can.
+
+    CPython reads PYTHONHASHSEED, PYTHONOPTIMIZE, PYTHONPATH, PYTHONUTF8 and the like once, when
+    the interpreter starts; a child forked from the zygote has long started, so setting them
+    would silently do nothing. PYTHONBREAKPOINT is read at each breakpoint() call."""
+    names = sorted(
+        {k for e in envs for k in e if k.startswith("PYTHON") and k != "PYTHONBREAKPOINT"}
+    )
+    if not names:
+        return None
+    return f"{', '.join(names)} in its environment: read only when an interpreter starts"
+
+
+class Outcome(enum.Enum):
+    """How one attempt at a start ended (see `InstanceManager._attempt`)."""
+
+    DONE = "done"  # ready, or failed with its waiters answered
+    FRESH = "fresh"  # died on the zygote path: try a fresh interpreter
+    LOST = "lost"  # the fork server died under it: try again once it is back
 
 
 class State(enum.Enum):
@@ -260,6 +295,8 @@ class Instance:
         self.woken_at: float | None = None  # when the request that started it was queued
         self.stages: StartStages | None = None  # the last start, stage by stage
         self.first_byte_pending = False
+        self.zygote_unfit = False  # its start forked from the zygote failed, a fresh one did not
+        self.start_watches_exit = False  # the start task decides what an exit while starting means
 
     def first_byte_relayed(self) -> None:
         """The first response of this start reached the client: close its timing."""
@@ -669,26 +706,57 @@ class InstanceManager:
                 )
                 return
             await asyncio.sleep(delay)
-        app, branch = inst.app, inst.branch
-        instance_id = f"i{next(self._ids):x}"
-        run_dir = self.cfg.run_path / instance_id
-        inst.id = instance_id
-        inst.socket_path = str(run_dir / "http.sock")
         inst.started_at = time.monotonic()
         inst.ready_at = None
         inst.stages = None
         inst.first_byte_pending = False
         inst.starts += 1
+        deadline = inst.started_at + inst.app.startup_timeout
+        # The fallback chain: a pool member or a zygote fork first (the fork server picks);
+        # a fresh interpreter if that start failed in a way a fresh one may not (or this app
+        # is known to need one); the same again once a fork server that died is back.
+        fresh = inst.zygote_unfit
+        fallback: str | None = "needs a fresh interpreter (learned earlier)" if fresh else None
+        for _ in range(START_ATTEMPTS):
+            outcome, why = await self._attempt(inst, deadline, fresh, fallback)
+            if outcome is Outcome.FRESH:
+                fresh, fallback = True, why
+            elif outcome is Outcome.LOST:
+                fallback = why
+                if not await self.launcher.wait_running(deadline - time.monotonic()):
+                    break
+            else:
+                return
+        self._record_failure(inst, f"could not start: {fallback}")
+        self._start_failed(inst, 502, f"app {inst.app.name!r} could not start: {fallback}")
+
+    async def _attempt(
+        self, inst: Instance, deadline: float, fresh: bool, fallback: str | None
+    ) -> tuple[Outcome, str | None]:
+        """One try at starting `inst`: launch it and wait until it is ready.
+
+        Returns DONE when the start is over (ready, or failed with the waiters answered), FRESH
+        when a zygote-path process died before it was ready (the caller tries a fresh
+        interpreter, which shares none of the zygote's state), LOST when the fork server died
+        under it (the caller waits for its restart and tries again)."""
+        app, branch = inst.app, inst.branch
+        instance_id = f"i{next(self._ids):x}"
+        run_dir = self.cfg.run_path / instance_id
+        inst.id = instance_id
+        inst.socket_path = str(run_dir / "http.sock")
         inst.exited = asyncio.get_running_loop().create_future()
         inst.live = asyncio.get_running_loop().create_future()
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
         try:
-            argv, call, runtime_env = launch_command(app, self.runtime_defs)
+            argv, call, runtime_env, why_fresh = launch_command(
+                app, self.runtime_defs, fresh=fresh, env=branch.env
+            )
         except LookupError as exc:  # its runtime was deleted since the spec was accepted
             inst.state = State.COLD
             inst.fail_waiters(503, f"app {app.name!r} cannot start: {exc}")
-            return
+            return Outcome.DONE, None
+        fallback = fallback or why_fresh
         sandboxed = (app.isolation or self.isolation) == "sandbox"
         if sandboxed and self.isolation != "sandbox":
             inst.state = State.COLD
@@ -697,7 +765,7 @@ class InstanceManager:
                 f"app {app.name!r} asks for sandbox isolation, which this "
                 f"host cannot provide: {'; '.join(self.isolation_reasons)}",
             )
-            return
+            return Outcome.DONE, None
         # What the instance sees: in a sandbox its code is /app and its socket /run/dorm.
         seen_code = "/app" if sandboxed else code_dir
         env = {
@@ -721,7 +789,7 @@ class InstanceManager:
             if inst.uid is None:
                 inst.state = State.COLD
                 inst.fail_waiters(503, "no free sandbox uid: widen gateway.uid_range", 5)
-                return
+                return Outcome.DONE, None
             sandbox = self._sandbox_spec(app, branch, instance_id, inst.uid, code_dir)
         spec = LaunchSpec(
             id=instance_id,
@@ -734,8 +802,10 @@ class InstanceManager:
             log_keep=self.cfg.log_keep,
             cwd=code_dir,
             sandbox=sandbox,
-            pool=app.runtime if sandbox is not None and self._poolable(app) else None,
+            # A fresh interpreter never comes from a pool: it must not count as a pool miss.
+            pool=app.runtime if sandbox is not None and call and self._poolable(app) else None,
         )
+        attempt_at = time.monotonic()
         self.running[instance_id] = inst
         try:
             spawned = await self.launcher.spawn(spec)
@@ -751,14 +821,21 @@ class InstanceManager:
             self.running.pop(instance_id, None)
             inst.id = None
             self._release_uid(inst)
+            if exc.lost and time.monotonic() < deadline:
+                return Outcome.LOST, f"{exc} while starting it"
             self._record_failure(inst, f"could not start: {exc}")
             self._start_failed(inst, 502, f"app {app.name!r} could not start: {exc}")
-            return
-        deadline = inst.started_at + app.startup_timeout
-        conn = await self._wait_ready(inst, deadline, announced=spawned.path == "pool")
+            return Outcome.DONE, None
+        if fallback is not None:
+            self.launcher.note(instance_id, f"started in a fresh interpreter: {fallback}")
+        inst.start_watches_exit = True  # an exit while starting is decided below, not in _on_exit
+        try:
+            conn = await self._wait_ready(inst, deadline, announced=spawned.path == "pool")
+        finally:
+            inst.start_watches_exit = False
         if conn is None:
             if inst.exited.done():
-                return  # _on_exit already failed the waiters with the reason
+                return self._died_starting(inst, inst.exited.result(), call, deadline)
             self._record_failure(inst, f"not ready within {app.startup_timeout:g}s")
             inst.fail_waiters(
                 504,
@@ -766,23 +843,27 @@ class InstanceManager:
                 f"{app.startup_timeout:g}s; see `dorm logs {app.name}`",
             )
             await self._terminate(inst, grace=0.0)
-            return
+            return Outcome.DONE, None
         if inst.state is not State.STARTING:  # stopped while starting
             conn.close()
-            return
+            return Outcome.DONE, None
         inst.state = State.READY
         inst.ready_at = time.monotonic()
         inst.last_activity = inst.ready_at
         inst.idle.append(conn)
+        if fresh:  # learned: later starts of this spec skip the zygote path
+            inst.zygote_unfit = True
+        assert inst.started_at is not None
         woken = inst.woken_at if inst.woken_at is not None else inst.started_at
         inst.stages = stages = StartStages(
             path=spawned.path,
             queue=(inst.started_at - woken) * 1000,
-            spawn=(spawned_at - inst.started_at) * 1000,
+            spawn=(spawned_at - attempt_at) * 1000,
             claim=spawned.claim_ms,
             confine=spawned.confine_ms,
             app=(inst.ready_at - spawned_at) * 1000,
             total=(inst.ready_at - woken) * 1000,
+            fallback=fallback,
         )
         inst.first_byte_pending = True
         self.coldstarts.record(stages)
@@ -793,6 +874,32 @@ class InstanceManager:
         )
         self.launcher.note(instance_id, f"{ready_in} ({stages.describe()})")
         inst.dispatch_waiters()
+        return Outcome.DONE, None
+
+    def _died_starting(
+        self, inst: Instance, info: ExitInfo, call: str | None, deadline: float
+    ) -> tuple[Outcome, str | None]:
+        """The instance exited before it was ready: try a slower path, or fail the waiters."""
+        if inst.state is not State.STARTING:  # stopped meanwhile: nothing left to answer
+            return Outcome.DONE, None
+        app = inst.app
+        reason = info.describe()
+        if time.monotonic() < deadline:
+            if info.lost:
+                return Outcome.LOST, f"{reason} while starting it"
+            if call is not None and not info.oom:
+                # Forked from the zygote, it shared the fork server's interpreter state; a fresh
+                # interpreter shares none of it (and an app that fails there too fails for real).
+                why = f"a start forked from the zygote {reason} before it was ready"
+                log.warning(
+                    "%s/%s: %s; trying a fresh interpreter", app.name, inst.branch.name, why
+                )
+                return Outcome.FRESH, why
+        self._record_failure(inst, f"the app {reason}")
+        self._start_failed(
+            inst, 502, f"app {app.name!r} {reason} during startup; see `dorm logs {app.name}`"
+        )
+        return Outcome.DONE, None
 
     async def _wait_ready(
         self, inst: Instance, deadline: float, *, announced: bool = False
@@ -953,6 +1060,8 @@ class InstanceManager:
             inst.state = State.COLD
             if inst.ready_at is not None and time.monotonic() - inst.ready_at >= STABLE_AFTER:
                 inst.failures = 0
+        elif was is State.STARTING and inst.start_watches_exit:
+            pass  # `_attempt` answers its waiters, or tries a slower path first
         else:
             if inst.ready_at is not None and time.monotonic() - inst.ready_at >= STABLE_AFTER:
                 inst.failures = 0

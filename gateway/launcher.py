@@ -77,7 +77,14 @@ class Spawned:
 
 
 class LaunchError(RuntimeError):
-    """The fork server could not start an instance; the message says why."""
+    """The fork server could not start an instance; the message says why.
+
+    `lost`: the fork server died (or was not running) rather than refusing the start; it is
+    restarted at once, so the start can be tried again (`Launcher.wait_running`)."""
+
+    def __init__(self, message: str, *, lost: bool = False) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 class Launcher:
@@ -103,6 +110,7 @@ class Launcher:
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
         self._closing = False
+        self._up = asyncio.Event()  # set while a fork server is running and connected
 
     async def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -127,6 +135,7 @@ class Launcher:
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
         self._writer = writer
+        self._up.set()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="dorm-forkserver")
         # A restarted fork server knows nothing: give it the operator's overrides and the shapes
         # in use, so pools are refilled before the next request needs a member.
@@ -143,7 +152,7 @@ class Launcher:
         """Start an instance; returns once it has exec'd (or is calling its entry point), or
         raises LaunchError."""
         if self._writer is None:
-            raise LaunchError("the fork server is not running")
+            raise LaunchError("the fork server is not running", lost=not self._closing)
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
@@ -156,6 +165,14 @@ class Launcher:
             raise LaunchError("the fork server did not answer in time") from None
         finally:
             self._pending.pop(spec.id, None)
+
+    async def wait_running(self, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) for a fork server to be running; False if none is."""
+        if self._closing or timeout <= 0:
+            return self._up.is_set() and not self._closing
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout)
+        return self._up.is_set() and not self._closing
 
     def _remember_shape(self, spec: LaunchSpec) -> None:
         assert spec.sandbox is not None
@@ -258,12 +275,13 @@ class Launcher:
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
 
     def _fail_all(self) -> None:
+        self._up.clear()
         if self._writer is not None and not self._closing:
             self._writer.close()
             self._writer = None
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(LaunchError("the fork server died"))
+                future.set_exception(LaunchError("the fork server died", lost=True))
         for query in self._queries.values():
             if not query.done():
                 query.set_exception(LaunchError("the fork server died"))

@@ -30,8 +30,9 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import uvloop
@@ -43,10 +44,21 @@ INTERFACES = ("asgi", "wsgi")
 MEMBER_SOCKET = ".member.sock"  # a member listens here until its claim is complete
 MAX_CLAIM = 1 << 20  # bytes of one claim message (the tenant's environment)
 LIVE = b"L"  # sent back on the claim channel once the socket has its real name
+HOST_PACKAGES = frozenset({"gateway", "sandboxes"})  # the fork server's, not the runtime's
 
 
 class EntryError(Exception):
     """DORM_ENTRY does not name a loadable app; the message says which part failed."""
+
+
+def forget_host_modules() -> None:
+    """Drop the fork server's own packages from `sys.modules`, so that a tenant's top-level
+    `gateway` or `sandboxes` (common names) imports the tenant's code, as it would in a fresh
+    interpreter, not dorm's. What is already running keeps its module globals; nothing in an
+    instance imports these again. The runtime's own dependencies (granian, uvloop, orjson and
+    this package) stay: a fresh interpreter loads them before the app too."""
+    for name in [n for n in sys.modules if n.partition(".")[0] in HOST_PACKAGES]:
+        del sys.modules[name]
 
 
 def load_app(entry: str, interface: str) -> Any:
@@ -54,6 +66,7 @@ def load_app(entry: str, interface: str) -> Any:
     module_name, sep, attr = entry.partition(":")
     if not sep or not module_name or not attr:
         raise EntryError(f"entry {entry!r} must look like 'module:attribute'")
+    forget_host_modules()
     here = os.getcwd()
     for path in (os.path.join(here, "vendor"), here):
         if path not in sys.path:
@@ -248,10 +261,28 @@ async def _member(late: LateApp, socket_dir: str) -> None:
         took = (time.perf_counter() - began) * 1000
         print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
     except ClaimError as exc:
-        print(f"dorm python runtime: {exc}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(2)
+        _end_claim(2, f"dorm python runtime: {exc}")
+    except SystemExit as exc:  # the app's import (or lifespan) exits, as a script may
+        code = exc.code
+        if isinstance(code, int) or code is None:
+            _end_claim(code or 0, None)
+        _end_claim(1, code)
+    except BaseException:  # any other failure of the app's: its traceback, exit 1
+        traceback.print_exc()
+        _end_claim(1, None)
     await serving
+
+
+def _end_claim(code: int, message: object) -> NoReturn:
+    """Exit a member whose claim failed, at once: granian is serving in this loop, so unwinding
+    through it would bury the app's own error under the loop's. The error goes to the
+    instance's log, and the gateway sees the exit before the socket ever had its real name."""
+    if message is not None:
+        print(message, file=sys.stderr)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 async def _warm_up(path: str) -> None:
