@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-from . import caps, cgroups, child, libc, mounts, nspool
+from . import caps, cgroups, child, launcher, libc, mounts, nspool
 
 MAX_MSG: Final = 1 << 20
 READY: Final = b"R"
@@ -48,6 +48,7 @@ class Idle:
     key: PoolKey
     cgroup: cgroups.CgroupHandle
     limits: cgroups.Limits | None  # written at prewarm (None: unlimited until activated)
+    exec_only: bool = False  # runs the C launcher (launcher.py): execve starts only, no spawn_call
 
     def complete_ready(self) -> None:
         """For ``fork_idle(wait=False)``: the socket turned readable; take the child's word
@@ -126,9 +127,17 @@ def _warmup_wire(mp: mounts.MountPlan) -> bytes:
 
 
 def _idle_main(
-    sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int], warmup: bytes
+    sock: socket.socket,
+    ns: nspool.NamespaceSet,
+    join_fds: list[int],
+    warmup: bytes,
+    launcher_fd: int,
 ) -> NoReturn:
-    """Pre-forked child: join its cgroup and the pre-built namespaces, wait for a plan, confine."""
+    """Pre-forked child: join its cgroup and the pre-built namespaces, wait for a plan, confine.
+
+    With ``launcher_fd`` (an exec-only child) it execs the C launcher once idle instead, which
+    empties the bounding set itself (exec as root re-derives the capabilities from it), says
+    ready and runs the per-start steps; see launcher.c."""
     gc.disable()
     try:
         for fd in join_fds:  # the slow part of a cgroup move (an RCU grace period) happens here
@@ -147,8 +156,10 @@ def _idle_main(
         # capability bounding set (effective/permitted caps stay until the uid change at spawn,
         # so the remaining mount and setns work still succeeds).
         caps.new_session()
-        caps.drop_bounding_set(caps.cap_last_cap())
         child.reset_signals()
+        if launcher_fd >= 0:
+            _exec_launcher(sock, launcher_fd)
+        caps.drop_bounding_set(caps.cap_last_cap())
         child.ChildPlan.from_wire(warmup, [-1], -1)
         sock.send(READY)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
@@ -163,19 +174,32 @@ def _idle_main(
     child.confine(plan)
 
 
+def _exec_launcher(sock: socket.socket, launcher_fd: int) -> NoReturn:
+    """Become the C launcher, the socket on fd 3 and nothing else inheritable."""
+    fd = sock.fileno()
+    if fd != 3:
+        os.dup2(fd, 3)  # inheritable copy
+    else:
+        os.set_inheritable(3, True)
+    libc.close_range(4, 0xFFFFFFFF, libc.CLOSE_RANGE_CLOEXEC)
+    os.execve(launcher_fd, ["dorm-launcher", str(caps.cap_last_cap())], {})
+
+
 def fork_idle(
     mp: mounts.MountPlan,
     cgroup_parent: str,
     limits: cgroups.Limits | None = None,
     *,
     wait: bool = True,
+    exec_only: bool = False,
 ) -> Idle:
     """Create an idle cgroup and a namespace set, fork a child into both (in the fork server).
 
     With ``limits`` (the expected spec's), they are written now so ``spawn`` need not. With
     ``wait=False`` it returns before the child has joined them (its cgroup join waits for an RCU
     grace period: milliseconds of nothing to do): the caller polls ``sock`` and then calls
-    ``complete_ready``."""
+    ``complete_ready``. ``exec_only`` children exec the C launcher while idle (faster execve
+    starts, no zygote calls); the caller must have checked ``launcher.available()``."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         # unshare(CLONE_NEWNS) needs an unshared fs_struct, and fork() from a threaded process
@@ -188,7 +212,9 @@ def fork_idle(
         if limits is not None:
             backend.apply_limits(cg, limits)
         join_fds = cg.open_join_fds()
-        warmup = _warmup_wire(mp)
+        warmup = b"" if exec_only else _warmup_wire(mp)
+        launcher_fd = launcher.exec_fd() if exec_only else -1
+        caps.cap_last_cap()  # read here: the child's /proc is its own sandbox's
         ns = nspool.build(mp)
         try:
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -197,7 +223,7 @@ def fork_idle(
                 if pid == 0:
                     try:
                         parent_sock.close()
-                        _idle_main(child_sock, ns, join_fds, warmup)
+                        _idle_main(child_sock, ns, join_fds, warmup, launcher_fd)
                     finally:
                         os._exit(127)
             finally:
@@ -211,7 +237,7 @@ def fork_idle(
     finally:
         for fd in join_fds:
             os.close(fd)
-    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits)
+    idle = Idle(pid, parent_sock, (mp.key, cgroup_parent), cg, limits, exec_only)
     if not wait:
         return idle
     try:
@@ -251,17 +277,36 @@ class PreforkPool:
 
     def __init__(self) -> None:
         self._idle: dict[PoolKey, list[Idle]] = {}
+        # Which kinds of start each layout has seen: ``prewarm(exec_only=None)`` builds launcher
+        # children only for layouts that exec and never call (a zygote needs Python children).
+        self._seen: dict[PoolKey, set[bool]] = {}
 
-    def take(self, mp: mounts.MountPlan, cgroup_parent: str, limits: cgroups.Limits) -> Idle:
-        """An idle child for this layout, preferring one whose cgroup already has ``limits``."""
-        idle = self._idle.get((mp.key, cgroup_parent))
+    def take(
+        self,
+        mp: mounts.MountPlan,
+        cgroup_parent: str,
+        limits: cgroups.Limits,
+        *,
+        exec_start: bool = False,
+    ) -> Idle:
+        """An idle child for this layout, preferring one whose cgroup already has ``limits``.
+
+        ``exec_start``: the start will execve (not call preloaded code), so a launcher child
+        fits too, and is preferred (its start is ~1 ms shorter); without one idle, a launcher
+        child is forked on demand when the launcher is available."""
+        key = (mp.key, cgroup_parent)
+        self._seen.setdefault(key, set()).add(exec_start)
+        idle = self._idle.get(key)
         while idle:
-            best = next((i for i in reversed(idle) if i.limits == limits), idle[-1])
+            fits = [i for i in idle if exec_start or not i.exec_only]
+            if not fits:
+                break
+            best = max(reversed(fits), key=lambda i: (i.exec_only, i.limits == limits))
             idle.remove(best)
             if _alive(best):
                 return best
             best.discard()
-        return fork_idle(mp, cgroup_parent)
+        return fork_idle(mp, cgroup_parent, exec_only=exec_start and launcher.available())
 
     def prewarm(
         self,
@@ -269,11 +314,21 @@ class PreforkPool:
         cgroup_parent: str,
         count: int,
         limits: cgroups.Limits | None = None,
+        *,
+        exec_only: bool | None = None,
     ) -> int:
-        idle = self._idle.setdefault((mp.key, cgroup_parent), [])
+        """Fork idle children until ``count`` of this layout, ``limits`` and kind are idle.
+
+        ``exec_only`` None: launcher children if every start of this layout so far was an
+        execve (and the launcher is available), otherwise Python children, which serve both."""
+        key = (mp.key, cgroup_parent)
+        if exec_only is None:
+            exec_only = self._seen.get(key) == {True}
+        exec_only = exec_only and launcher.available()
+        idle = self._idle.setdefault(key, [])
         built = 0
-        while sum(1 for i in idle if i.limits == limits) < count:
-            idle.append(fork_idle(mp, cgroup_parent, limits))
+        while sum(1 for i in idle if i.limits == limits and i.exec_only == exec_only) < count:
+            idle.append(fork_idle(mp, cgroup_parent, limits, exec_only=exec_only))
             built += 1
         return built
 
