@@ -9,8 +9,8 @@ fails, the member's own uid (reported, unique, from the pool's quarter of uid_ra
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
