@@ -1065,7 +1065,9 @@ def main() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         raise SystemExit("fork server: the gateway is already gone")
-    if cgroup_parent is not None:
+    if cgroup_parent is not None and os.geteuid() == 0:
+        # Rootless, nothing outlives this process: no cgroups, no egress plumbing, and every
+        # mount is in a sandbox's own namespace.
         sandboxes = importlib.import_module("sandboxes")
         found = sandboxes.cleanup_stale(cgroup_parent)
         if found:

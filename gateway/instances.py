@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import itertools
 import logging
@@ -131,25 +132,17 @@ def tcp_socket(netns_fd: int) -> socket.socket:
 def resolve_isolation(wanted: str) -> tuple[str, list[str]]:
     """The isolation level instances get by default, and why it is not stronger.
 
-    "auto" means sandbox wherever the host allows it (as root), else process, with the reasons;
-    asking for "sandbox" where it cannot be had is a start-up error.
+    "auto" means sandbox wherever the host allows it: as root, or without root through a user
+    namespace (rootless: the reasons list what that cannot provide); else process, with the
+    reasons. Asking for "sandbox" where it cannot be had is a start-up error.
     """
     if wanted == "process":
         return "process", ['isolation = "process" in the config']
     from sandboxes.doctor import explain_isolation
 
     level, reasons = explain_isolation()
-    if level == "sandbox":
+    if level in ("sandbox", "rootless"):
         return "sandbox", reasons
-    if level == "rootless":
-        # The sandboxes package can confine through a user namespace, but the gateway still
-        # hands each instance its own uid and cgroup, which needs root: run as root for
-        # sandboxes (or isolation = "process", said plainly, for development).
-        reasons = [
-            *reasons,
-            "running without root: the gateway's sandboxes need root "
-            "(per-instance uids and cgroups); rootless sandboxes are not wired in yet",
-        ]
     if wanted == "sandbox":
         raise ConfigError("isolation: sandbox is not available here: " + "; ".join(reasons))
     return "process", reasons
@@ -444,6 +437,8 @@ class Instance:
             "failures": self.failures,
             "last_error": self.last_error,
             "isolation": self.app.isolation or self.manager.isolation,
+            # Sandboxed without root: user namespaces, no cgroups, the gateway's own uid.
+            "rootless": self.manager.rootless and self.app.isolation != "process",
             "uid": self.uid,
             "last_start": self.stages.as_dict() if self.stages is not None else None,
         }
@@ -466,7 +461,12 @@ class InstanceManager:
         self._recently_active: set[Instance] = set()  # requested since the last `activity`, unswept
         self.running: dict[str, Instance] = {}
         self.isolation, self.isolation_reasons = resolve_isolation(cfg.isolation)
+        # Sandboxes without root: one user namespace per instance, every tenant as the gateway's
+        # own uid, no cgroups, no pools (a member is built and claimed with root's powers).
+        self.rootless = self.isolation == "sandbox" and os.geteuid() != 0
         uids = parse_uid_range(cfg.uid_range)
+        if self.rootless:
+            self.pool = dataclasses.replace(self.pool, min_idle=0, max_idle=0)
         members = member_uids(uids, self.pool)
         pool_settings = {
             **self.pool.settings(),
@@ -505,6 +505,11 @@ class InstanceManager:
                 "ISOLATION IS OFF: instances run as unconfined processes with the gateway's own "
                 "uid (%s). Use this for development only.",
                 "; ".join(self.isolation_reasons),
+            )
+        elif self.rootless:
+            log.warning(
+                "ROOTLESS SANDBOXES: instances are confined through user namespaces, but %s",
+                "; ".join(r.removeprefix("missing: ") for r in self.isolation_reasons),
             )
         else:
             log.info(
@@ -785,7 +790,13 @@ class InstanceManager:
             env.setdefault("PYTHONPATH", f"{seen_code}/vendor:{seen_code}")
         sandbox = None
         if sandboxed:
-            inst.uid = self._free_uids.pop() if self._free_uids else None
+            if self.rootless and app.network == "egress":
+                inst.state = State.COLD
+                inst.fail_waiters(
+                    503, f"app {app.name!r} asks for egress, which rootless sandboxes cannot give"
+                )
+                return Outcome.DONE, None
+            inst.uid = self._take_uid()
             if inst.uid is None:
                 inst.state = State.COLD
                 inst.fail_waiters(503, "no free sandbox uid: widen gateway.uid_range", 5)
@@ -1016,8 +1027,15 @@ class InstanceManager:
             "cgroup_parent": self.cfg.cgroup_parent,
         }
 
+    def _take_uid(self) -> int | None:
+        """A free uid from gateway.uid_range; rootless, always the gateway's own (the only uid
+        its user namespaces can map)."""
+        if self.rootless:
+            return os.geteuid()
+        return self._free_uids.pop() if self._free_uids else None
+
     def _release_uid(self, inst: Instance) -> None:
-        if inst.uid is not None and not inst.uid_from_pool:
+        if inst.uid is not None and not inst.uid_from_pool and not self.rootless:
             self._free_uids.append(inst.uid)
         inst.uid, inst.uid_from_pool = None, False
 
@@ -1030,6 +1048,8 @@ class InstanceManager:
     def _poolable(self, app: AppSpec) -> bool:
         """Built-in runtimes are pooled; an operator's runtime only if its runtime.toml says
         `pool = true` (a pre-started member must be harmless to keep idle)."""
+        if self.rootless:
+            return False
         if not is_uploaded_runtime(app.runtime):
             return True
         record = self.runtime_defs(app.runtime)

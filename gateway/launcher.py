@@ -28,6 +28,8 @@ log = logging.getLogger("dorm.launcher")
 
 SPAWN_TIMEOUT = 30.0
 QUERY_TIMEOUT = 5.0  # a control query (pool state) waits at most this long for its answer
+STABLE_RUN = 5.0  # a fork server that ran this long is restarted at once when it dies
+MAX_RESTART_DELAY = 5.0
 WARM_SHAPES = 8  # sandbox shapes re-sent to a restarted fork server so it refills their pools
 # The only variables the fork server (and so every instance) inherits from the gateway.
 FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
@@ -111,8 +113,11 @@ class Launcher:
         self._running: set[str] = set()
         self._closing = False
         self._up = asyncio.Event()  # set while a fork server is running and connected
+        self._started_at = 0.0  # loop time of the last start
+        self._restart_delay = 0.0  # grows while the fork server keeps dying right after starting
 
     async def start(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: os.environ[k] for k in FORKSERVER_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -242,7 +247,16 @@ class Launcher:
         self._fail_all()
         if not self._closing:
             await self._reap_proc()
-            await self.start()
+            # One that keeps dying at once (a broken host, say) is restarted ever more slowly,
+            # not in a tight loop; one that ran a while is restarted at once.
+            ran = asyncio.get_running_loop().time() - self._started_at
+            self._restart_delay = 0.0 if ran > STABLE_RUN else max(0.1, self._restart_delay * 2)
+            self._restart_delay = min(self._restart_delay, MAX_RESTART_DELAY)
+            if self._restart_delay:
+                log.error("restarting the fork server in %.1fs", self._restart_delay)
+                await asyncio.sleep(self._restart_delay)
+            if not self._closing:
+                await self.start()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         ev = message.get("ev")

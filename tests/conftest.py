@@ -148,11 +148,15 @@ class Gateway:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- process ------------------------------------------------------------------------------
-    def start(self, extra_env: dict[str, str] | None = None) -> None:
+    def start(
+        self, extra_env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
+        """Start the gateway (`wrapper`: a command line it is started through, which execs it)."""
         self.log_path = self.data_dir.parent / "gateway.log"
         env = {**os.environ, "DORM_LOG_LEVEL": "INFO", **(extra_env or {})}
         self.proc = subprocess.Popen(
             [
+                *(wrapper or []),
                 sys.executable,
                 "-c",
                 "import sys; from gateway.server import serve; sys.exit(serve(sys.argv[1]))",
