@@ -5,10 +5,11 @@ per request and no per-request timer: deadlines are plain floats checked by one 
 (`DataPlane.sweep`), and flow control is pause_reading/resume_reading on both sides.
 
 Plain requests (one whole HTTP/1.1 head in one read, a plain Host, no header the gateway acts on:
-what load generators, health checks and most GETs send) skip the per-header callbacks: one regex
-scan finds Host and refuses anything special, a callback-less llhttp parser validates the head,
-and it is forwarded as it came plus the X-Forwarded-* lines (`ClientConnection._plain_request`).
-Every other request, and every head that fast path refuses, takes the callback path below.
+what load generators, health checks and most GETs send) skip the per-header callbacks: one call
+(`gateway.heads.plain_request`, C when built) validates the head strictly, finds Host, refuses
+anything special and builds the head to forward (as it came plus the X-Forwarded-* lines); see
+`ClientConnection.data_received`. Every other request, and every head that fast path refuses,
+takes the callback path below.
 
 Request smuggling defences come from llhttp's strict mode (both Content-Length and
 Transfer-Encoding, duplicate or invalid Content-Length, bad chunk sizes, obs-fold, bare CR or LF are
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.config import GatewayConfig
+from gateway.heads import plain_request
 from gateway.http11 import CONTINUE_100, FORWARDED, HOP_BY_HOP, LAST_CHUNK, error_response
 from gateway.routing import HostCache, parse_host
 
@@ -52,19 +53,6 @@ _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _NO_BODY: list[bytes] = []  # Exchange.buffer of a request without body bytes; never appended to
 _UNSPLIT: list[bytes] = []  # Exchange.lines of a fast-path request not split yet; never appended to
 _new_exchange = object.__new__  # an Exchange without running __init__ (one Python call less)
-_NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
-# The plain-head fast path (ClientConnection._plain_request), run over the lowercased head. Every
-# header line starts right after "\n" (llhttp's strict mode refuses bare LF and obs-fold), so one
-# scan sees every header name: a Host with a plain value yields that value; the empty line that
-# ends the head, and any header that needs the parsing path (framing, hop-by-hop, forwarded,
-# Expect, an unusual Host), yield b"". One pass in C instead of a Python callback per header; the
-# pattern starts with a literal "\n" so the regex engine jumps from line to line (an anchored
-# alternative or re.IGNORECASE would make it try every byte and cost several times as much).
-_PLAIN_SCAN = re.compile(
-    rb"\n(?:\r\n|host:[ \t]*([!-~]+)\r|proxy-[^:\r\n]*:"
-    rb"|(?:host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
-    rb"|upgrade|expect|x-forwarded-for|x-forwarded-host|x-forwarded-proto|forwarded)[ \t]*:)"
-)
 
 
 class DataPlane:
@@ -294,7 +282,6 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "active",
-        "checker",
         "closed",
         "deadline",
         "deadline_kind",
@@ -319,7 +306,6 @@ class ClientConnection(asyncio.Protocol):
         self.plane = plane
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
-        self.checker = HttpRequestParser(_NO_CALLBACKS)  # validates fast-path heads
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.pending: deque[Exchange] = deque()
@@ -361,6 +347,49 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = IDLE
 
     def data_received(self, data: bytes) -> None:
+        if (
+            self.parsing is None
+            and self.tunnel is None
+            and not self.closed
+            and not self.upgrade_pending
+        ):
+            # Between requests: a plain request is taken without per-header callbacks. Plain
+            # means `data` is exactly one complete HTTP/1.1 head (so the parser, at a message
+            # boundary, loses nothing by not seeing it), with an origin-form target, one Host
+            # with a plain value and no header the gateway acts on (framing, Expect,
+            # hop-by-hop, X-Forwarded-*, Forwarded): the request has no body and its head is
+            # forwarded as it came plus the three X-Forwarded-* lines, the same bytes the
+            # parsing path builds. gateway/heads.py decides that, validating every byte at
+            # least as strictly as llhttp does; anything else (including a Host that routes
+            # nowhere: 404 and friends) takes the parsing path. Inlined here rather than a
+            # method of its own: this runs once per request, and a Python call costs.
+            plane = self.plane
+            plain = plain_request(data, plane.max_header_size, self.forwarded)
+            if plain is not None:
+                method, url, host, head = plain
+                inst = plane.host_entries.get(host)
+                if inst is None:
+                    inst = plane.route(host)  # the first request for this (lowercased) Host
+                if inst is not None and inst is not _NOT_FOUND:
+                    ex = _new_exchange(Exchange)
+                    ex.client = self
+                    ex.method = method
+                    ex.url = url
+                    ex.host = host
+                    ex.raw_head = data
+                    ex.forward_head = head
+                    ex.request_done = True
+                    ex.instance = inst  # type: ignore[assignment]
+                    if method == b"HEAD":
+                        ex.raw_response = False
+                    self.deadline_kind = RESPONSE
+                    self.deadline = monotonic() + plane.upstream_timeout
+                    if self.active is None and not self.pending:
+                        self.active = ex
+                        inst.acquire(ex)  # type: ignore[attr-defined]
+                    else:
+                        self.pending.append(ex)
+                    return
         if self.tunnel is not None:
             self.tunnel.send(data)
             return
@@ -371,8 +400,6 @@ class ClientConnection(asyncio.Protocol):
             if len(self.tunnel_tail) > BUFFER_LIMIT:
                 self.pause(PAUSED_BUFFERING)
             return
-        if self.parsing is None and self._plain_request(data):
-            return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -382,72 +409,15 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self.protocol_error(400, f"malformed request: {exc}")
             return
-        ex = self.parsing
-        if ex is not None:
+        parsing = self.parsing
+        if parsing is not None:
             limit = self.plane.cfg.max_header_size
             if self.deadline_kind == HEAD:
                 self.head_bytes += len(data)
                 if self.head_bytes > limit:
                     self.protocol_error(431, f"request head larger than {limit} bytes")
-            elif ex.head_size > limit:
+            elif parsing.head_size > limit:
                 self.protocol_error(431, f"request trailers larger than {limit} bytes")
-
-    def _plain_request(self, data: bytes) -> bool:
-        """Take a plain request without per-header callbacks; False: use the parsing path.
-
-        Plain means: `data` is exactly one complete HTTP/1.1 head, arriving between requests (so
-        the parser is at a message boundary), with an origin-form target, one Host with a plain
-        value, and no header the gateway acts on (framing, Expect, hop-by-hop, X-Forwarded-*,
-        Forwarded), so the request has no body and its head is forwarded as it came plus the
-        three X-Forwarded-* lines: the same bytes the parsing path builds. One regex scan over the
-        head finds Host and refuses the rest. The head still goes through llhttp's strict mode
-        (a second parser with no Python callbacks, fed only whole messages, so it is always at a
-        boundary): anything it refuses goes down the parsing path, which answers 400 for it.
-        A Host that does not route to an instance takes the parsing path too (404 and friends).
-        """
-        plane = self.plane
-        if data[-3:] != b"\n\r\n" or len(data) > plane.max_header_size:
-            return False  # not ending in an empty line (or too big: parsing path, then 431)
-        try:
-            method, url, rest = data.split(b" ", 2)
-            if url[0] != 47 or data[0] < 65:  # origin-form ("/"); no CR or LF before the method
-                return False
-            # The last match is the empty line at the end (data ends "\n\r\n"), and the only
-            # one: the head ends exactly where this read does. The other is Host, if plain.
-            host, _ = _PLAIN_SCAN.findall(data.lower())
-        except (ValueError, IndexError):
-            return False  # not three parts, an empty target, a special header, two empty lines
-        if not host or rest[:10] != b"HTTP/1.1\r\n":
-            return False
-        inst = plane.host_entries.get(host)
-        if inst is None:
-            inst = plane.route(host)  # the first request for this (lowercased) Host
-        if inst is None or inst is _NOT_FOUND:
-            return False
-        try:
-            self.checker.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade):  # Upgrade: CONNECT (405 on the other path)
-            self.checker = HttpRequestParser(_NO_CALLBACKS)
-            return False
-        ex = _new_exchange(Exchange)
-        ex.client = self
-        ex.method = method
-        ex.url = url
-        ex.host = host
-        ex.raw_head = data
-        ex.forward_head = data[:-2] + self.forwarded + host + b"\r\n\r\n"
-        ex.request_done = True
-        ex.instance = inst  # type: ignore[assignment]
-        if method == b"HEAD":
-            ex.raw_response = False
-        self.deadline_kind = RESPONSE
-        self.deadline = monotonic() + plane.upstream_timeout
-        if self.active is None and not self.pending:
-            self.active = ex
-            inst.acquire(ex)  # type: ignore[attr-defined]
-        else:
-            self.pending.append(ex)
-        return True
 
     def eof_received(self) -> bool | None:
         if self.lingering:

@@ -10,12 +10,12 @@ flushed before a response completes so pipelined responses can never be reordere
 from __future__ import annotations
 
 import asyncio
-import re
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from gateway.heads import plain_response
 from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
 
 if TYPE_CHECKING:
@@ -25,34 +25,15 @@ if TYPE_CHECKING:
 # Body framing towards the client.
 NONE, LENGTH, CHUNKED, CLOSE = range(4)
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
-# The raw path's one scan over a response head: a plain Content-Length yields its digits; a
-# header that sends the response down the parsing path (hop-by-hop, Transfer-Encoding, an odd
-# Content-Length) yields b"". The pattern starts with a literal "\n", so the regex engine jumps
-# from line to line; one findall replaces the two scans (refuse, then find the length) this
-# used to take.
-_RAW_SCAN = re.compile(
-    rb"\n(?:content-length:[ \t]*([0-9]{1,15})[ \t]*\r|proxy-[^:\r\n]*:"
-    rb"|(?:content-length|connection|keep-alive|te|trailer|transfer-encoding|upgrade)[ \t]*:)",
-    re.IGNORECASE,
-)
-_NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
-# Status lines the raw path takes, up to the space before the reason: HTTP/1.1 and a status
-# with a body (not 1xx, 204 or 304). One slice and one set lookup instead of five byte tests.
-_RAW_STATUS = frozenset(
-    b"HTTP/1.1 %d " % code for code in range(200, 600) if code not in (204, 304)
-)
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_1xx",
-        "_checker",
         "_close_delimited",
         "_framing",
         "_head_response",
         "_keep_alive",
-        "_length",
-        "_length_digits",
         "_parts",
         "_reason",
         "_remaining",
@@ -82,9 +63,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.served = 0  # responses completed on this connection
         self._remaining = -1  # raw fast path: body bytes still to relay (-1: not in one)
-        self._checker = HttpResponseParser(_NO_CALLBACKS)  # strict validation of raw responses
-        self._length_digits = b""  # the last raw response's Content-Length, as sent and as int
-        self._length = 0
         self.received = False  # any byte of the current response seen
         self._wbuf: list[bytes] = []
         self._parts: list[bytes] = []
@@ -113,9 +91,48 @@ class UpstreamConnection(asyncio.Protocol):
             self._raw_body(ex, data)
             return
         if not self.received:
-            self.received = True
-            if self._raw_head(ex, data):
+            # The first bytes of a response. The common one (HTTP/1.1, a status with a body,
+            # exactly one plain Content-Length, no hop-by-hop header, to an HTTP/1.1 request
+            # that is neither HEAD nor an upgrade) needs no rewriting: its bytes go to the
+            # client as they came (usually one write, no copy) and counting body bytes finds
+            # its end. gateway/heads.py decides that in one call, validating the whole head at
+            # least as strictly as llhttp does: a head it refuses (two lengths, obs-fold, bare
+            # CR or LF, NUL...) takes the httptools path below, which answers 502 for malformed
+            # responses, so a tenant cannot desynchronise a client. Inlined here rather than a
+            # method of its own: this runs once per request, and a Python call costs.
+            plain = plain_response(data) if ex.raw_response else None
+            if plain is not None:
+                body_at, length = plain
+                available = len(data) - body_at
+                client = ex.client
+                keep = ex.keep_alive and ex.request_done and not client.plane.draining
+                ex.keep_client = keep
+                ex.head_sent = True
+                if keep and available <= length:
+                    client.transport.write(data)
+                else:
+                    head = data[: body_at - 2] + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
+                    client.transport.write(head + data[body_at : body_at + length])
+                if available < length:
+                    self.received = True
+                    self._remaining = length - available
+                    self._framing = LENGTH  # for _complete at the end of the body (no last chunk)
+                    client.deadline = monotonic() + client.plane.upstream_timeout
+                    return
+                # _complete, inlined for the common case (nothing buffered, not chunked). Bytes
+                # past the body are something the app should not have sent: that connection is
+                # not reused.
+                self.exchange = None
+                self.served += 1
+                if self.write_paused:
+                    client.resume(1)
+                if client.write_paused:
+                    self.resume()
+                ex.upstream = None
+                self.inst.release(self, available == length and ex.request_done)
+                client.response_done(ex)
                 return
+            self.received = True
         client = ex.client
         client.deadline = monotonic() + client.plane.upstream_timeout
         try:
@@ -138,86 +155,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = HttpResponseParser(self)
             self._complete(self._keep_alive)
 
-    # -- the raw fast path --------------------------------------------------------------------
-    def _raw_head(self, ex: Exchange, data: bytes) -> bool:
-        """Relay the common response without parsing its headers one by one.
-
-        An HTTP/1.1 response with a status that has a body, exactly one plain Content-Length
-        and no hop-by-hop header, to an HTTP/1.1 request that is neither HEAD nor an upgrade,
-        needs no rewriting: its bytes go to the client as they came (usually in one write, no
-        copy), and counting body bytes finds its end. The bytes still go through llhttp's strict
-        mode (a parser with no Python callbacks, so at C speed): a head it refuses — two lengths
-        spelt differently, obs-fold, bare CR or LF, NUL — is never relayed, so a tenant cannot
-        desynchronise a client. Anything else — or a head that did not arrive in one read —
-        returns False and takes the httptools path with callbacks, which answers 502 for
-        malformed responses.
-        """
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or data[:13] not in _RAW_STATUS:
-            return False
-        if not ex.raw_response:
-            return False  # HEAD, HTTP/1.0 or an upgrade: the parsing path handles those
-        try:
-            # From 12: "HTTP/1.1 NNN" holds no line break, so the status line's own "\n" (at 14
-            # with an empty reason) and every header line after it are scanned.
-            (length_digits,) = _RAW_SCAN.findall(data, 12, end + 2)
-        except ValueError:
-            return False  # no Content-Length, or a second one, or a hop-by-hop header
-        if not length_digits:
-            return False
-        if length_digits == self._length_digits:
-            length = self._length  # an app's responses often have one size: skip int()
-        else:
-            length = self._length = int(length_digits)
-            self._length_digits = length_digits
-        body_at = end + 4
-        available = len(data) - body_at
-        try:
-            self._checker.feed_data(data if available <= length else data[: body_at + length])
-        except HttpParserError:
-            self._checker = HttpResponseParser(_NO_CALLBACKS)
-            return False
-        client = ex.client
-        keep = ex.keep_alive and ex.request_done and not client.plane.draining
-        ex.keep_client = keep
-        ex.head_sent = True
-        if keep and available <= length:
-            client.transport.write(data)
-        else:
-            head = data[: end + 2] + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
-            client.transport.write(head + data[body_at : body_at + length])
-        if available < length:
-            self._remaining = length - available
-            self._framing = LENGTH  # for _complete at the end of the body (no last chunk)
-            client.deadline = monotonic() + client.plane.upstream_timeout
-            return True
-        # _complete, inlined for the common case (nothing buffered, not chunked). Bytes past
-        # the body are something the app should not have sent: that connection is not reused.
-        self.exchange = None
-        self.served += 1
-        self.received = False
-        if self.write_paused:
-            client.resume(1)
-        if client.write_paused:
-            self.resume()
-        ex.upstream = None
-        self.inst.release(self, available == length and ex.request_done)
-        client.response_done(ex)
-        return True
-
+    # -- the raw fast path: the rest of a plain response's body ------------------------------
     def _raw_body(self, ex: Exchange, data: bytes) -> None:
         remaining = self._remaining
         size = len(data)
         client = ex.client
         if size < remaining:
             client.transport.write(data)
-            self._checker.feed_data(data)  # body bytes: keeps the checker in step, cannot fail
             self._remaining = remaining - size
             client.deadline = monotonic() + client.plane.upstream_timeout
             return
         body = data if size == remaining else data[:remaining]
         client.transport.write(body)
-        self._checker.feed_data(body)
         self._remaining = -1
         self._complete(size == remaining)
 

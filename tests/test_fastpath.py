@@ -1,9 +1,10 @@
 """The data plane's fast paths, byte for byte, in process.
 
-`ClientConnection._plain_request` takes a plain request head without per-header callbacks and
-`UpstreamConnection._raw_head` relays a plain response as it came. Both must produce exactly
-the bytes the parsing paths produce, and must refuse (fall back to the parsing path) anything
-that is not plain, so every defence of the parsing path still applies.
+`ClientConnection.data_received` takes a plain request head without per-header callbacks and
+`UpstreamConnection.data_received` relays a plain response as it came (gateway/heads.py decides
+what is plain; tests/test_heads.py checks its C and Python versions against each other). Both
+must produce exactly the bytes the parsing paths produce, and must refuse (fall back to the
+parsing path) anything that is not plain, so every defence of the parsing path still applies.
 
 The protocol objects run against recording transports (no sockets, no event loop), so what the
 gateway forwards to the app and what it answers the client can be compared exactly: a request fed
@@ -256,6 +257,16 @@ def test_pipelined_requests_in_one_read_are_forwarded_one_at_a_time() -> None:
     answer = h.client_t.take()
     assert answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
     assert b"HTTP/1.1 400 " in answer and h.up_t.take() == b""
+
+
+def test_stray_crlf_after_a_plain_head_is_not_forwarded_as_a_second_request() -> None:
+    """A read holding a head and a stray CRLF after it (which llhttp skips): the X-Forwarded-*
+    lines must go into the head, not after its empty line, where the app would read them as a
+    second request (and its answer would go to whoever next used that connection)."""
+    request = b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n"
+    h = Harness()
+    h.send(request + b"\r\n")
+    assert h.up_t.take() == request[:-2] + FORWARDED + HOST + b"\r\n\r\n"
 
 
 def test_head_completed_by_a_later_read_is_not_taken_as_a_new_request() -> None:

@@ -1,0 +1,6 @@
+"""Type stubs for gateway/_heads.c (the contract is in gateway/heads.py)."""
+
+def plain_request(
+    data: bytes, max_size: int, forwarded: bytes, /
+) -> tuple[bytes, bytes, bytes, bytes] | None: ...
+def plain_response(data: bytes, /) -> tuple[int, int] | None: ...

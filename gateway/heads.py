@@ -1,0 +1,117 @@
+"""Plain request and response heads: the data plane's fast-path checks, one call each.
+
+The data plane takes the common request (one whole HTTP/1.1 head in one read, a plain Host,
+nothing the gateway acts on) and relays the common response (HTTP/1.1, a status with a body, one
+plain Content-Length, nothing hop-by-hop) without per-header Python callbacks. Whether a head is
+plain is decided here, in one call:
+
+- `plain_request(data, max_size, forwarded)` -> (method, target, host, forward_head) or None.
+  `host` is the Host value lowercased; `forward_head` is `data` minus its final CRLF, plus
+  `forwarded` (the connection's X-Forwarded-* block, ending "X-Forwarded-Host: "), `host` and
+  the empty line: exactly the bytes the parsing path forwards for the same request.
+- `plain_response(data)` -> (body_at, content_length) or None: where the body starts in
+  `data` and how long it is.
+
+None means "not plain": the caller takes the httptools parsing path, which handles every other
+request and response and answers 400 / 502 for malformed ones. So a classifier may refuse more
+than it must (only speed is lost) but must never accept a head the parsing path would refuse, nor
+disagree with it about method, target, Host or length.
+
+Two implementations keep that promise. `plain_request_py` / `plain_response_py` are the
+reference: a regex scan for the headers that matter, then llhttp in strict mode (httptools with
+no callbacks) over the whole head. gateway/_heads.c does the same in one pass over the bytes with
+a whitelist grammar narrower than llhttp's, at a fraction of the instructions; it is used when
+built (`pip install -e .` builds it) and tests/test_heads.py checks it against the reference on
+many ordinary and hostile heads.
+"""
+
+from __future__ import annotations
+
+import re
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
+
+_NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Python is not called
+
+# Run over the lowercased head. Every header line starts right after "\n" (llhttp's strict mode
+# refuses bare LF and obs-fold), so one scan sees every header name: a Host with a plain value
+# yields that value; the empty line that ends the head, and any header that needs the parsing
+# path (framing, hop-by-hop, forwarded, Expect, an unusual Host), yield b"". The pattern starts
+# with a literal "\n" so the regex engine jumps from line to line.
+_PLAIN_SCAN = re.compile(
+    rb"\n(?:\r\n|host:[ \t]*([!-~]+)\r|proxy-[^:\r\n]*:"
+    rb"|(?:host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
+    rb"|upgrade|expect|x-forwarded-for|x-forwarded-host|x-forwarded-proto|forwarded)[ \t]*:)"
+)
+# One scan over a response head: a plain Content-Length yields its digits; a header that sends
+# the response down the parsing path (hop-by-hop, Transfer-Encoding, an odd Content-Length)
+# yields b"".
+_RAW_SCAN = re.compile(
+    rb"\n(?:content-length:[ \t]*([0-9]{1,15})[ \t]*\r|proxy-[^:\r\n]*:"
+    rb"|(?:content-length|connection|keep-alive|te|trailer|transfer-encoding|upgrade)[ \t]*:)",
+    re.IGNORECASE,
+)
+# Status lines taken, up to the space before the reason: HTTP/1.1 and a status with a body (not
+# 1xx, 204 or 304).
+_RAW_STATUS = frozenset(
+    b"HTTP/1.1 %d " % code for code in range(200, 600) if code not in (204, 304)
+)
+
+
+def plain_request_py(
+    data: bytes, max_size: int, forwarded: bytes
+) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """The reference classifier for request heads (see the module docstring)."""
+    if data[-3:] != b"\n\r\n" or len(data) > max_size:
+        return None  # not ending in an empty line (or too big: parsing path, then 431)
+    try:
+        method, url, rest = data.split(b" ", 2)
+        if url[0] != 47 or data[0] < 65:  # origin-form ("/"); no CR or LF before the method
+            return None
+        # The last match is the empty line at the end (data ends "\n\r\n"), and the only one:
+        # the head ends exactly where this read does. The other is Host, if plain.
+        host, _ = _PLAIN_SCAN.findall(data.lower())
+    except (ValueError, IndexError):
+        return None  # not three parts, an empty target, a special header, two empty lines
+    if not host or rest[:10] != b"HTTP/1.1\r\n":
+        return None
+    if data.find(b"\r\n\r\n") != len(data) - 4:
+        # The head ends before this read does: "...\r\n\r\n\r\n" has one "\n\r\n" for the
+        # scan but a stray CRLF after the head (which llhttp skips as the start of the next
+        # message). Taken, it would put the X-Forwarded-* lines after the empty line: a second
+        # request on the upstream connection. (The fast path before gateway/_heads.c did that.)
+        return None
+    try:
+        HttpRequestParser(_NO_CALLBACKS).feed_data(data)
+    except (HttpParserError, HttpParserUpgrade):  # Upgrade: CONNECT (405 on the other path)
+        return None
+    return method, url, host, data[:-2] + forwarded + host + b"\r\n\r\n"
+
+
+def plain_response_py(data: bytes) -> tuple[int, int] | None:
+    """The reference classifier for response heads (see the module docstring)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or data[:13] not in _RAW_STATUS:
+        return None
+    try:
+        # From 12: "HTTP/1.1 NNN" holds no line break, so the status line's own "\n" and every
+        # header line after it are scanned.
+        (length_digits,) = _RAW_SCAN.findall(data, 12, end + 2)
+    except ValueError:
+        return None  # no Content-Length, or a second one, or a hop-by-hop header
+    if not length_digits:
+        return None
+    try:
+        HttpResponseParser(_NO_CALLBACKS).feed_data(data[: end + 4])
+    except (HttpParserError, HttpParserUpgrade):
+        return None
+    return end + 4, int(length_digits)
+
+
+try:
+    from gateway._heads import plain_request, plain_response
+except ImportError:  # the C extension is not built: same answers, more instructions
+    plain_request, plain_response = plain_request_py, plain_response_py
+    COMPILED = False
+else:
+    COMPILED = True
