@@ -838,7 +838,8 @@ class InstanceManager:
             self._start_failed(inst, 502, f"app {app.name!r} could not start: {exc}")
             return Outcome.DONE, None
         if fallback is not None:
-            self.launcher.note(instance_id, f"started in a fresh interpreter: {fallback}")
+            how = "started in a fresh interpreter" if call is None else "started again"
+            self.launcher.note(instance_id, f"{how}: {fallback}")
         inst.start_watches_exit = True  # an exit while starting is decided below, not in _on_exit
         try:
             conn = await self._wait_ready(inst, deadline, announced=spawned.path == "pool")

@@ -210,3 +210,4 @@ def test_start_interrupted_by_forkserver_death_is_tried_again(
     start = last_start(gw, "slow")
     assert "the fork server died while starting it" in start["fallback"], start
     assert start["total_ms"] > 1500  # it waited for the restart and the import, twice
+    assert "started again: the fork server died while starting it" in instance_log(gw, "slow")
