@@ -1,21 +1,25 @@
 /* dorm sandbox launcher: the per-start half of a pre-forked sandbox, for execve() starts.
  *
- * Why C: a pre-forked child is a fork of the (Python) fork server. Its execve() of the tenant
- * has to tear down that copied address space (0.7-1.0 ms here), and running the per-start steps
- * in Python costs another ~0.6 ms of interpretation. So an idle child that will exec (not call
- * preloaded code) runs every instance-independent step in Python (cgroup join, namespaces,
- * mounts, pivot_root, procfs, session, signal reset, parent-death signal), then execs this
- * static binary *while idle*. What is left per start is below: plain syscalls, and an exec from
- * a ~100 KiB process.
+ * Why C: a pre-forked child used to be a fork of the (Python) fork server. Forking it costs the
+ * fork server ~0.5 ms plus a write fault on every page it touches afterwards (the next start's
+ * path), its execve() of the tenant had to tear the copied address space down again (0.7-1.0 ms
+ * here), and the per-start steps cost ~0.6 ms of interpretation. An idle child that will exec
+ * (not call preloaded code) is therefore this static binary, started with posix_spawn (vfork:
+ * no copy of the fork server at all) as pid 1 of a fresh pid namespace. It runs the
+ * instance-independent steps while idle and, at the request, the rest as plain syscalls.
  *
- * Protocol (see launcher.py, which builds the messages): argv = {"dorm-launcher", cap_last};
- * fd 3 is a SOCK_SEQPACKET socket to the fork server. At start: empty the capability bounding
- * set (needs CAP_SETPCAP; effective and permitted sets stay until the uid change), send "R".
- * Then one message: the plan (format in launcher.py) plus its fds (SCM_RIGHTS). Steps, in the
- * order of docs/sandboxes.md: stdio, namespaces (egress netns, cgroup ns), mount_instance, chdir,
- * hostname, rlimits, ids, parent_death, capabilities, no_new_privs, seccomp, fds, execve.
- * A failure writes "E<step>\0<errno>\0<message>" to fd 3 and exits 127; success is fd 3 closing
- * on exec. An empty message (the fork server closed the socket: pool drained) exits 0.
+ * Idle: argv = {"dorm-launcher", "idle", cap_last, sock, mnt, net, ipc, uts, cgroup.procs...}
+ * (fd numbers inherited from the fork server; sock is a SOCK_SEQPACKET socket to it). Steps, in
+ * the order of docs/sandboxes.md: cgroup join, parent-death signal (+ race check), setns into the
+ * pre-built net/ipc/uts/mnt namespaces (nspool.py: static root already pivoted, lo up), procfs of
+ * our pid namespace, setsid, empty capability bounding set, default signals; then every other
+ * fd is closed, the socket moves to fd 3 and "R" says ready.
+ *
+ * Per start: one message, the plan (format in launcher.py) plus its fds (SCM_RIGHTS). Steps:
+ * stdio, namespaces (egress netns, cgroup ns), mount_instance, chdir, hostname, rlimits, ids,
+ * parent_death, capabilities, no_new_privs, seccomp, fds, execve. A failure writes
+ * "E<step>\0<errno>\0<message>" to the socket and exits 127; success is the socket closing on
+ * exec. An empty message (the fork server closed the socket: pool drained) exits 0.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,13 +70,14 @@
 
 static unsigned char msg[MAX_MSG];
 static const char *step = "plan";
+static int report = REPORT;
 
 static void fail(int err, const char *what) {
     char out[512];
     int n = snprintf(out, sizeof out, "E%s%c%d%c%s: %s", step, 0, err, 0, what,
                      err ? strerror(err) : "invalid plan");
     if (n > (int)sizeof out - 1) n = (int)sizeof out - 1;
-    if (n > 0 && write(REPORT, out, (size_t)n) < 0) { /* nobody to tell */ }
+    if (n > 0 && write(report, out, (size_t)n) < 0) { /* nobody to tell */ }
     _exit(127);
 }
 
@@ -133,20 +138,78 @@ static void write_all(int fd, const char *p, size_t n) {
     }
 }
 
+static int arg_fd(const char *a) {
+    char *end;
+    long v = strtol(a, &end, 10);
+    if (*a == 0 || *end != 0 || v < 0 || v > 1 << 20) fail(EBADF, "bad fd argument");
+    return (int)v;
+}
+
+/* The instance-independent steps, before the request (see the header). */
+static void idle_steps(int argc, char **argv) {
+    step = "namespaces";
+    int cap_last = atoi(argv[2]);
+    report = arg_fd(argv[3]);
+    int ns[4];
+    for (int i = 0; i < 4; i++) ns[i] = arg_fd(argv[4 + i]);
+
+    step = "cgroup_join"; /* the slow part of a cgroup move (an RCU grace period) happens here */
+    for (int i = 8; i < argc; i++) {
+        int fd = arg_fd(argv[i]);
+        if (write(fd, "0", 1) != 1) fail(errno, "cgroup.procs");
+        close(fd);
+    }
+    step = "parent_death"; /* the fork server holds the only other end of the socket */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) fail(errno, "PR_SET_PDEATHSIG");
+    struct pollfd pfd = {report, POLLOUT, 0};
+    if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLERR | POLLHUP))) _exit(0);
+
+    step = "namespaces";
+    static const int types[4] = {CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS};
+    for (int i = 1; i <= 4; i++) { /* net, ipc, uts, then mnt (it also moves root and cwd) */
+        int k = i % 4;
+        if (setns(ns[k], types[k]) < 0) fail(errno, "setns");
+        close(ns[k]);
+    }
+    step = "mount_proc"; /* we are pid 1 of our pid namespace: its procfs */
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible") < 0)
+        fail(errno, "/proc");
+
+    step = "session";
+    if (setsid() < 0) fail(errno, "setsid");
+    step = "bounding_set"; /* CAP_SETPCAP needed: before the uid change; effective caps stay */
+    for (int cap = 0; cap <= cap_last; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) fail(errno, "PR_CAPBSET_DROP");
+
+    /* Ignored dispositions survive execve: Python's SIGPIPE/SIGXFSZ, and glibc's posix_spawn
+     * ignores its internal signals (32, 33) in the child. Every signal back to default, through
+     * the raw syscall (glibc's sigaction refuses its internal ones), and none blocked. */
+    struct { void *handler; unsigned long flags; void *restorer; unsigned long mask; } dfl = {0};
+    for (int sig = 1; sig < 65; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, &dfl, NULL, 8);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    step = "namespaces"; /* hold nothing of the fork server's but stdio and the socket */
+    if (report != REPORT) {
+        if (dup2(report, REPORT) < 0) fail(errno, "dup2");
+        close(report);
+        report = REPORT;
+    }
+    if (syscall(SYS_close_range, REPORT + 1, ~0U, 0) < 0) {
+        for (int fd = REPORT + 1; fd < 1024; fd++) close(fd);
+    }
+    if (write(REPORT, "R", 1) != 1) _exit(0);
+}
+
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "--check") == 0) {
         puts("dorm-launcher ok");
         return 0;
     }
-    if (argc != 2) return 2;
-    /* Idle part: the bounding set (exec as root gave us full caps within it, so it was left
-     * for here), then ready. */
-    step = "bounding_set";
-    int cap_last = atoi(argv[1]);
-    for (int cap = 0; cap <= cap_last; cap++)
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) fail(errno, "PR_CAPBSET_DROP");
-    step = "namespaces";
-    if (write(REPORT, "R", 1) != 1) _exit(0);
+    if (argc < 8 || strcmp(argv[1], "idle") != 0) return 2;
+    idle_steps(argc, argv);
 
     /* ---- wait for the plan --------------------------------------------------------------- */
     union {
@@ -215,9 +278,6 @@ int main(int argc, char **argv) {
     if (out <= 2 && (out = fcntl(out, F_DUPFD_CLOEXEC, 3)) < 0) fail(errno, "dup stdout");
     if (err <= 2 && (err = fcntl(err, F_DUPFD_CLOEXEC, 3)) < 0) fail(errno, "dup stderr");
     if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) fail(errno, "dup2");
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
 
     /* ---- namespaces: the egress netns if any, then a cgroup namespace rooted at ours ------- */
     step = "namespaces";

@@ -1,11 +1,13 @@
 """The C launcher (launcher.c): builds it once, hands it to idle children, encodes its plans.
 
-Why: an ``execve`` from a fork of the Python fork server first tears down that copied address
-space (0.7-1.0 ms on this VM, more the bigger the fork server), and the per-start steps cost
-~0.6 ms of interpretation in Python. An idle child that is going to exec therefore execs this
-small static binary while it is still idle; at the request the launcher runs the remaining steps
-as plain syscalls and execs the tenant from a ~100 KiB process. Zygote mode (``spawn_call``) keeps
-Python children: it needs the preloaded interpreter.
+Why: a child forked from the Python fork server costs the fork server a page-table copy and then
+a write fault on every page it touches (~1.3 us each, ~180 on the next start's path); the
+child's ``execve`` tears that copied address space down again (0.7-1.0 ms on this VM, more the
+bigger the fork server), and the per-start steps cost ~0.6 ms of interpretation in Python. An
+idle child that is going to exec is therefore this small static binary, started with
+``posix_spawn`` (vfork, nothing copied); it runs every step itself, in the documented order, and
+execs the tenant from a ~100 KiB process. Zygote mode (``spawn_call``) keeps forked Python
+children: it needs the preloaded interpreter.
 
 The binary is compiled from the source next to this file with the system C compiler into a
 root-owned 0700 directory, keyed by the source's hash, the first time it is needed (the fork
@@ -93,29 +95,12 @@ def available() -> bool:
     return _state["path"] is not None
 
 
-def exec_fd() -> int:
-    """A close-on-exec fd of the binary, above 3 (idle children put their socket on 3), for
-    ``fexecve`` from inside a sandbox root where the host path is not visible."""
-    fd = _state.get("fd")
-    if isinstance(fd, int):
-        return fd
-    path = _state.get("path")
-    if not isinstance(path, str):
+def path() -> str:
+    """The verified binary (``available()`` must have returned True)."""
+    p = _state.get("path")
+    if not isinstance(p, str):
         raise OSError(2, "the sandbox launcher is not available")
-    raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fd = os.dup(raw) if raw > 3 else _dup_high(raw)
-    finally:
-        os.close(raw)
-    os.set_inheritable(fd, False)
-    _state["fd"] = fd
-    return fd
-
-
-def _dup_high(fd: int) -> int:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    return p
 
 
 _U32: Final = struct.Struct("<I")

@@ -127,17 +127,11 @@ def _warmup_wire(mp: mounts.MountPlan) -> bytes:
 
 
 def _idle_main(
-    sock: socket.socket,
-    ns: nspool.NamespaceSet,
-    join_fds: list[int],
-    warmup: bytes,
-    launcher_fd: int,
+    sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int], warmup: bytes
 ) -> NoReturn:
     """Pre-forked child: join its cgroup and the pre-built namespaces, wait for a plan, confine.
 
-    With ``launcher_fd`` (an exec-only child) it execs the C launcher once idle instead, which
-    empties the bounding set itself (exec as root re-derives the capabilities from it), says
-    ready and runs the per-start steps; see launcher.c."""
+    (Exec-only children run the same steps in C: launcher.c.)"""
     gc.disable()
     try:
         for fd in join_fds:  # the slow part of a cgroup move (an RCU grace period) happens here
@@ -156,10 +150,8 @@ def _idle_main(
         # capability bounding set (effective/permitted caps stay until the uid change at spawn,
         # so the remaining mount and setns work still succeeds).
         caps.new_session()
-        child.reset_signals()
-        if launcher_fd >= 0:
-            _exec_launcher(sock, launcher_fd)
         caps.drop_bounding_set(caps.cap_last_cap())
+        child.reset_signals()
         child.ChildPlan.from_wire(warmup, [-1], -1)
         sock.send(READY)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
@@ -174,15 +166,18 @@ def _idle_main(
     child.confine(plan)
 
 
-def _exec_launcher(sock: socket.socket, launcher_fd: int) -> NoReturn:
-    """Become the C launcher, the socket on fd 3 and nothing else inheritable."""
-    fd = sock.fileno()
-    if fd != 3:
-        os.dup2(fd, 3)  # inheritable copy
-    else:
-        os.set_inheritable(3, True)
-    libc.close_range(4, 0xFFFFFFFF, libc.CLOSE_RANGE_CLOEXEC)
-    os.execve(launcher_fd, ["dorm-launcher", str(caps.cap_last_cap())], {})
+def _spawn_launcher(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list[int]) -> int:
+    """Start the C launcher as pid 1 of a new pid namespace with posix_spawn (vfork: the fork
+    server's memory is neither copied nor write-protected, so neither this nor the next start
+    pays for it); it joins the cgroup and namespaces itself (launcher.c)."""
+    fds = [sock.fileno(), *ns.fds(), *join_fds]
+    argv = ["dorm-launcher", "idle", str(caps.cap_last_cap()), *(str(fd) for fd in fds)]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]  # fd onto itself: inheritable
+    libc.unshare(libc.CLONE_NEWPID)
+    try:
+        return os.posix_spawn(launcher.path(), argv, {}, file_actions=actions)
+    finally:
+        libc.setns(own_pidns_fd(), libc.CLONE_NEWPID)
 
 
 def fork_idle(
@@ -198,8 +193,8 @@ def fork_idle(
     With ``limits`` (the expected spec's), they are written now so ``spawn`` need not. With
     ``wait=False`` it returns before the child has joined them (its cgroup join waits for an RCU
     grace period: milliseconds of nothing to do): the caller polls ``sock`` and then calls
-    ``complete_ready``. ``exec_only`` children exec the C launcher while idle (faster execve
-    starts, no zygote calls); the caller must have checked ``launcher.available()``."""
+    ``complete_ready``. ``exec_only`` children are the C launcher (faster execve starts, no
+    zygote calls); the caller must have checked ``launcher.available()``."""
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         # unshare(CLONE_NEWNS) needs an unshared fs_struct, and fork() from a threaded process
@@ -213,19 +208,23 @@ def fork_idle(
             backend.apply_limits(cg, limits)
         join_fds = cg.open_join_fds()
         warmup = b"" if exec_only else _warmup_wire(mp)
-        launcher_fd = launcher.exec_fd() if exec_only else -1
-        caps.cap_last_cap()  # read here: the child's /proc is its own sandbox's
         ns = nspool.build(mp)
         try:
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                pid = fork_into_new_pidns()
-                if pid == 0:
-                    try:
-                        parent_sock.close()
-                        _idle_main(child_sock, ns, join_fds, warmup, launcher_fd)
-                    finally:
-                        os._exit(127)
+                if exec_only:
+                    pid = _spawn_launcher(child_sock, ns, join_fds)
+                else:
+                    pid = fork_into_new_pidns()
+                    if pid == 0:
+                        try:
+                            parent_sock.close()
+                            _idle_main(child_sock, ns, join_fds, warmup)
+                        finally:
+                            os._exit(127)
+            except BaseException:
+                parent_sock.close()
+                raise
             finally:
                 child_sock.close()
         finally:
