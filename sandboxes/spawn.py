@@ -117,6 +117,7 @@ class Sandbox:
 
     __slots__ = (
         "_final",
+        "_hold",
         "_pidfd",
         "_reaped",
         "cgroup",
@@ -134,9 +135,11 @@ class Sandbox:
         spec: SandboxSpec,
         cgroup: cgroups.CgroupHandle | None,
         egress: Any,
+        hold: int = -1,
     ) -> None:
         self.pid = pid
         self._pidfd = pidfd
+        self._hold = hold  # the sandbox's mount namespace (prefork.Idle.mnt_fd), or -1
         self.spec = spec
         self.cgroup = cgroup
         self.egress = egress
@@ -193,7 +196,10 @@ class Sandbox:
 
         The cgroup's final counters (OOM kills, peak memory, CPU) are captured first, so
         ``oom_killed()`` and ``stats()`` still answer afterwards (the gateway reports an OOM to
-        the client and the instance list after the sandbox is gone). Idempotent."""
+        the client and the instance list after the sandbox is gone). Idempotent.
+
+        Also drops the caller's reference to the sandbox's mount namespace, so the kernel unmounts
+        its tree here rather than in the tenant's exit (see prefork.Idle.mnt_fd)."""
         self._reaped = True
         try:
             if self.cgroup is not None:
@@ -201,6 +207,8 @@ class Sandbox:
                     self._final = self.cgroup.stats()
                 self.cgroup.remove()
         finally:
+            prefork.drop_held(self._hold)
+            self._hold = -1
             if self.egress is not None:
                 self.egress.teardown()
                 self.egress = None
@@ -497,7 +505,18 @@ def start_call(
 class PendingSandbox:
     """A child that has its plan and is confining itself; owns everything the sandbox will."""
 
-    __slots__ = ("cg", "deadline", "net", "pid", "report", "report_fd", "rootless", "spec")
+    __slots__ = (
+        "cg",
+        "deadline",
+        "hold",
+        "net",
+        "pid",
+        "pidfd",
+        "report",
+        "report_fd",
+        "rootless",
+        "spec",
+    )
 
     def __init__(
         self,
@@ -508,9 +527,12 @@ class PendingSandbox:
         rootless: bool,
         cg: cgroups.CgroupHandle | None,
         net: Any,
+        pidfd: int = -1,
+        hold: int = -1,
     ) -> None:
         self.spec, self.pid, self.report, self.report_fd = spec, pid, report, report_fd
         self.rootless, self.cg, self.net = rootless, cg, net
+        self.pidfd, self.hold = pidfd, hold  # from the idle child (prefork.Idle), or -1
         self.deadline = time.monotonic() + SPAWN_TIMEOUT
 
     def fileno(self) -> int:
@@ -539,12 +561,15 @@ class PendingSandbox:
             if error is not None:
                 _reap(pid, self.deadline)
                 raise SandboxError(*error)
-            try:
-                pidfd = libc.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
-            sandbox = Sandbox(pid, pidfd, self.spec, self.cg, self.net)
+            pidfd, self.pidfd = self.pidfd, -1
+            if pidfd < 0:
+                try:
+                    pidfd = libc.pidfd_open(pid)
+                except OSError:
+                    pidfd = -1
+            sandbox = Sandbox(pid, pidfd, self.spec, self.cg, self.net, self.hold)
             self.cg = self.net = None
+            self.hold = -1
             return sandbox
         finally:
             self._release()
@@ -563,6 +588,10 @@ class PendingSandbox:
         elif self.report_fd >= 0:
             os.close(self.report_fd)
         self.report_fd = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        prefork.drop_held(self.hold)
+        self.pidfd = self.hold = -1
         if self.cg is not None:
             with contextlib.suppress(OSError, TimeoutError):
                 self.cg.remove()
@@ -601,7 +630,7 @@ def _begin(
     cg: cgroups.CgroupHandle | None = None
     net: Any = None
     report: socket.socket | None = None
-    report_fd = -1
+    report_fd = pidfd = hold = -1
     try:
         if spec.network == "egress":
             from . import egress
@@ -631,11 +660,12 @@ def _begin(
             except OSError as e:
                 raise SandboxError("cgroup_create", e.errno or 0, str(e)) from e
             pid, report, exec_only = idle.pid, idle.sock, idle.exec_only
+            pidfd, hold, idle.pidfd, idle.mnt_fd = idle.pidfd, idle.mnt_fd, -1, -1
             idle = None
             _send_plan(spec, argv, env, mplan, out_err_in, pid, report, netns_fd, call, exec_only)
             report_fd = report.fileno()
-        pending = PendingSandbox(spec, pid, report, report_fd, rootless, cg, net)
-        report, report_fd, cg, net = None, -1, None, None
+        pending = PendingSandbox(spec, pid, report, report_fd, rootless, cg, net, pidfd, hold)
+        report, report_fd, cg, net, pidfd, hold = None, -1, None, None, -1, -1
         return pending
     finally:
         if idle is not None:
@@ -644,6 +674,9 @@ def _begin(
             report.close()
         elif report_fd >= 0:
             os.close(report_fd)
+        if pidfd >= 0:
+            os.close(pidfd)
+        prefork.drop_held(hold)
         if cg is not None:
             with contextlib.suppress(OSError, TimeoutError):
                 cg.remove()
