@@ -11,10 +11,11 @@ and noisy neighbours hit all alike):
 
 Contenders:
 
-* ``dorm (prewarmed)`` — ``sandboxes.prewarm(spec, 1)`` before each round (not timed), as the fork
-  server does when idle; the timed part is ``spawn`` + wait: cgroup rename + limits, per-instance
-  mounts, identity, privileges, seccomp, exec.
-* ``dorm (cold)`` — no idle child: spawn builds namespaces and forks on demand.
+* ``dorm (prewarmed)`` — ``sandboxes.prewarm(spec, 1, exec_only=True)`` before each round (not
+  timed), as the fork server does when idle (an exec-only idle child is the C launcher, see
+  sandboxes/launcher.py); the timed part is ``spawn`` + wait: cgroup rename + limits,
+  per-instance mounts, identity, privileges, seccomp, exec, the tenant's run and exit.
+* ``dorm (cold)`` — no idle child: spawn builds namespaces and starts a launcher on demand.
 * ``dorm zygote (prewarmed)`` — ``sandboxes.spawn_call``: same confinement, but the child calls
   preloaded code (a no-op, or the same one-request server) instead of execve: no exec, no
   interpreter start-up. This is what a runtime zygote gets.
@@ -155,7 +156,7 @@ class Bench:
         """Zygote mode (``spawn_call``): the confined child calls preloaded code, no execve and no
         interpreter start-up: ``noop`` for ``true``, ``serve_once`` for ``server``."""
         spec = self.spec()
-        prewarm(spec, 1)
+        prewarm(spec, 1, exec_only=False)  # zygote calls need a Python child
         time.sleep(0.005)
         self.clear_socket()
         target, argv = (
@@ -184,7 +185,7 @@ class Bench:
     def dorm(self, workload: str, warm: bool) -> float:
         spec = self.spec()
         if warm:
-            prewarm(spec, 1)
+            prewarm(spec, 1, exec_only=True)
             time.sleep(0.005)
         else:
             prefork.POOL.clear()
