@@ -299,42 +299,36 @@ plain_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
-PyDoc_STRVAR(plain_response_doc,
-             "plain_response(data, /)\n--\n\n"
-             "(body_at, content_length) for a plain response head at the start of data, else\n"
-             "None. See gateway.heads.plain_response_py for the contract.");
-
-static PyObject *
-plain_response(PyObject *module, PyObject *data)
+/*
+ * Where the body starts in a plain response head at the start of s[0:n] (n == the bytes
+ * object's size, s[n] == NUL), storing its Content-Length; -1 if the head is not plain.
+ */
+static Py_ssize_t
+parse_response(const unsigned char *s, Py_ssize_t n, long long *content_length)
 {
-    if (!PyBytes_Check(data)) {
-        Py_RETURN_NONE;
-    }
-    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (n < 13 || memcmp(s, "HTTP/1.1 ", 9) != 0 || s[12] != ' ') {
-        Py_RETURN_NONE;
+        return -1;
     }
     if (s[9] < '2' || s[9] > '5' || s[10] < '0' || s[10] > '9' || s[11] < '0' || s[11] > '9') {
-        Py_RETURN_NONE; /* 1xx (and anything not a status) take the parsing path */
+        return -1; /* 1xx (and anything not a status) take the parsing path */
     }
     int status = (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
     if (status == 204 || status == 304) {
-        Py_RETURN_NONE; /* no body whatever the headers say: the parsing path frames these */
+        return -1; /* no body whatever the headers say: the parsing path frames these */
     }
     Py_ssize_t p = 13;
     while (VALUE[s[p]]) {
         p++; /* the reason phrase */
     }
     if (s[p] != '\r' || s[p + 1] != '\n') {
-        Py_RETURN_NONE;
+        return -1;
     }
     p += 2;
     long long length = -1;
     for (;;) {
         if (s[p] == '\r') {
             if (s[p + 1] != '\n') {
-                Py_RETURN_NONE;
+                return -1;
             }
             p += 2;
             break;
@@ -345,11 +339,11 @@ plain_response(PyObject *module, PyObject *data)
         }
         Py_ssize_t name_len = p - name_at;
         if (name_len == 0 || s[p] != ':') {
-            Py_RETURN_NONE; /* also a head that has not fully arrived: NUL ends the scan */
+            return -1; /* also a head that has not fully arrived: NUL ends the scan */
         }
         int kind = response_header_kind(s + name_at, name_len);
         if (kind == SPECIAL) {
-            Py_RETURN_NONE;
+            return -1;
         }
         p++;
         while (s[p] == ' ' || s[p] == '\t') {
@@ -357,19 +351,19 @@ plain_response(PyObject *module, PyObject *data)
         }
         if (kind == CONTENT_LENGTH) {
             if (length >= 0) {
-                Py_RETURN_NONE; /* a second Content-Length, even an equal one */
+                return -1; /* a second Content-Length, even an equal one */
             }
             Py_ssize_t digits_at = p;
             long long value = 0;
             while (s[p] >= '0' && s[p] <= '9') {
                 if (p - digits_at == 15) {
-                    Py_RETURN_NONE; /* more than 15 digits: the parsing path decides */
+                    return -1; /* more than 15 digits: the parsing path decides */
                 }
                 value = value * 10 + (s[p] - '0');
                 p++;
             }
             if (p == digits_at) {
-                Py_RETURN_NONE;
+                return -1;
             }
             while (s[p] == ' ' || s[p] == '\t') {
                 p++;
@@ -382,31 +376,65 @@ plain_response(PyObject *module, PyObject *data)
             }
         }
         if (s[p] != '\r' || s[p + 1] != '\n') {
-            Py_RETURN_NONE;
+            return -1;
         }
         p += 2;
     }
     if (length < 0) {
-        Py_RETURN_NONE; /* no Content-Length: close-delimited, the parsing path re-frames it */
+        return -1; /* no Content-Length: close-delimited, the parsing path re-frames it */
     }
-    PyObject *body_at = PyLong_FromSsize_t(p);
-    PyObject *content_length = PyLong_FromLongLong(length);
-    PyObject *result = PyTuple_New(2);
-    if (body_at == NULL || content_length == NULL || result == NULL) {
-        Py_XDECREF(body_at);
-        Py_XDECREF(content_length);
-        Py_XDECREF(result);
-        return NULL;
+    *content_length = length;
+    return p;
+}
+
+PyDoc_STRVAR(response_head_doc,
+             "response_head(data, /)\n--\n\n"
+             "(body_at, content_length) for a plain response head at the start of data, else\n"
+             "None. See gateway.heads.response_head_py for the contract.");
+
+static PyObject *
+response_head(PyObject *module, PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        Py_RETURN_NONE;
     }
-    PyTuple_SET_ITEM(result, 0, body_at);
-    PyTuple_SET_ITEM(result, 1, content_length);
-    return result;
+    long long length;
+    Py_ssize_t body_at =
+        parse_response((const unsigned char *)PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                       &length);
+    if (body_at < 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(nL)", body_at, length);
+}
+
+PyDoc_STRVAR(plain_response_doc,
+             "plain_response(data, /)\n--\n\n"
+             "Body bytes still to come after data, for a plain response head at its start\n"
+             "(negative: data holds that many bytes past the body), else None. See\n"
+             "gateway.heads.plain_response_py for the contract.");
+
+static PyObject *
+plain_response(PyObject *module, PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        Py_RETURN_NONE;
+    }
+    long long length;
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_ssize_t body_at = parse_response((const unsigned char *)PyBytes_AS_STRING(data), n, &length);
+    if (body_at < 0) {
+        Py_RETURN_NONE;
+    }
+    /* One int, not a tuple: the common caller needs only this (no allocation below 257). */
+    return PyLong_FromLongLong(length - (long long)(n - body_at));
 }
 
 static PyMethodDef methods[] = {
     {"plain_request", (PyCFunction)(void (*)(void))plain_request, METH_FASTCALL,
      plain_request_doc},
     {"plain_response", (PyCFunction)plain_response, METH_O, plain_response_doc},
+    {"response_head", (PyCFunction)response_head, METH_O, response_head_doc},
     {NULL, NULL, 0, NULL},
 };
 

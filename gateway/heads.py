@@ -9,8 +9,11 @@ plain is decided here, in one call:
   `host` is the Host value lowercased; `forward_head` is `data` minus its final CRLF, plus
   `forwarded` (the connection's X-Forwarded-* block, ending "X-Forwarded-Host: "), `host` and
   the empty line: exactly the bytes the parsing path forwards for the same request.
-- `plain_response(data)` -> (body_at, content_length) or None: where the body starts in
-  `data` and how long it is.
+- `response_head(data)` -> (body_at, content_length) or None: where the body of a plain
+  response head at the start of `data` starts, and how long it is.
+- `plain_response(data)` -> what the relay needs of that, as one int (no tuple to build and
+  unpack on every response): `content_length - (len(data) - body_at)`, the body bytes still to
+  come after this read (0: the response is complete; negative: `data` holds bytes past it).
 
 None means "not plain": the caller takes the httptools parsing path, which handles every other
 request and response and answers 400 / 502 for malformed ones. So a classifier may refuse more
@@ -88,7 +91,7 @@ def plain_request_py(
     return method, url, host, data[:-2] + forwarded + host + b"\r\n\r\n"
 
 
-def plain_response_py(data: bytes) -> tuple[int, int] | None:
+def response_head_py(data: bytes) -> tuple[int, int] | None:
     """The reference classifier for response heads (see the module docstring)."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or data[:13] not in _RAW_STATUS:
@@ -108,10 +111,20 @@ def plain_response_py(data: bytes) -> tuple[int, int] | None:
     return end + 4, int(length_digits)
 
 
+def plain_response_py(data: bytes) -> int | None:
+    """`response_head_py`, as the one int the relay needs (see the module docstring)."""
+    head = response_head_py(data)
+    if head is None:
+        return None
+    body_at, length = head
+    return length - (len(data) - body_at)
+
+
 try:
-    from gateway._heads import plain_request, plain_response
+    from gateway._heads import plain_request, plain_response, response_head
 except ImportError:  # the C extension is not built: same answers, more instructions
     plain_request, plain_response = plain_request_py, plain_response_py
+    response_head = response_head_py
     COMPILED = False
 else:
     COMPILED = True

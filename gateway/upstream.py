@@ -100,22 +100,24 @@ class UpstreamConnection(asyncio.Protocol):
             # CR or LF, NUL...) takes the httptools path below, which answers 502 for malformed
             # responses, so a tenant cannot desynchronise a client. Inlined here rather than a
             # method of its own: this runs once per request, and a Python call costs.
-            plain = plain_response(data) if ex.raw_response else None
-            if plain is not None:
-                body_at, length = plain
-                available = len(data) - body_at
+            remaining = plain_response(data) if ex.raw_response else None
+            if remaining is not None:
                 client = ex.client
                 keep = ex.keep_alive and ex.request_done and not client.plane.draining
                 ex.keep_client = keep
                 ex.head_sent = True
-                if keep and available <= length:
+                if keep and remaining >= 0:
                     client.transport.write(data)
                 else:
-                    head = data[: body_at - 2] + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
-                    client.transport.write(head + data[body_at : body_at + length])
-                if available < length:
+                    # Bytes past the body, or the client's connection closes after this: cut
+                    # at the body's end (the first CRLFCRLF is the head's: it was validated).
+                    body_at = data.find(b"\r\n\r\n") + 4
+                    body_end = len(data) + min(remaining, 0)
+                    end = b"\r\n" if keep else b"Connection: close\r\n\r\n"
+                    client.transport.write(data[: body_at - 2] + end + data[body_at:body_end])
+                if remaining > 0:
                     self.received = True
-                    self._remaining = length - available
+                    self._remaining = remaining
                     self._framing = LENGTH  # for _complete at the end of the body (no last chunk)
                     client.deadline = monotonic() + client.plane.upstream_timeout
                     return
@@ -129,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if client.write_paused:
                     self.resume()
                 ex.upstream = None
-                self.inst.release(self, available == length and ex.request_done)
+                self.inst.release(self, remaining == 0 and ex.request_done)
                 client.response_done(ex)
                 return
             self.received = True

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from gateway import heads
-from gateway.heads import plain_request_py, plain_response_py
+from gateway.heads import plain_request_py, plain_response_py, response_head_py
 
 _heads = pytest.importorskip("gateway._heads", reason="the C extension is not built")
 
@@ -220,10 +220,15 @@ def _check_request(head: bytes) -> bool:
 
 
 def _check_response(data: bytes) -> bool:
-    c = _heads.plain_response(data)
-    py = plain_response_py(data)
+    c = _heads.response_head(data)
+    py = response_head_py(data)
     if c is not None:
         assert py == c, data
+        body_at, length = c
+        assert _heads.plain_response(data) == length - (len(data) - body_at)
+        assert plain_response_py(data) == _heads.plain_response(data)
+    else:
+        assert _heads.plain_response(data) is None
     return c is not None
 
 
@@ -231,6 +236,7 @@ def test_the_extension_is_what_the_data_plane_uses() -> None:
     assert heads.COMPILED
     assert heads.plain_request is _heads.plain_request
     assert heads.plain_response is _heads.plain_response
+    assert heads.response_head is _heads.response_head
 
 
 @pytest.mark.parametrize("head", ORDINARY_REQUESTS)
@@ -253,7 +259,7 @@ def test_ordinary_responses_agree_exactly(data: bytes) -> None:
 
 @pytest.mark.parametrize("data", HOSTILE_RESPONSES)
 def test_hostile_responses_are_refused(data: bytes) -> None:
-    assert _heads.plain_response(data) is None
+    assert _heads.plain_response(data) is None and _heads.response_head(data) is None
     assert plain_response_py(data) is None
 
 
@@ -292,6 +298,7 @@ def test_not_bytes_is_not_plain() -> None:
     assert _heads.plain_request(bytearray(head), MAX, FWD) is None
     assert _heads.plain_request(memoryview(head), MAX, FWD) is None
     assert _heads.plain_response(bytearray(ORDINARY_RESPONSES[0])) is None
+    assert _heads.response_head(bytearray(ORDINARY_RESPONSES[0])) is None
 
 
 def test_max_size_is_inclusive() -> None:
