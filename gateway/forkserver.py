@@ -287,11 +287,9 @@ class ForkServer:
         op = message.get("op")
         if op == "spawn":
             try:
-                child = self.spawn(message)
+                self.spawn(message)  # says "spawned" itself, as early as it can
             except Exception as exc:  # any failure is reported, never fatal to the server
                 self.send({"ev": "spawn_failed", "id": message["id"], "error": str(exc)})
-            else:
-                self.send({"ev": "spawned", "id": child.id, "pid": child.pid, **child.timing})
         elif op == "signal":
             found = self.children.get(message["id"])
             if found is not None:
@@ -326,7 +324,8 @@ class ForkServer:
         run_dir = Path(req["run_dir"])
         _remove_run_dir(run_dir)  # a stale socket would fake readiness
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
+        # The log file is opened once the tenant runs (its output waits in the pipe): for a pool
+        # claim that is one file open fewer before the member hears of its tenant.
         log_r, log_w = os.pipe2(os.O_CLOEXEC)
         began = time.perf_counter()
         self._claim = (0.0, False)
@@ -338,16 +337,19 @@ class ForkServer:
             else:
                 run_dir.mkdir(mode=0o700)
                 pid, sandbox = self._spawn_process(req, run_dir, log_w), None
-            pidfd = os.pidfd_open(pid)
+            if member is not None:  # watched since it was built: the same pidfd, now the child's
+                pidfd, member.pidfd = member.pidfd, -1
+            else:
+                pidfd = os.pidfd_open(pid)
         except BaseException as exc:
             os.close(log_r)
             _remove_run_dir(run_dir)
+            log = _open_log(req)
             log.write(f"[dorm] failed to start: {exc}\n".encode())
             log.close()
             raise
         finally:
             os.close(log_w)
-        fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
         elapsed = (time.perf_counter() - began) * 1000
         self.last_spawn = time.monotonic()
         claim_ms = self._claim[0] * 1000
@@ -362,6 +364,11 @@ class ForkServer:
         }
         if member is not None:
             timing["uid"] = member.uid
+        # Told before the bookkeeping below: the gateway's readiness probe (and a claimed
+        # member's import) run meanwhile. Nothing after this point can fail the start.
+        self.send({"ev": "spawned", "id": instance_id, "pid": pid, **timing})
+        log = _open_log(req)
+        fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
         child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
         child.member = member
         if member is not None:  # it says when it is live (see `member_live`)
@@ -419,9 +426,7 @@ class ForkServer:
         the caller falls back to a zygote fork, which serves the request a little later)."""
         while shape.idle:
             member = shape.idle.pop()
-            self.selector.unregister(member.pidfd)
-            os.close(member.pidfd)
-            member.pidfd = -1
+            self.selector.unregister(member.pidfd)  # its exit is the instance's now
             try:
                 binds = []
                 if spec.app_dir is not None:
@@ -430,11 +435,12 @@ class ForkServer:
                     _own_tree(spec.data_dir, member.uid)
                     binds.append((spec.data_dir.encode(), b"/data", self._rw_attrs))
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode())
-                # The gateway connects to <run_dir>/http.sock: that is the member's socket dir.
-                os.symlink(member.socket_dir, run_dir)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
                 member.channel.setblocking(False)
+                # The gateway connects to <run_dir>/http.sock, the member's socket dir, once it
+                # hears "spawned": linked after the member was told, which is what it waits on.
+                os.symlink(member.socket_dir, run_dir)
             except Exception as exc:
                 print(f"dorm fork server: claim failed: {exc}", file=sys.stderr, flush=True)
                 self._discard_member(member)
@@ -572,7 +578,8 @@ class ForkServer:
     def _discard_member(self, member: Member) -> None:
         """Kill an unclaimed (or failed) member and release everything it held."""
         if member.pidfd >= 0:
-            self.selector.unregister(member.pidfd)
+            with contextlib.suppress(KeyError):  # not watched once a claim began
+                self.selector.unregister(member.pidfd)
             os.close(member.pidfd)
             member.pidfd = -1
         member.channel.close()
@@ -974,6 +981,10 @@ class ForkServer:
             self._release_member(child.member)
         del self.children[child.id]
         self.send(info)
+
+
+def _open_log(req: dict[str, Any]) -> RotatingLog:
+    return RotatingLog(Path(req["log_path"]), int(req["log_max_bytes"]), int(req["log_keep"]))
 
 
 def _remove_run_dir(path: Path) -> None:

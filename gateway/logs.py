@@ -51,10 +51,13 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self.dropped = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         self._size = 0
-        self._open()
+        try:  # a failure here is retried by the first write, as a failure there would be
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except OSError:
+            self._close_fd()
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -98,6 +101,7 @@ class RotatingLog:
         view = memoryview(data)
         try:
             if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._open()
             while view:
                 room = self.max_bytes - self._size
