@@ -17,6 +17,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.heads import plain_response
 from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
+from gateway.proxy import IDLE
 
 if TYPE_CHECKING:
     from gateway.instances import Instance
@@ -132,7 +133,20 @@ class UpstreamConnection(asyncio.Protocol):
                     self.resume()
                 ex.upstream = None
                 self.inst.release(self, remaining == 0 and ex.request_done)
-                client.response_done(ex)
+                # ClientConnection.response_done, inlined for its common case: the client's
+                # connection stays open (`keep` covers keep-alive and draining; a raw response
+                # is never to an upgrade) and waits idle for its next request.
+                if (
+                    keep
+                    and client.active is ex
+                    and client.parsing is None
+                    and not (client.pending or client.eof)
+                ):
+                    client.active = None
+                    client.deadline_kind = IDLE
+                    client.deadline = monotonic() + client.plane.keepalive_timeout
+                else:
+                    client.response_done(ex)
                 return
             self.received = True
         client = ex.client
