@@ -112,6 +112,9 @@ def _s(b: bytes) -> bytes:
     return _U32.pack(len(b)) + b + b"\0"
 
 
+_filter_wire: list[bytes] = [b"", b""]  # (program, its encoding): the same bytes on every start
+
+
 def encode(
     *,
     devnull: int,
@@ -153,5 +156,7 @@ def encode(
     parts.extend(_s(f"{k}={v}".encode()) for k, v in env.items())
     parts.append(_U32.pack(len(path)))
     parts.extend(_s(p.encode()) for p in path)
-    parts.append(_s(seccomp_program))
+    if _filter_wire[0] is not seccomp_program:
+        _filter_wire[:] = [seccomp_program, _s(seccomp_program)]
+    parts.append(_filter_wire[1])
     return b"".join(parts)

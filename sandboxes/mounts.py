@@ -31,6 +31,7 @@ sandbox sees only its own processes.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import sys
@@ -247,7 +248,7 @@ def _static_ops(key: LayoutKey) -> tuple[Op, ...]:
                 pl.bind("/etc/" + name, "/etc/" + name, RO_ATTRS)
         if os.path.isfile("/etc/ssl/openssl.cnf"):
             pl.bind("/etc/ssl/openssl.cnf", "/etc/ssl/openssl.cnf", RO_ATTRS, is_file=True)
-        prefixes = [os.path.realpath(sys.base_prefix)]
+        prefixes = [base_prefix()]
     else:
         for kind, name, target in _rootfs_entries(rootfs):
             host = os.path.join(rootfs, name)
@@ -350,6 +351,13 @@ def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
     return tuple(ops), tuple(binds)
 
 
+@functools.cache
+def base_prefix() -> str:
+    """The interpreter prefix every layout binds, resolved once (a realpath is ~5 lstat calls,
+    and the per-instance plan needs it on every start)."""
+    return os.path.realpath(sys.base_prefix)
+
+
 def _under_tmp(path: str) -> bool:
     return path.startswith("/tmp/")
 
@@ -358,7 +366,7 @@ def _tmp_binds(spec: SandboxSpec) -> list[str]:
     """The read-only binds (extra ones, and the Python prefix) that sit under /tmp."""
     wanted = list(spec.extra_ro_binds)
     if spec.rootfs is None:
-        wanted.append(os.path.realpath(sys.base_prefix))
+        wanted.append(base_prefix())
     out: list[str] = []
     for path in sorted(p for p in wanted if _under_tmp(p)):
         if not any(path == o or path.startswith(o + "/") for o in out):
