@@ -1,5 +1,9 @@
 """Pre-forked, half-confined children: the fork is paid before the request arrives.
 
+(Children for execve starts are not forked at all any more: ``fork_idle(exec_only=True)`` starts
+the C launcher with posix_spawn, see launcher.py. What follows describes the forked Python
+children, which zygote calls need.)
+
 Why: on this class of VM a fork of the Python fork server costs ~0.5 ms in the parent and the child
 needs 1-3 ms of copy-on-write page faults before it runs its first step — more than the whole 3 ms
 budget. So, when idle, the fork server ``prewarm``s: it builds a namespace set (nspool), forks a

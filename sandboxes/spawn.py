@@ -29,6 +29,10 @@ everything else runs when ``spawn`` is called, before any tenant code:
 14. fds             every fd >= 3 marked close-on-exec (close_range), so only 0, 1, 2 survive
 15. execve          argv with exactly the given environment (PATH lookup inside the sandbox)
 
+Who runs the steps: for execve starts, the C launcher (launcher.c; posix_spawned by prefork.py,
+no copy of the fork server), in this order; for zygote calls (and without a launcher), a forked
+Python child running child.confine. tests/sandboxes/test_launcher.py checks both confine alike.
+
 Why split at all: on this VM every RCU-bound kernel operation (moving a task between cgroups,
 detaching the old root) costs 1-20 ms after an idle spell, and forking the Python fork server costs
 1-3 ms of copy-on-write faults before the child runs; none of it depends on the instance.
