@@ -616,6 +616,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"overlayfs         {yes(report['overlayfs'])}",
         f"pidfd             {yes(report['pidfd'])}",
         f"mount_setattr     {yes(report['mount_setattr'])}",
+        f"favordynmods      {report['favordynmods'] or 'no (cgroup joins wait for RCU)'}",
         f"isolation         {report['isolation']}",
     ]
     lines += [f"  - {reason}" for reason in report["isolation_reasons"]]

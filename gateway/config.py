@@ -57,6 +57,9 @@ class GatewayConfig:
     trust_forwarded: bool = False
     cgroup_parent: str = "dorm"  # the cgroup subtree (per controller) this gateway's sandboxes use
     uid_range: str = "200000-299999"  # unprivileged uids handed to sandboxed instances
+    # Remount a cgroup hierarchy with favordynmods at start (host-wide, see sandboxes/dynmods.py):
+    # cgroup joins stop waiting for an RCU grace period, 5-17 ms → 0.1-0.2 ms per start here.
+    cgroup_favordynmods: bool = True
     max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
     max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
     max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle

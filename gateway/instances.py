@@ -517,6 +517,14 @@ class InstanceManager:
                 self.cfg.cgroup_parent,
                 self.cfg.uid_range,
             )
+        if self.isolation == "sandbox" and not self.rootless and self.cfg.cgroup_favordynmods:
+            from sandboxes import dynmods
+
+            try:
+                done = await asyncio.to_thread(dynmods.enable)
+                log.info("cgroup favordynmods %s: sandbox cgroup joins skip an RCU wait", done)
+            except OSError as exc:
+                log.warning("cgroup favordynmods not enabled (cgroup joins stay slow): %s", exc)
         await self.launcher.start()
         self._schedule_sweep()
 

@@ -122,6 +122,13 @@ def missing_protections() -> list[str]:
     ]
 
 
+def favordynmods_active() -> str | None:
+    """The cgroup hierarchy mounted with favordynmods (fast cgroup joins), if any."""
+    from .dynmods import active
+
+    return active()
+
+
 def host_report() -> dict[str, Any]:
     """Facts for ``dorm doctor``: cgroups, user namespaces, seccomp, overlayfs, pidfd, root."""
     backend, cg_reason, facts = cgroups.probe()
@@ -149,6 +156,7 @@ def host_report() -> dict[str, Any]:
         "overlayfs": "overlay" in fs,
         "pidfd": _pidfd(),
         "mount_setattr": setattr_ok,
+        "favordynmods": favordynmods_active(),
         "isolation": level,
         "isolation_reasons": reasons,
         "missing_protections": missing_protections() if level == "rootless" else [],
