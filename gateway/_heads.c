@@ -130,23 +130,38 @@ response_header_kind(const unsigned char *s, Py_ssize_t len)
     return ORDINARY;
 }
 
-/* Methods taken: bodiless in practice and never special to the gateway (not CONNECT). */
-static int
+/* Methods taken: never special to the gateway (not CONNECT). Each is one bytes object made at
+ * import and shared by every request (no allocation per request). */
+enum { GET, PUT, HEAD_, POST, PATCH, DELETE, OPTIONS, N_METHODS };
+static const char *const METHOD_NAMES[N_METHODS] = {"GET",   "PUT",    "HEAD",   "POST",
+                                                    "PATCH", "DELETE", "OPTIONS"};
+static PyObject *METHODS[N_METHODS];
+
+/* The shared bytes object for the method s[0:len], or NULL if it is not one taken. */
+static PyObject *
 plain_method(const unsigned char *s, Py_ssize_t len)
 {
+    int m;
     switch (len) {
     case 3:
-        return memcmp(s, "GET", 3) == 0 || memcmp(s, "PUT", 3) == 0;
+        m = memcmp(s, "GET", 3) == 0 ? GET : memcmp(s, "PUT", 3) == 0 ? PUT : -1;
+        break;
     case 4:
-        return memcmp(s, "HEAD", 4) == 0 || memcmp(s, "POST", 4) == 0;
+        m = memcmp(s, "HEAD", 4) == 0 ? HEAD_ : memcmp(s, "POST", 4) == 0 ? POST : -1;
+        break;
     case 5:
-        return memcmp(s, "PATCH", 5) == 0;
+        m = memcmp(s, "PATCH", 5) == 0 ? PATCH : -1;
+        break;
     case 6:
-        return memcmp(s, "DELETE", 6) == 0;
+        m = memcmp(s, "DELETE", 6) == 0 ? DELETE : -1;
+        break;
     case 7:
-        return memcmp(s, "OPTIONS", 7) == 0;
+        m = memcmp(s, "OPTIONS", 7) == 0 ? OPTIONS : -1;
+        break;
+    default:
+        m = -1;
     }
-    return 0;
+    return m < 0 ? NULL : METHODS[m];
 }
 
 PyDoc_STRVAR(plain_request_doc,
@@ -181,7 +196,8 @@ plain_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         p++;
     }
     Py_ssize_t method_len = p;
-    if (!plain_method(s, method_len) || s[p] != ' ' || s[p + 1] != '/') {
+    PyObject *method = plain_method(s, method_len);
+    if (method == NULL || s[p] != ' ' || s[p + 1] != '/') {
         Py_RETURN_NONE;
     }
     p += 2;
@@ -274,24 +290,21 @@ plain_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memcpy(o, h, host_len);
     o += host_len;
     memcpy(o, "\r\n\r\n", 4);
-    PyObject *method = PyBytes_FromStringAndSize((const char *)s, method_len);
     PyObject *target =
         PyBytes_FromStringAndSize((const char *)s + target_at, target_end - target_at);
-    if (method == NULL || target == NULL) {
-        Py_XDECREF(method);
-        Py_XDECREF(target);
+    if (target == NULL) {
         Py_DECREF(host);
         Py_DECREF(head);
         return NULL;
     }
     PyObject *result = PyTuple_New(4);
     if (result == NULL) {
-        Py_DECREF(method);
         Py_DECREF(target);
         Py_DECREF(host);
         Py_DECREF(head);
         return NULL;
     }
+    Py_INCREF(method);
     PyTuple_SET_ITEM(result, 0, method);
     PyTuple_SET_ITEM(result, 1, target);
     PyTuple_SET_ITEM(result, 2, host);
@@ -444,11 +457,23 @@ static struct PyModuleDef module_def = {
     "The data plane's plain-head checks in C; gateway/heads.py is the contract.",
     -1,
     methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__heads(void)
 {
     init_tables();
+    for (int m = 0; m < N_METHODS; m++) {
+        if (METHODS[m] == NULL) {
+            METHODS[m] = PyBytes_FromString(METHOD_NAMES[m]); /* kept for the process's life */
+            if (METHODS[m] == NULL) {
+                return NULL;
+            }
+        }
+    }
     return PyModule_Create(&module_def);
 }
