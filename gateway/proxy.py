@@ -380,8 +380,11 @@ class ClientConnection(asyncio.Protocol):
                     ex.forward_head = head
                     ex.request_done = True
                     ex.instance = inst  # type: ignore[assignment]
-                    if method == b"HEAD":
-                        ex.raw_response = False
+                    # Read on every response: set on the instance, not left to the class
+                    # defaults, because CPython 3.11 specializes attribute reads only for
+                    # instance attributes (a class default costs a generic lookup each time).
+                    ex.keep_alive = True
+                    ex.raw_response = method != b"HEAD"
                     self.deadline_kind = RESPONSE
                     self.deadline = monotonic() + plane.upstream_timeout
                     if self.active is None and not self.pending:
@@ -540,8 +543,8 @@ class ClientConnection(asyncio.Protocol):
         # RFC 9112 §6.1: after an HTTP/1.0 request with Transfer-Encoding, close.
         ex.keep_alive = parser.should_keep_alive() and not (ex.http10 and ex.chunked)
         ex.upgrade = parser.should_upgrade()
-        if ex.http10 or ex.upgrade or ex.method == b"HEAD":
-            ex.raw_response = False
+        # Always set (see the fast path in data_received for why not a class default).
+        ex.raw_response = not (ex.http10 or ex.upgrade or ex.method == b"HEAD")
         has_body = ex.chunked or bool(ex.content_length)
         self.deadline_kind = BODY if has_body else RESPONSE
         if has_body and ex.expect_continue:
