@@ -29,6 +29,8 @@ from .errors import CgroupUnavailable
 
 REQUIRED: Final = ("memory", "pids", "cpu")
 CFS_PERIOD_US: Final = 100_000
+# v2: the leaf dorm's own processes move to when its cgroup starts delegating (see prepare).
+SUPERVISOR: Final = "supervisor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,18 @@ class V2Handle(CgroupHandle):
     def oom_killed(self) -> bool:
         return _read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0) > 0
 
+    def oom_kills(self) -> int:
+        """How many times the sandbox was OOM-killed.
+
+        Why not simply ``oom_kill``: with ``memory.oom.group`` 1 (which ``apply_limits`` sets) the
+        kernel counts the victim twice in ``oom_kill`` (once as the chosen victim, once while
+        killing every member of the group), so one OOM of a one-process sandbox reads 2 (seen in
+        the cgroup v2 guest, Linux 6.1). ``oom_group_kill`` (5.17+) counts group kills once each;
+        without it (older kernels, or oom.group 0) ``oom_kill`` is the count.
+        """
+        events = _read_keyed(os.path.join(self.path, "memory.events"))
+        return events.get("oom_group_kill", 0) or events.get("oom_kill", 0)
+
     def stats(self) -> dict[str, int | None]:
         cpu = _read_keyed(os.path.join(self.path, "cpu.stat"))
         return {
@@ -236,7 +250,7 @@ class V2Handle(CgroupHandle):
             "memory_peak": _read_int(os.path.join(self.path, "memory.peak")),
             "cpu_usage_usec": cpu.get("usage_usec"),
             "pids_current": _read_int(os.path.join(self.path, "pids.current")),
-            "oom_kills": _read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0),
+            "oom_kills": self.oom_kills(),
         }
 
 
@@ -409,7 +423,7 @@ class V2Backend(CgroupBackend):
 
     def __init__(self, mountpoint: str, own: str, controllers: frozenset[str]) -> None:
         self.mountpoint = mountpoint
-        self.own_dir = os.path.join(mountpoint, own.lstrip("/"))
+        self.own_dir = os.path.join(mountpoint, _v2_own(mountpoint, own).lstrip("/"))
         self.controllers = controllers
         self.reason = f"cgroup v2 at {mountpoint} with controllers {', '.join(sorted(controllers))}"
         self._prepared: set[str] = set()
@@ -430,7 +444,7 @@ class V2Backend(CgroupBackend):
             except OSError as e:
                 if e.errno != 16:  # EBUSY: we are an inner node holding processes
                     raise
-                leaf = os.path.join(self.own_dir, "supervisor")
+                leaf = os.path.join(self.own_dir, SUPERVISOR)
                 os.makedirs(leaf, exist_ok=True)
                 for pid in _procs(self.own_dir):
                     with contextlib.suppress(ProcessLookupError):
@@ -455,7 +469,11 @@ class V2Backend(CgroupBackend):
         if "memory" in has:
             if limits.memory is not None:
                 _write(os.path.join(d, "memory.max"), str(limits.memory))
-                _write(os.path.join(d, "memory.swap.max"), "0")
+                # Absent when the kernel does no swap accounting (swapaccount=0, or built without
+                # it): then it cannot be limited here, as v1 without memsw (v1 skips it too).
+                swap = os.path.join(d, "memory.swap.max")
+                if os.path.exists(swap):
+                    _write(swap, "0")
                 if os.path.exists(os.path.join(d, "memory.oom.group")):
                     _write(os.path.join(d, "memory.oom.group"), "1")
             if limits.memory_high is not None:
@@ -501,6 +519,27 @@ class V2Backend(CgroupBackend):
             "mountpoint": self.mountpoint,
             "reason": self.reason,
         }
+
+
+def _v2_own(mountpoint: str, own: str) -> str:
+    """dorm's own v2 cgroup for a process whose /proc/self/cgroup says ``own``.
+
+    Why: ``V2Backend.prepare`` moves every process of dorm's cgroup into ``<own>/supervisor``.
+    Processes started after that (a restarted fork server, the runner's spawner) inherit the
+    leaf; taking it as their own cgroup would nest their sandboxes under it (where
+    ``cleanup_stale`` of the first layout never looks) and move everyone one level deeper on
+    each start. A ``supervisor`` leaf whose parent delegates controllers is ours: use the parent.
+    """
+    head, tail = os.path.split(own.rstrip("/"))
+    if tail != SUPERVISOR:
+        return own
+    try:
+        delegating = _read(
+            os.path.join(mountpoint, head.lstrip("/"), "cgroup.subtree_control")
+        ).split()
+    except OSError:
+        return own
+    return head or "/" if delegating else own
 
 
 def _v2_controllers(mountpoint: str, own: str) -> frozenset[str]:
