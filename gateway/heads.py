@@ -30,6 +30,7 @@ many ordinary and hostile heads.
 
 from __future__ import annotations
 
+import os
 import re
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
@@ -120,7 +121,11 @@ def plain_response_py(data: bytes) -> int | None:
     return length - (len(data) - body_at)
 
 
+# DORM_PURE_PYTHON_HEADS=1 uses the reference even when the extension is built: the test suite
+# runs the data plane's fast-path tests that way too, so the fallback cannot rot.
 try:
+    if os.environ.get("DORM_PURE_PYTHON_HEADS"):
+        raise ImportError("DORM_PURE_PYTHON_HEADS is set")
     from gateway._heads import plain_request, plain_response, response_head
 except ImportError:  # the C extension is not built: same answers, more instructions
     plain_request, plain_response = plain_request_py, plain_response_py

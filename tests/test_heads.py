@@ -10,7 +10,11 @@ and on 200,000 mutations of both (a fixed seed, so a failure reproduces).
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,7 @@ from gateway import heads
 from gateway.heads import plain_request_py, plain_response_py, response_head_py
 
 _heads = pytest.importorskip("gateway._heads", reason="the C extension is not built")
+ROOT = Path(__file__).resolve().parent.parent
 
 MAX = 8192
 FWD = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
@@ -230,6 +235,20 @@ def _check_response(data: bytes) -> bool:
     else:
         assert _heads.plain_response(data) is None
     return c is not None
+
+
+def test_the_fast_path_tests_pass_on_the_python_fallback() -> None:
+    """The data plane without the extension (DORM_PURE_PYTHON_HEADS=1): same behaviour."""
+    env = {**os.environ, "DORM_PURE_PYTHON_HEADS": "1"}
+    check = "import gateway.heads as h, sys; sys.exit(h.COMPILED)"
+    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fastpath.py"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def test_the_extension_is_what_the_data_plane_uses() -> None:
