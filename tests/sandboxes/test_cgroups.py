@@ -333,8 +333,13 @@ def test_v2_own_cgroup_with_processes_delegates_through_a_supervisor_leaf(
 def test_v2_stats_of_a_running_process(v2: tuple[cg.V2Backend, str]) -> None:
     backend, parent = v2
     handle = backend.create(parent, "stats", cg.Limits(memory=64 << 20, pids=8))
-    proc = _joined(handle, "sleep 30")
+    proc = _joined(handle, "exec sleep 30")
     try:
+        # Pages charged before joining stay with the old cgroup (v2 moves no charges): wait for
+        # the exec, whose new address space is charged here.
+        deadline = time.monotonic() + 30
+        while _read(f"/proc/{proc.pid}/comm") != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.02)
         stats = handle.stats()
         assert stats["pids_current"] == 1
         assert isinstance(stats["memory_current"], int) and stats["memory_current"] > 0

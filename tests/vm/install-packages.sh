@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the cgroup v2 guest test (tests/vm/test_cgroup2_guest.py) needs, from Debian's
-# packages, when this machine can run it: /dev/kvm present and we are root.
+# packages, when this machine can run it: x86_64 and we are root. /dev/kvm is not required: where
+# it is real KVM the guest uses it, elsewhere (this machine's /dev/kvm is kvm_pvm, which boots only
+# PVM guest kernels) qemu emulates the CPU (TCG) and runs the same kernel, slower.
 #
 # Why a guest at all: this host (and CI, same image) binds memory/pids/cpu to cgroup v1, so the
 # v2 code path of sandboxes/cgroups.py can only be tested for real under a kernel booted with
@@ -21,10 +23,6 @@ KERNEL_META="linux-image-amd64"
 
 say() { echo "tests/vm/install-packages.sh: $*" >&2; }
 
-if [ ! -e /dev/kvm ]; then
-    say "no /dev/kvm: the cgroup v2 guest test will skip; nothing installed"
-    exit 0
-fi
 if [ "$(id -u)" != 0 ]; then
     say "not root: cannot apt-get install; the cgroup v2 guest test will skip if packages are missing"
     exit 0
