@@ -39,4 +39,3 @@ def test_cgroup_v2_tests_pass_in_a_pure_v2_guest() -> None:
     assert summary is not None and int(summary.group(1)) >= 10, shown
     assert "cgroup v2 controllers unavailable" not in result.output, shown
     print(shown)
-
