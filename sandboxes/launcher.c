@@ -63,7 +63,7 @@
 #define REPORT 3
 #define MAX_MSG (1 << 20)
 #define MAX_FDS 16
-#define MAX_ITEMS 256
+#define MAX_ITEMS (MAX_MSG / 5) /* a string costs >= 5 bytes: the message bounds any count */
 #define OP_MKDIR 0
 #define OP_FILE 2
 #define OP_TMPFS 4
@@ -378,8 +378,10 @@ int main(int argc, char **argv) {
         static char cand[4096];
         for (uint32_t i = 0; i < n_path; i++) {
             if (!*paths[i]) continue;
-            if ((size_t)snprintf(cand, sizeof cand, "%s/%s", paths[i], args[0]) >= sizeof cand) continue;
-            execve(cand, args, envs);
+            if ((size_t)snprintf(cand, sizeof cand, "%s/%s", paths[i], args[0]) >= sizeof cand)
+                errno = ENAMETOOLONG;
+            else
+                execve(cand, args, envs);
             if ((errno != ENOENT && errno != ENOTDIR) || last == ENOENT) last = errno;
         }
     }

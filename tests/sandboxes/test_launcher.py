@@ -4,6 +4,7 @@ as the Python path, and pools pick the right kind of child."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 from pathlib import Path
@@ -154,3 +155,19 @@ def test_prewarm_default_follows_how_a_layout_is_started(sbx: Runner, tmp_path: 
     prewarm(spec, 1)
     assert list(_idle_kinds().values()) == [False]  # called once: Python children again
     prefork.POOL.clear()
+
+
+def test_large_argv_and_env_reach_the_tenant_exactly(sbx: Runner) -> None:
+    """No item limit of the launcher's own: 2,000 arguments and 1,000 variables arrive intact."""
+    spec = sbx.spec()
+    prefork.POOL.clear()
+    prewarm(spec, 1, exec_only=True)
+    env = {f"VAR_{i}": f"value {i} ={'x' * (i % 50)}" for i in range(1000)}
+    env.update(ENV)  # PATH, and LANG (else Python coerces the locale and adds LC_CTYPE)
+    args = [f"arg-{i}" for i in range(2000)]
+    code = "import os, sys, json\nprint(json.dumps([sys.argv[1:], dict(os.environ)]))\n"
+    r = sbx.run([PY, "-I", "-S", "-c", code, *args], spec, env=env)
+    assert r.exit_code == 0, r.err
+    got_args, got_env = json.loads(r.out)
+    assert got_args == args
+    assert got_env == env
