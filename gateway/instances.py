@@ -99,6 +99,7 @@ class Waiter(Protocol):
 
 
 PYTHON_TARGET = "runtimes.python:main"
+PYTHON_RUNTIMES = ("python-asgi", "python-wsgi")
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin")
 
 
@@ -199,7 +200,7 @@ def launch_command(
         runtime_env = {k: v for k, v in rd.env.items() if k not in app.env}
         runtime_env["DORM_RUNTIME"] = app.runtime
         return rd.argv(app), None, runtime_env, None
-    if app.runtime in ("python-asgi", "python-wsgi"):
+    if app.runtime in PYTHON_RUNTIMES:
         runtime_env = {
             "DORM_ENTRY": app.entry or "",
             "DORM_INTERFACE": app.runtime.removeprefix("python-"),
@@ -821,8 +822,7 @@ class InstanceManager:
             log_keep=self.cfg.log_keep,
             cwd=code_dir,
             sandbox=sandbox,
-            # A fresh interpreter never comes from a pool: it must not count as a pool miss.
-            pool=app.runtime if sandbox is not None and call and self._poolable(app) else None,
+            pool=app.runtime if sandbox is not None and self._poolable(app, call) else None,
         )
         attempt_at = time.monotonic()
         self.running[instance_id] = inst
@@ -1054,10 +1054,11 @@ class InstanceManager:
         overrides = self.launcher.pool_overrides
         await asyncio.to_thread(save_overrides, str(self.pool_overrides_path), overrides)
 
-    def _poolable(self, app: AppSpec) -> bool:
+    def _poolable(self, app: AppSpec, call: str | None) -> bool:
         """Built-in runtimes are pooled; an operator's runtime only if its runtime.toml says
-        `pool = true` (a pre-started member must be harmless to keep idle)."""
-        if self.rootless:
+        `pool = true` (a pre-started member must be harmless to keep idle). A python app started
+        in a fresh interpreter (`call` None) is not: it must not count as its pool's miss."""
+        if self.rootless or (app.runtime in PYTHON_RUNTIMES and call is None):
             return False
         if not is_uploaded_runtime(app.runtime):
             return True
