@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -279,6 +281,34 @@ def test_dead_fork_server_is_restarted(gateway: Gateway) -> None:
     gateway.wait_state("echo", "cold")
     resp = gateway.request("/pid")
     assert resp.status == 200 and int(resp.body) != pid
+
+
+def _forkserver_of(gateway: Gateway, not_pid: int = 0, timeout: float = 10.0) -> int:
+    """The gateway's fork server (waiting for one that is not `not_pid`)."""
+    assert gateway.proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{gateway.proc.pid}/task/{gateway.proc.pid}/children").read_text()
+        for child in children.split():
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"gateway.forkserver" in cmdline and int(child) != not_pid:
+                    return int(child)
+        time.sleep(0.02)
+    raise AssertionError("no (new) fork server")
+
+
+def test_fork_server_dying_right_after_start_is_restarted_ever_more_slowly(
+    gateway: Gateway,
+) -> None:
+    pid = _forkserver_of(gateway)
+    for _ in range(3):  # each one dies within a moment of its start
+        os.kill(pid, signal.SIGKILL)
+        pid = _forkserver_of(gateway, not_pid=pid)
+    log = gateway.log()
+    delays = [float(d) for d in re.findall(r"restarting the fork server in ([0-9.]+)s", log)]
+    assert len(delays) >= 2 and delays == sorted(delays) and delays[-1] > delays[0], log
+    assert gateway.request("/pid").status == 200  # and it serves again
 
 
 def test_spec_change_lets_in_flight_finish_on_old_instance(gateway: Gateway) -> None:
