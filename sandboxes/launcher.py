@@ -96,8 +96,12 @@ def available() -> bool:
 
 
 def path() -> str:
-    """The verified binary (``available()`` must have returned True)."""
+    """The verified binary (``available()`` must have returned True); rebuilt if it vanished
+    since (a cleaned-up /run or /var/tmp), so a long-running fork server keeps working."""
+    available()
     p = _state.get("path")
+    if isinstance(p, str) and not os.path.exists(p):
+        _state["path"] = p = _build()
     if not isinstance(p, str):
         raise OSError(2, "the sandbox launcher is not available")
     return p

@@ -205,9 +205,10 @@ def _spawn_launcher(sock: socket.socket, ns: nspool.NamespaceSet, join_fds: list
     fds = [sock.fileno(), *ns.fds(), *join_fds]
     argv = ["dorm-launcher", "idle", str(caps.cap_last_cap()), *(str(fd) for fd in fds)]
     actions = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]  # fd onto itself: inheritable
+    binary = launcher.path()  # before unshare: a rebuild forks the compiler
     libc.unshare(libc.CLONE_NEWPID)
     try:
-        return os.posix_spawn(launcher.path(), argv, {}, file_actions=actions)
+        return os.posix_spawn(binary, argv, {}, file_actions=actions)
     finally:
         libc.setns(own_pidns_fd(), libc.CLONE_NEWPID)
 

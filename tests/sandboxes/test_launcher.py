@@ -171,3 +171,13 @@ def test_large_argv_and_env_reach_the_tenant_exactly(sbx: Runner) -> None:
     got_args, got_env = json.loads(r.out)
     assert got_args == args
     assert got_env == env
+
+
+def test_a_removed_launcher_binary_is_rebuilt(sbx: Runner) -> None:
+    binary = launcher.path()
+    os.unlink(binary)
+    spec = sbx.spec()
+    prefork.POOL.clear()
+    assert prewarm(spec, 1, exec_only=True) == 1
+    assert os.path.exists(launcher.path())
+    assert sbx.run(["/bin/true"], spec).exit_code == 0
