@@ -85,6 +85,19 @@ def test_write_errors_are_counted_not_raised(tmp_path: Path) -> None:
     assert path.read_bytes() == b"kept\n"
 
 
+def test_a_log_that_cannot_be_opened_yet_is_retried_by_writes(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log's directory should be")
+    path = blocker / "app" / "instance.log"
+    log = RotatingLog(path, max_bytes=1000, keep=1)  # no exception: the start must not fail
+    log.write(b"lost\n")
+    assert log.dropped == 5
+    blocker.unlink()  # the disk is fixed
+    log.write(b"kept\n")  # the next write makes the directory and opens the file
+    log.close()
+    assert path.read_bytes() == b"kept\n"
+
+
 def test_read_tail_across_rotations(tmp_path: Path) -> None:
     path = tmp_path / "instance.log"
     log = RotatingLog(path, max_bytes=30, keep=3)
