@@ -22,7 +22,7 @@ from gateway.runner import RunnerHook, RunnerUnavailable, hook_for
 if TYPE_CHECKING:
     from gateway.instances import InstanceManager
 
-STAGES = ("queue", "claim", "confine", "app", "first_byte")
+STAGES = ("queue", "claim", "confine", "app", "app_import", "first_byte")
 PATHS = ("pool", "zygote", "fresh")
 KEEP = 1000  # recent starts kept per path for the summary
 
@@ -37,6 +37,7 @@ class StartStages:
     claim: float | None = None  # (fork server) taking an idle child, or forking one
     confine: float | None = None  # (fork server) confinement steps until the tenant code runs
     app: float | None = None  # "spawned" → the instance's socket accepted
+    app_import: float | None = None  # (pool) the member importing the app and its lifespan
     first_byte: float | None = None  # ready → the first response head relayed
     total: float | None = None  # first request queued → ready
     fallback: str | None = None  # why a faster path was not taken (or failed), if so
@@ -49,6 +50,7 @@ class StartStages:
             "claim_ms": _round(self.claim),
             "confine_ms": _round(self.confine),
             "app_ms": _round(self.app),
+            "import_ms": _round(self.app_import),
             "first_byte_ms": _round(self.first_byte),
             "total_ms": _round(self.total),
             "fallback": self.fallback,
@@ -58,7 +60,12 @@ class StartStages:
         """The log line's breakdown: "pool: claim 0.1 ms, confine 1.2 ms, app 6.0 ms"."""
         parts = [
             f"{name} {value:.1f} ms"
-            for name, value in (("claim", self.claim), ("confine", self.confine), ("app", self.app))
+            for name, value in (
+                ("claim", self.claim),
+                ("confine", self.confine),
+                ("app", self.app),
+                ("import", self.app_import),
+            )
             if value is not None
         ]
         why = f" (fallback: {self.fallback})" if self.fallback else ""

@@ -559,13 +559,16 @@ class ForkServer:
         assert child.member is not None
         channel = child.member.channel
         try:
-            said = channel.recv(16)
+            said = channel.recv(64)
         except OSError:
             said = b""
         self.selector.unregister(channel)
         channel.close()
-        if said == b"L":
-            self.send({"ev": "live", "id": child.id})
+        if said[:1] == b"L":  # "L<ms>": live, after loading the app for <ms>
+            live: dict[str, Any] = {"ev": "live", "id": child.id}
+            with contextlib.suppress(ValueError):
+                live["import_ms"] = round(float(said[1:]), 3)
+            self.send(live)
 
     def member_died(self, member: Member) -> None:
         """An idle serving member exited (OOM killer, operator): drop it; refill replaces it."""

@@ -289,6 +289,7 @@ class Instance:
         self.woken_at: float | None = None  # when the request that started it was queued
         self.stages: StartStages | None = None  # the last start, stage by stage
         self.first_byte_pending = False
+        self.import_ms: float | None = None  # a claimed member's own time to load the app
         self.zygote_unfit = False  # its start forked from the zygote failed, a fresh one did not
         self.start_watches_exit = False  # the start task decides what an exit while starting means
 
@@ -760,6 +761,7 @@ class InstanceManager:
         inst.socket_path = str(run_dir / "http.sock")
         inst.exited = asyncio.get_running_loop().create_future()
         inst.live = asyncio.get_running_loop().create_future()
+        inst.import_ms = None
         bundle_dir = str(self.bundle_path(branch.bundle)) if branch.bundle else None
         code_dir = bundle_dir or app.app_dir
         try:
@@ -882,6 +884,7 @@ class InstanceManager:
             claim=spawned.claim_ms,
             confine=spawned.confine_ms,
             app=(inst.ready_at - spawned_at) * 1000,
+            app_import=inst.import_ms,
             total=(inst.ready_at - woken) * 1000,
             fallback=fallback,
         )
@@ -1065,11 +1068,15 @@ class InstanceManager:
         record = self.runtime_defs(app.runtime)
         return record is not None and record.definition.pool
 
-    def _on_live(self, instance_id: str) -> None:
+    def _on_live(self, instance_id: str, import_ms: float | None) -> None:
         inst = self.running.get(instance_id)
-        live = inst.live if inst is not None and inst.id == instance_id else None
-        if live is not None and not live.done():
-            live.set_result(None)
+        if inst is None or inst.id != instance_id:
+            return
+        inst.import_ms = import_ms
+        if inst.stages is not None and inst.stages.path == "pool":  # ready before this came
+            inst.stages.app_import = import_ms
+        if inst.live is not None and not inst.live.done():
+            inst.live.set_result(None)
 
     # -- exits ------------------------------------------------------------------------------------
     def _on_exit(self, instance_id: str, info: ExitInfo) -> None:

@@ -95,9 +95,10 @@ class Launcher:
         on_exit: Callable[[str, ExitInfo], None],
         cgroup_parent: str | None = None,
         pool: dict[str, Any] | None = None,
-        on_live: Callable[[str], None] | None = None,
+        on_live: Callable[[str, float | None], None] | None = None,
     ) -> None:
-        self._on_live = on_live or (lambda _id: None)  # a claimed pool member is serving
+        # A claimed pool member is serving (and took this many ms to load its app).
+        self._on_live = on_live or (lambda _id, _ms: None)
         self._pool = pool or {}  # [pool] settings, passed to the fork server at each start
         self._overrides: dict[str, tuple[int, int]] = {}  # runtime → (min_idle, max_idle)
         # Recent sandbox shapes (by their limits and layout), for refilling after a restart.
@@ -279,7 +280,8 @@ class Launcher:
                     )
                 )
         elif ev == "live":
-            self._on_live(instance_id)
+            took = message.get("import_ms")
+            self._on_live(instance_id, float(took) if isinstance(took, (int, float)) else None)
         elif ev == "spawn_failed":
             future = self._pending.get(instance_id)
             if future is not None and not future.done():

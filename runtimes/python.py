@@ -44,7 +44,7 @@ from granian.server.embed import Server
 INTERFACES = ("asgi", "wsgi")
 MEMBER_SOCKET = ".member.sock"  # a member listens here until its claim is complete
 MAX_CLAIM = 1 << 20  # bytes of one claim message (the tenant's environment)
-LIVE = b"L"  # sent back on the claim channel once the socket has its real name
+LIVE = b"L"  # sent back on the claim channel once the socket has its real name, + import ms
 HOST_PACKAGES = frozenset({"gateway", "sandboxes"})  # the fork server's, not the runtime's
 
 
@@ -289,11 +289,11 @@ async def _member(late: LateApp, socket_dir: str) -> None:
         except EntryError as exc:
             raise ClaimError(str(exc)) from None
         await late.claim(app)
+        took = (time.perf_counter() - began) * 1000
         os.rename(os.path.join(socket_dir, MEMBER_SOCKET), env["DORM_SOCKET"])
         with contextlib.suppress(OSError):  # "live": the gateway may connect now, no polling
-            channel.send(LIVE)
+            channel.send(LIVE + f"{took:.3f}".encode())  # and how long the app took to load
         channel.close()
-        took = (time.perf_counter() - began) * 1000
         print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
     except ClaimError as exc:
         _end_claim(2, f"dorm python runtime: {exc}")

@@ -127,6 +127,12 @@ def test_wsgi_app_from_the_pool(gw: Gateway, tmp_path: Path) -> None:
     resp = gw.request("/hello", host="classic.localhost")
     assert resp.status == 200 and resp.body == b"wsgi /hello classic", resp.body
     assert last_start(gw, "classic")["last_start"]["path"] == "pool"
+    # The member timed its own import of the app (reported with "live", maybe after "ready").
+    deadline = time.monotonic() + 5
+    while (start := last_start(gw, "classic")["last_start"])["import_ms"] is None:
+        assert time.monotonic() < deadline, start
+        time.sleep(0.02)
+    assert 0 < start["import_ms"] < start["total_ms"], start  # the import is inside the start
 
 
 def test_volume_survives_and_belongs_to_the_member_uid(gw: Gateway, tmp_path: Path) -> None:
