@@ -165,7 +165,8 @@ def _idle_main(
     gc.disable()
     try:
         for fd in _held:  # other sandboxes' mount namespaces: not ours to keep alive
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         for fd in join_fds:  # the slow part of a cgroup move (an RCU grace period) happens here
             os.write(fd, b"0")
             os.close(fd)
