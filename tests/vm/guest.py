@@ -189,7 +189,7 @@ $B mount -t tmpfs -o mode=0755,size=1g upper /upper && $B mkdir /upper/data /upp
     || fail "tmpfs for the overlay"
 $B mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \
     || fail "mount overlay root"
-for d in tmp run var/tmp; do
+for d in {tmpfs_dirs}; do
     $B mount -t tmpfs -o mode=1777,size=1g tmpfs "/newroot/$d" || fail "tmpfs /$d"
 done
 $B chmod 0755 /newroot/run
@@ -221,13 +221,28 @@ sleep 0.3
 """
 
 
-def build_initramfs(kernel: Kernel, job: str) -> bytes:
+def tmpfs_dirs(*needed: str) -> list[str]:
+    """Guest dirs that get a fresh tmpfs (host content hidden), skipping any that holds a path the
+    job needs: a CI clone under /tmp must stay visible (the overlay keeps it writable anyway).
+
+    Why fresh ones at all: host state under /run (egress state files, sockets) must not look like
+    the guest's own to ``cleanup_stale`` and friends.
+    """
+    out = []
+    for d in ("tmp", "run", "var/tmp"):
+        top = "/" + d
+        if not any(p == top or p.startswith(top + "/") for p in map(os.path.realpath, needed)):
+            out.append(d)
+    return out
+
+
+def build_initramfs(kernel: Kernel, job: str, fresh: list[str]) -> bytes:
     entries: list[tuple[str, int, bytes]] = [
         (d, 0o40755, b"")
         for d in ("bin", "dev", "proc", "sys", "newroot", "lower", "upper", "modules")
     ]
     entries.append(("bin/busybox", 0o100755, Path(BUSYBOX).read_bytes()))
-    entries.append(("init", 0o100755, INIT.encode()))
+    entries.append(("init", 0o100755, INIT.replace("{tmpfs_dirs}", " ".join(fresh)).encode()))
     entries.append(("job.sh", 0o100755, job.encode()))
     names = [ko.name for ko in kernel.modules]
     for ko in kernel.modules:
@@ -265,7 +280,8 @@ def run(
     tmp = Path(tempfile.mkdtemp(prefix="dorm-vm-"))
     try:
         initrd = tmp / "initramfs.cpio.gz"
-        initrd.write_bytes(build_initramfs(kernel, job))
+        fresh = tmpfs_dirs(str(ROOT), str(python), sys.base_prefix)
+        initrd.write_bytes(build_initramfs(kernel, job, fresh))
         console, out = tmp / "console.log", tmp / "out.log"
         cmdline = " ".join(
             (

@@ -18,7 +18,7 @@
 set -uo pipefail
 
 CACHE="${DORM_VM_CACHE:-/var/cache/dorm-vm}"
-STEP_TIMEOUT="${DORM_VM_INSTALL_TIMEOUT:-300}"
+STEP_TIMEOUT="${DORM_VM_INSTALL_TIMEOUT:-120}"
 KERNEL_META="linux-image-amd64"
 
 say() { echo "tests/vm/install-packages.sh: $*" >&2; }
