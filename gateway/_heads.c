@@ -164,6 +164,63 @@ plain_method(const unsigned char *s, Py_ssize_t len)
     return m < 0 ? NULL : METHODS[m];
 }
 
+/*
+ * The last Host (lowercased) and request target returned, reused when the next request carries
+ * the same bytes: a keep-alive connection, or a load generator, sends the same ones over and
+ * over, and a reused bytes object is neither allocated nor hashed again (its hash is cached), so
+ * the Host's routing-dict lookup is cheaper too. Only read and replaced with the GIL held.
+ */
+static PyObject *last_host;
+static PyObject *last_target;
+
+/* A new reference to s[0:len] lowercased as bytes; NULL with an exception set on failure. */
+static PyObject *
+same_host(const unsigned char *s, Py_ssize_t len)
+{
+    PyObject *last = last_host;
+    if (last != NULL && PyBytes_GET_SIZE(last) == len) {
+        const unsigned char *h = (const unsigned char *)PyBytes_AS_STRING(last);
+        Py_ssize_t i = 0;
+        while (i < len && (s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]) == h[i]) {
+            i++;
+        }
+        if (i == len) {
+            Py_INCREF(last);
+            return last;
+        }
+    }
+    PyObject *host = PyBytes_FromStringAndSize(NULL, len);
+    if (host == NULL) {
+        return NULL;
+    }
+    char *h = PyBytes_AS_STRING(host);
+    for (Py_ssize_t i = 0; i < len; i++) {
+        h[i] = (char)(s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]);
+    }
+    Py_INCREF(host);
+    Py_XSETREF(last_host, host);
+    return host;
+}
+
+/* A new reference to s[0:len] as bytes; NULL with an exception set on failure. */
+static PyObject *
+same_target(const unsigned char *s, Py_ssize_t len)
+{
+    PyObject *last = last_target;
+    if (last != NULL && PyBytes_GET_SIZE(last) == len &&
+        memcmp(PyBytes_AS_STRING(last), s, len) == 0) {
+        Py_INCREF(last);
+        return last;
+    }
+    PyObject *target = PyBytes_FromStringAndSize((const char *)s, len);
+    if (target == NULL) {
+        return NULL;
+    }
+    Py_INCREF(target);
+    Py_XSETREF(last_target, target);
+    return target;
+}
+
 PyDoc_STRVAR(plain_request_doc,
              "plain_request(data, max_size, forwarded, /)\n--\n\n"
              "(method, target, host, forward_head) for a plain request head, else None.\n"
@@ -265,15 +322,11 @@ plain_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     Py_ssize_t host_len = host_end - host_at;
-    PyObject *host = PyBytes_FromStringAndSize(NULL, host_len);
+    PyObject *host = same_host(s + host_at, host_len);
     if (host == NULL) {
         return NULL;
     }
-    char *h = PyBytes_AS_STRING(host);
-    for (Py_ssize_t i = 0; i < host_len; i++) {
-        unsigned char c = s[host_at + i];
-        h[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
-    }
+    const char *h = PyBytes_AS_STRING(host);
     /* The head as it came, minus its final CRLF, plus the X-Forwarded-* lines (`forwarded`
      * ends with "X-Forwarded-Host: "), the lowercased Host and the empty line. */
     Py_ssize_t fwd_len = PyBytes_GET_SIZE(forwarded);
@@ -290,8 +343,7 @@ plain_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memcpy(o, h, host_len);
     o += host_len;
     memcpy(o, "\r\n\r\n", 4);
-    PyObject *target =
-        PyBytes_FromStringAndSize((const char *)s + target_at, target_end - target_at);
+    PyObject *target = same_target(s + target_at, target_end - target_at);
     if (target == NULL) {
         Py_DECREF(host);
         Py_DECREF(head);

@@ -325,3 +325,22 @@ def test_max_size_is_inclusive() -> None:
     assert _heads.plain_request(head, len(head), FWD) is not None
     assert _heads.plain_request(head, len(head) - 1, FWD) is None
     assert plain_request_py(head, len(head) - 1, FWD) is None
+
+
+def test_reused_host_and_target_objects_never_leak_between_requests() -> None:
+    """The C side reuses the last Host and target objects when the bytes repeat: a different
+    Host or target of the same length (or the same in another case) must still come out right."""
+    seen = []
+    for host, target in [
+        (b"a.localhost", b"/x"),
+        (b"A.LOCALHOST", b"/x"),
+        (b"b.localhost", b"/y"),
+        (b"a.localhost", b"/x"),
+        (b"a.localhosT", b"/X"),
+    ]:
+        head = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        taken = _heads.plain_request(head, MAX, FWD)
+        assert taken is not None and taken == plain_request_py(head, MAX, FWD)
+        assert (taken[1], taken[2]) == (target, host.lower())
+        seen.append(taken)
+    assert seen[0][2] is seen[1][2]  # reused: same bytes once lowercased
