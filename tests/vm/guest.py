@@ -25,6 +25,7 @@ supervisor-leaf move runs for real too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import glob
 import gzip
@@ -251,6 +252,13 @@ def build_initramfs(kernel: Kernel, job: str, fresh: list[str]) -> bytes:
     return gzip.compress(_cpio_newc(entries), compresslevel=1)
 
 
+def _die_with_parent() -> None:
+    """In the forked qemu before exec: SIGKILL it if its parent dies, so a caller killed outright
+    (SIGTERM/SIGKILL skip every ``finally``) leaves no VM running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def run(
     pytest_args: list[str] | None = None,
     *,
@@ -324,18 +332,22 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         boot: float | None = None  # host seconds until the job's first line (boot cost)
         deadline = t0 + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            if boot is None and out.exists() and out.stat().st_size > 0:
-                boot = time.monotonic() - t0
-            time.sleep(0.1)
-        if proc.poll() is None:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        qemu_out, _ = proc.communicate()  # stdout is only qemu's own error messages
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if boot is None and out.exists() and out.stat().st_size > 0:
+                    boot = time.monotonic() - t0
+                time.sleep(0.1)
+            timed_out = proc.poll() is None
+        finally:
+            # Also on any exception here (pytest-timeout, ^C): no VM outlives its caller.
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            qemu_out, _ = proc.communicate()  # stdout is only qemu's own error messages
         seconds = time.monotonic() - t0
         text = out.read_text(errors="replace") if out.exists() else ""
         cons = console.read_text(errors="replace") if console.exists() else ""
