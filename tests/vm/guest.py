@@ -1,22 +1,23 @@
-"""Boot a throwaway KVM guest with a pure cgroup v2 kernel and run pytest inside it.
+"""Boot a throwaway qemu guest with a pure cgroup v2 kernel and run pytest inside it.
 
 Why: this host and CI bind memory/pids/cpu to cgroup v1 (the cgroup2 mount beside them is empty),
 so ``V2Backend``'s limit, OOM and spawn paths can only run for real under another kernel. The
-guest is Debian's ``linux-image-amd64`` booted by ``qemu-system-x86_64`` with ``cgroup_no_v1=all``;
-its root is the *host's* filesystem shared read-only over virtio-9p, with tmpfs on /tmp, /run,
-/var/tmp and /dev/shm, so it runs this very checkout with the repo's own venv, and nothing in it
-can write back to the host.
+guest is Debian's ``linux-image-amd64`` booted by ``qemu-system-x86_64`` with ``cgroup_no_v1=all``
+(KVM where the host has real KVM, TCG emulation otherwise: see ``accelerator``). Its root is the
+*host's* filesystem shared read-only over virtio-9p under an overlay whose upper layer is guest
+tmpfs (and fresh tmpfs on /run, /var/tmp, /dev/shm, /tmp), so it runs this very checkout with the
+repo's own venv, and nothing in it can write back to the host.
 
 Containment: no network device at all (``-nodefaults -nic none``), no monitor, no display; the
 only output is two serial ports written to files in a temp dir (ttyS0 the kernel console, ttyS1
-the job's output). The VM has a hard wall-clock limit after which qemu is SIGKILLed, and the temp
-dir (initramfs, logs) is removed whatever happens.
+the job's output). The VM has a hard wall-clock limit after which qemu is SIGKILLed (also when
+the caller fails or dies), and the temp dir (initramfs, logs) is removed.
 
-Boot: a tiny initramfs made here (host's static busybox, the virtio/9p modules extracted by
-tests/vm/install-packages.sh, an /init script) loads the modules, mounts the 9p root and the
-tmpfs, mounts cgroup2 at /sys/fs/cgroup with +memory +pids +cpu in the root's subtree_control, and
-``switch_root``-s into the host's root to run the job: pytest from the repo's venv, inside a
-non-root cgroup holding processes (like a systemd service), so ``V2Backend.prepare``'s
+Boot: a tiny initramfs made here (host's static busybox, the virtio/9p/overlay modules extracted
+by tests/vm/install-packages.sh, an /init script) loads the modules, mounts the 9p root, the
+overlay and the tmpfs, mounts cgroup2 at /sys/fs/cgroup with +memory +pids +cpu in the root's
+subtree_control, and ``switch_root``-s into it to run the job: pytest from the repo's venv, inside
+a non-root cgroup holding processes (like a systemd service), so ``V2Backend.prepare``'s
 supervisor-leaf move runs for real too.
 
 ``python -m tests.vm.guest [pytest args]`` runs it by hand (``make test-cgroup2``).
