@@ -617,6 +617,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"pidfd             {yes(report['pidfd'])}",
         f"mount_setattr     {yes(report['mount_setattr'])}",
         f"favordynmods      {report['favordynmods'] or 'no (cgroup joins wait for RCU)'}",
+        f"sandbox launcher  {report['sandbox_launcher'] or 'no (exec starts use the Python path)'}",
         f"isolation         {report['isolation']}",
     ]
     lines += [f"  - {reason}" for reason in report["isolation_reasons"]]

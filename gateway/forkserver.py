@@ -963,8 +963,6 @@ class ForkServer:
         oom = False
         if child.sandbox is not None:
             with contextlib.suppress(Exception):
-                child.sandbox.cleanup()
-            with contextlib.suppress(Exception):
                 oom = bool(child.sandbox.oom_killed())
         info: dict[str, Any] = {"ev": "exited", "id": child.id, "pid": child.pid, "oom": oom}
         if code < 0:
@@ -979,11 +977,14 @@ class ForkServer:
             how += " (out of memory: the kernel killed it at its memory limit)"
         child.log.write(f"[dorm] pid {child.pid} {how}\n".encode())
         child.log.close()
+        del self.children[child.id]
+        self.send(info)  # before the teardown: unmounting its tree waits for an RCU grace period
+        if child.sandbox is not None:
+            with contextlib.suppress(Exception):
+                child.sandbox.cleanup()
         _remove_run_dir(child.run_dir)
         if child.member is not None:
             self._release_member(child.member)
-        del self.children[child.id]
-        self.send(info)
 
 
 def _open_log(req: dict[str, Any]) -> RotatingLog:
@@ -1090,6 +1091,11 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+    if cgroup_parent is not None:
+        # Build (or find) the sandbox launcher now: its one-time compile (~0.3 s) must not be
+        # paid by the first request. Without a compiler, exec starts use the Python path.
+        with contextlib.suppress(Exception):
+            importlib.import_module("sandboxes.launcher").available()
     for module in PRELOAD:
         importlib.import_module(module)
     # Everything imported so far is shared with every zygote child; freezing it keeps the

@@ -122,6 +122,13 @@ def missing_protections() -> list[str]:
     ]
 
 
+def _launcher() -> str | None:
+    """The C launcher exec starts use (built on first use), or None: the Python path then."""
+    from . import launcher
+
+    return launcher.path() if launcher.available() else None
+
+
 def favordynmods_active() -> str | None:
     """The cgroup hierarchy mounted with favordynmods (fast cgroup joins), if any."""
     from .dynmods import active
@@ -157,6 +164,7 @@ def host_report() -> dict[str, Any]:
         "pidfd": _pidfd(),
         "mount_setattr": setattr_ok,
         "favordynmods": favordynmods_active(),
+        "sandbox_launcher": _launcher(),
         "isolation": level,
         "isolation_reasons": reasons,
         "missing_protections": missing_protections() if level == "rootless" else [],

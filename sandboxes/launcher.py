@@ -18,6 +18,7 @@ which runs the same steps in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -35,6 +36,17 @@ MAGIC: Final = 0x314C5344  # "DSL1", checked by launcher.c
 SUPPORTED_OPS: Final = frozenset({mounts.OP_MKDIR, mounts.OP_FILE, mounts.OP_TMPFS})
 
 _state: dict[str, object] = {}
+
+
+def _prune(directory: str, keep: str) -> None:
+    """Remove launchers built from older sources (one per version would pile up otherwise). A
+    fork server still using one rebuilds it when it finds it gone (see ``path``)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            old = os.path.join(directory, name)
+            if name.startswith("launcher-") and not name.endswith(".tmp") and old != keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
 
 
 def _build() -> str | None:
@@ -72,6 +84,7 @@ def _build() -> str | None:
                     return None
                 os.chmod(tmp, 0o700)
                 os.rename(tmp, binary)
+                _prune(d, keep=binary)
             except (OSError, subprocess.SubprocessError):
                 return None
             finally:

@@ -181,3 +181,15 @@ def test_a_removed_launcher_binary_is_rebuilt(sbx: Runner) -> None:
     assert prewarm(spec, 1, exec_only=True) == 1
     assert os.path.exists(launcher.path())
     assert sbx.run(["/bin/true"], spec).exit_code == 0
+
+
+def test_building_a_launcher_removes_those_of_older_sources(sbx: Runner) -> None:
+    binary = launcher.path()
+    directory = os.path.dirname(binary)
+    stale = os.path.join(directory, "launcher-0123456789abcdef")  # an older source's build
+    with open(stale, "wb") as fh:
+        fh.write(b"old")
+    os.unlink(binary)  # the next use builds the current one again
+    assert launcher.path() == binary and os.path.exists(binary)
+    assert not os.path.exists(stale)
+    assert sbx.run(["/bin/true"], sbx.spec()).exit_code == 0
