@@ -277,7 +277,28 @@ class CgroupBackend(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def apply_limits(self, handle: CgroupHandle, limits: Limits) -> None: ...
+    def apply_limits(
+        self, handle: CgroupHandle, limits: Limits, reset: frozenset[str] = frozenset()
+    ) -> None:
+        """Write every limit that is set; ``reset`` names fields (of ``Limits``) that are None in
+        ``limits`` but were written before, and are put back to the kernel's "unlimited"."""
+        ...
+
+    @staticmethod
+    def _to_reset(limits: Limits, applied: Limits | None) -> frozenset[str]:
+        """Fields ``applied`` (at prewarm) set that ``limits`` leaves unlimited.
+
+        Why: an idle child pre-limited for one spec can be taken by a spawn of another ("any idle
+        child will do"); skipping a None field would leave the prewarm's value in force, e.g. a
+        256 MiB memory.max on a sandbox asked to be unlimited.
+        """
+        if applied is None:
+            return frozenset()
+        return frozenset(
+            f
+            for f in ("memory", "memory_high", "cpu", "cpu_weight", "pids")
+            if getattr(limits, f) is None and getattr(applied, f) is not None
+        )
 
     @abc.abstractmethod
     def activate(
@@ -348,34 +369,42 @@ class V1Backend(CgroupBackend):
             raise
         return handle
 
-    def apply_limits(self, handle: CgroupHandle, limits: Limits) -> None:
+    def apply_limits(
+        self, handle: CgroupHandle, limits: Limits, reset: frozenset[str] = frozenset()
+    ) -> None:
         assert isinstance(handle, V1Handle)
         by_controller = handle.by_controller
         mem = by_controller["memory"]
-        if limits.memory is not None:
+        if limits.memory is not None or "memory" in reset:
             limit = os.path.join(mem, "memory.limit_in_bytes")
             memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            value = -1 if limits.memory is None else limits.memory  # -1: unlimited
             if not os.path.exists(memsw):
-                _write(limit, str(limits.memory))
+                _write(limit, str(value))
             else:
                 # swap accounting on: memory+swap == memory → no swap. v1 requires
                 # memsw >= limit at every moment, so a raise writes memsw first, a cut limit first.
                 with open(limit) as fh:
-                    raising = limits.memory > int(fh.read())
+                    raising = value == -1 or value > int(fh.read())
                 order = (memsw, limit) if raising else (limit, memsw)
                 for path in order:
-                    _write(path, str(limits.memory))
+                    _write(path, str(value))
         _write(os.path.join(mem, "memory.swappiness"), "0")
-        if limits.pids is not None:
-            _write(os.path.join(by_controller["pids"], "pids.max"), str(limits.pids))
+        if limits.pids is not None or "pids" in reset:
+            value_s = "max" if limits.pids is None else str(limits.pids)
+            _write(os.path.join(by_controller["pids"], "pids.max"), value_s)
         cpu = by_controller["cpu"]
         if limits.cpu is not None:
             _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CFS_PERIOD_US))
             _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(int(limits.cpu * CFS_PERIOD_US)))
+        elif "cpu" in reset:
+            _write(os.path.join(cpu, "cpu.cfs_quota_us"), "-1")
         if limits.cpu_weight is not None:
             # v2 weight 100 == v1 shares 1024 (the same mapping systemd and runc use)
             shares = max(2, min(262144, limits.cpu_weight * 1024 // 100))
             _write(os.path.join(cpu, "cpu.shares"), str(shares))
+        elif "cpu_weight" in reset:
+            _write(os.path.join(cpu, "cpu.shares"), "1024")
 
     def activate(
         self, handle: CgroupHandle, name: str, limits: Limits, applied: Limits | None = None
@@ -390,7 +419,7 @@ class V1Backend(CgroupBackend):
             renamed[c] = moved[d]
         new = self._handle(renamed)
         if applied != limits:
-            self.apply_limits(new, limits)
+            self.apply_limits(new, limits, self._to_reset(limits, applied))
         return new
 
     def handle(self, parent: str, name: str) -> CgroupHandle:
@@ -463,31 +492,43 @@ class V2Backend(CgroupBackend):
         os.mkdir(d)
         return V2Handle((d,))
 
-    def apply_limits(self, handle: CgroupHandle, limits: Limits) -> None:
+    def apply_limits(
+        self, handle: CgroupHandle, limits: Limits, reset: frozenset[str] = frozenset()
+    ) -> None:
         d = handle.path
         has = self.controllers
         if "memory" in has:
+            # Absent when the kernel does no swap accounting (built without it): then swap cannot
+            # be limited here, as on v1 without memsw (v1 skips it too).
+            swap = os.path.join(d, "memory.swap.max")
             if limits.memory is not None:
                 _write(os.path.join(d, "memory.max"), str(limits.memory))
-                # Absent when the kernel does no swap accounting (swapaccount=0, or built without
-                # it): then it cannot be limited here, as v1 without memsw (v1 skips it too).
-                swap = os.path.join(d, "memory.swap.max")
                 if os.path.exists(swap):
                     _write(swap, "0")
                 if os.path.exists(os.path.join(d, "memory.oom.group")):
                     _write(os.path.join(d, "memory.oom.group"), "1")
+            elif "memory" in reset:
+                _write(os.path.join(d, "memory.max"), "max")
+                if os.path.exists(swap):
+                    _write(swap, "max")
             if limits.memory_high is not None:
                 _write(os.path.join(d, "memory.high"), str(limits.memory_high))
-        if "pids" in has and limits.pids is not None:
-            _write(os.path.join(d, "pids.max"), str(limits.pids))
+            elif "memory_high" in reset:
+                _write(os.path.join(d, "memory.high"), "max")
+        if "pids" in has and (limits.pids is not None or "pids" in reset):
+            _write(os.path.join(d, "pids.max"), "max" if limits.pids is None else str(limits.pids))
         if "cpu" in has:
             if limits.cpu is not None:
                 _write(
                     os.path.join(d, "cpu.max"),
                     f"{int(limits.cpu * CFS_PERIOD_US)} {CFS_PERIOD_US}",
                 )
+            elif "cpu" in reset:
+                _write(os.path.join(d, "cpu.max"), f"max {CFS_PERIOD_US}")
             if limits.cpu_weight is not None:
                 _write(os.path.join(d, "cpu.weight"), str(limits.cpu_weight))
+            elif "cpu_weight" in reset:
+                _write(os.path.join(d, "cpu.weight"), "100")  # the kernel's default
 
     def activate(
         self, handle: CgroupHandle, name: str, limits: Limits, applied: Limits | None = None
@@ -495,7 +536,7 @@ class V2Backend(CgroupBackend):
         # cgroup2 directories cannot be renamed (no kernfs rename op): the pool-generated name
         # stays; the Sandbox handle carries the path.
         if applied != limits:
-            self.apply_limits(handle, limits)
+            self.apply_limits(handle, limits, self._to_reset(limits, applied))
         return handle
 
     def handle(self, parent: str, name: str) -> CgroupHandle:

@@ -348,3 +348,51 @@ def test_v2_stats_of_a_running_process(v2: tuple[cg.V2Backend, str]) -> None:
     finally:
         handle.remove()
     assert proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def _limit_files(handle: cg.CgroupHandle) -> dict[str, str]:
+    """The limit files this backend writes, read back (v1 per controller, v2 one directory)."""
+    if isinstance(handle, cg.V1Handle):
+        mem, pids, cpu = (handle.by_controller[c] for c in ("memory", "pids", "cpu"))
+        return {
+            "memory": _read(f"{mem}/memory.limit_in_bytes"),
+            "pids": _read(f"{pids}/pids.max"),
+            "cpu": _read(f"{cpu}/cpu.cfs_quota_us"),
+            "cpu_weight": _read(f"{cpu}/cpu.shares"),
+        }
+    d = handle.path
+    return {
+        "memory": _read(f"{d}/memory.max"),
+        "memory_high": _read(f"{d}/memory.high"),
+        "swap": _read(f"{d}/memory.swap.max"),
+        "pids": _read(f"{d}/pids.max"),
+        "cpu": _read(f"{d}/cpu.max"),
+        "cpu_weight": _read(f"{d}/cpu.weight"),
+    }
+
+
+def test_activate_with_unset_limits_undoes_the_prewarm_ones() -> None:
+    """An idle cgroup limited at prewarm for one spec, taken by a spawn whose limits are None
+    ("any idle child will do"), must end up as unlimited as a fresh one, not keep the old values."""
+    backend = cg.detect()
+    if backend.version == 2:
+        _v2_or_skip()
+    parent = f"dorm-reset-{os.getpid()}"
+    fresh = backend.create(parent, "fresh", cg.Limits())
+    unlimited = _limit_files(fresh)
+    fresh.remove()
+    prewarm = cg.Limits(memory=64 << 20, memory_high=48 << 20, cpu=0.5, cpu_weight=50, pids=32)
+    idle = backend.create(parent, "idle-1", prewarm)
+    assert _limit_files(idle) != unlimited
+    active = backend.activate(idle, "instance", cg.Limits(), prewarm)
+    try:
+        assert _limit_files(active) == unlimited
+        # and a partial spec: what it sets is written, what it leaves unset is unlimited again
+        again = backend.activate(active, "instance", cg.Limits(pids=16), cg.Limits(pids=8, cpu=1))
+        files = _limit_files(again)
+        assert files["pids"] == "16"
+        assert files["cpu"] == unlimited["cpu"]
+    finally:
+        for child in backend.list_children(parent):
+            backend.handle(parent, child).remove()
+        backend.remove_parent(parent)
