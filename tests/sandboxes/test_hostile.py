@@ -90,12 +90,14 @@ def test_cpu_loop_is_throttled_to_quota(sbx: Runner) -> None:
     spec = sbx.spec(cpu=0.1)
     r = sbx.py(
         "import time\n"
+        "start = time.process_time()\n"
         "end = time.monotonic() + 0.6\n"
         "while time.monotonic() < end: pass\n"
-        "print(time.process_time())\n",
+        "print(time.process_time() - start)\n",
         spec,
     )
-    # 10% of one CPU over ~0.6 s wall is ~0.06 s (plus a period of slack); unthrottled ~0.6 s
+    # 10% of one CPU over ~0.6 s wall is ~0.06 s (plus a period of slack); unthrottled ~0.6 s.
+    # Only the loop counts: the interpreter's own start-up is slow under emulation (v2 guest).
     assert float(r.out) < 0.3
     assert r.exit_code == 0
 

@@ -246,7 +246,10 @@ def test_cleanup_stale_after_gateway_crash(tmp_path: Path) -> None:
         sandbox_pid = int(os.read(r, 32) or b"0")
         assert sandbox_pid > 0
         backend = cg.detect()
-        assert backend.list_children(parent) == ["crashy"]
+        children = backend.list_children(parent)
+        # v1 renames a pre-built cgroup to the sandbox's name; v2 refuses that (EPERM) and
+        # keeps the pool's name: one cgroup either way.
+        assert children == ["crashy"] if backend.version == 1 else len(children) == 1, children
         os.kill(gateway, signal.SIGKILL)
         os.waitpid(gateway, 0)
         assert cleanup_stale(parent) == 1
