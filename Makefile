@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 	bench-runner bench-locust \
 	bench-registry clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py gateway/_heads.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
