@@ -250,6 +250,50 @@ _READY = State.READY  # a module global: one lookup on the per-request path, not
 class Instance:
     """One (app, branch) and the process serving it, if any."""
 
+    # Slots: CPython 3.11 specializes attribute access on small fixed layouts; the data plane
+    # reads and writes several of these on every request (acquire, release).
+    __slots__ = (
+        "app",
+        "branch",
+        "broken",
+        "connections",
+        "exited",
+        "failed_until",
+        "failures",
+        "first_byte_pending",
+        "id",
+        "idle",
+        "import_ms",
+        "in_flight",
+        "internal",
+        "last_activity",
+        "last_error",
+        "last_request",
+        "live",
+        "lost",
+        "manager",
+        "netns_fd",
+        "next_start_at",
+        "pid",
+        "ready_at",
+        "retired",
+        "site",
+        "socket_path",
+        "special",
+        "stages",
+        "start_watches_exit",
+        "started_at",
+        "starts",
+        "state",
+        "stopping",
+        "uid",
+        "uid_from_pool",
+        "upgraded",
+        "waiters",
+        "woken_at",
+        "zygote_unfit",
+    )
+
     def __init__(self, manager: InstanceManager, app: AppSpec, branch: BranchSpec) -> None:
         self.manager = manager
         self.app = app
