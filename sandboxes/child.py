@@ -122,10 +122,14 @@ _NO_KEY: Final[mounts.LayoutKey] = (None, (), b"", False, "")
 
 
 def reset_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them,
-    and unblock everything the fork server may have blocked."""
+    """Python ignores SIGPIPE and SIGXFSZ, and whatever started dorm may have left glibc's two
+    reserved signals ignored (GNU make does); ignored dispositions survive execve, so restore
+    them all, and unblock everything the fork server may have blocked. The C launcher does the
+    same for every signal: both paths leave the tenant the same dispositions."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
+    for reserved in libc.GLIBC_RESERVED_SIGNALS:
+        libc.default_signal_action(reserved)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 

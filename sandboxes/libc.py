@@ -35,6 +35,7 @@ _SYSCALLS: Final[dict[str, dict[str, int]]] = {
         "mount_setattr": 442,
         "open_tree": 428,
         "move_mount": 429,
+        "rt_sigaction": 13,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -48,6 +49,7 @@ _SYSCALLS: Final[dict[str, dict[str, int]]] = {
         "mount_setattr": 442,
         "open_tree": 428,
         "move_mount": 429,
+        "rt_sigaction": 134,
     },
 }
 
@@ -139,6 +141,34 @@ def _check(ret: int, what: str) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
+
+
+class _KernelSigaction(ctypes.Structure):
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("restorer", ctypes.c_void_p),
+        ("mask", ctypes.c_uint64),
+    ]
+
+
+# glibc keeps these two for itself (SIGCANCEL, SIGSETXID): its sigaction() and so Python's
+# signal module refuse them, but an ignored disposition inherited from a parent (GNU make
+# leaves both ignored in its children) survives execve like any other.
+GLIBC_RESERVED_SIGNALS: Final = (32, 33)
+
+
+def default_signal_action(sig: int) -> None:
+    """Set `sig` to SIG_DFL with the raw rt_sigaction system call (for the signals glibc
+    reserves, see GLIBC_RESERVED_SIGNALS)."""
+    action = _KernelSigaction(None, 0, None, 0)
+    nr = syscall_nr("rt_sigaction")
+    _check(
+        _syscall(
+            ctypes.c_long(nr), ctypes.c_int(sig), ctypes.byref(action), None, ctypes.c_size_t(8)
+        ),
+        f"rt_sigaction {sig}",
+    )
 
 
 def unshare(flags: int) -> None:

@@ -193,3 +193,30 @@ def test_building_a_launcher_removes_those_of_older_sources(sbx: Runner) -> None
     assert launcher.path() == binary and os.path.exists(binary)
     assert not os.path.exists(stale)
     assert sbx.run(["/bin/true"], sbx.spec()).exit_code == 0
+
+
+def test_glibc_reserved_signals_ignored_by_our_parent_are_not_passed_on(sbx: Runner) -> None:
+    """GNU make (so `make test`) leaves signals 32 and 33 ignored in its children, and an ignored
+    disposition survives fork and execve: neither path may hand that on to a tenant."""
+    import ctypes
+
+    from sandboxes import libc
+
+    def set_action(sig: int, handler: int) -> None:
+        action = libc._KernelSigaction(handler, 0, None, 0)
+        nr = libc.syscall_nr("rt_sigaction")
+        assert libc._syscall(nr, sig, ctypes.byref(action), None, 8) == 0
+
+    for sig in libc.GLIBC_RESERVED_SIGNALS:
+        set_action(sig, 1)  # SIG_IGN, as make leaves it
+    try:
+        for exec_only in (True, False):
+            spec = sbx.spec()
+            prefork.POOL.clear()
+            assert prewarm(spec, 1, exec_only=exec_only) == 1
+            r = sbx.run(["/bin/grep", "SigIgn", "/proc/self/status"], spec)
+            assert r.exit_code == 0, r.err
+            assert r.out.split() == ["SigIgn:", "0000000000000000"], (exec_only, r.out)
+    finally:
+        for sig in libc.GLIBC_RESERVED_SIGNALS:
+            libc.default_signal_action(sig)
