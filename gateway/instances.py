@@ -231,7 +231,8 @@ class Outcome(enum.Enum):
     """How one attempt at a start ended (see `InstanceManager._attempt`)."""
 
     DONE = "done"  # ready, or failed with its waiters answered
-    FRESH = "fresh"  # died on the zygote path: try a fresh interpreter
+    FRESH = "fresh"  # exited on the zygote path: try a fresh interpreter, and remember if it works
+    CRASHED = "crashed"  # killed by a signal on the zygote path: a fresh interpreter, this once
     LOST = "lost"  # the fork server died under it: try again once it is back
 
 
@@ -774,17 +775,19 @@ class InstanceManager:
         # The fallback chain: a pool member or a zygote fork first (the fork server picks);
         # a fresh interpreter if that start failed in a way a fresh one may not (or this app
         # is known to need one); the same again once a fork server that died is back.
-        fresh = inst.zygote_unfit
+        fresh, learn = inst.zygote_unfit, False
         fallback: str | None = "needs a fresh interpreter (learned earlier)" if fresh else None
         for _ in range(START_ATTEMPTS):
             outcome, why = await self._attempt(inst, deadline, fresh, fallback)
-            if outcome is Outcome.FRESH:
-                fresh, fallback = True, why
+            if outcome in (Outcome.FRESH, Outcome.CRASHED):
+                fresh, fallback, learn = True, why, outcome is Outcome.FRESH
             elif outcome is Outcome.LOST:
                 fallback = why
                 if not await self.launcher.wait_running(deadline - time.monotonic()):
                     break
             else:
+                if learn and inst.state is State.READY:
+                    inst.zygote_unfit = True  # later starts of this spec skip the zygote path
                 return
         self._record_failure(inst, f"could not start: {fallback}")
         self._start_failed(inst, 502, f"app {inst.app.name!r} could not start: {fallback}")
@@ -917,8 +920,6 @@ class InstanceManager:
         inst.ready_at = time.monotonic()
         inst.last_activity = inst.ready_at
         inst.idle.append(conn)
-        if fresh:  # learned: later starts of this spec skip the zygote path
-            inst.zygote_unfit = True
         assert inst.started_at is not None
         woken = inst.woken_at if inst.woken_at is not None else inst.started_at
         inst.stages = stages = StartStages(
@@ -957,11 +958,13 @@ class InstanceManager:
             if call is not None and not info.oom:
                 # Forked from the zygote, it shared the fork server's interpreter state; a fresh
                 # interpreter shares none of it (and an app that fails there too fails for real).
+                # An exit is the app refusing that state: worth remembering. A crash (a signal)
+                # may be a one-off: the next start tries the zygote path again.
                 why = f"a start forked from the zygote {reason} before it was ready"
                 log.warning(
                     "%s/%s: %s; trying a fresh interpreter", app.name, inst.branch.name, why
                 )
-                return Outcome.FRESH, why
+                return (Outcome.FRESH if info.signal is None else Outcome.CRASHED), why
         self._record_failure(inst, f"the app {reason}")
         self._start_failed(
             inst, 502, f"app {app.name!r} {reason} during startup; see `dorm logs {app.name}`"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import os
 import signal
@@ -238,6 +239,31 @@ async def _plain_response(send: Any, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_environments: list[Any] = []  # every environment installed by `replace_environment`, kept alive
+
+
+def replace_environment(env: dict[str, str]) -> None:
+    """Make `env` the process environment, for C code (getenv) and Python (os.environ) alike,
+    without freeing anything a running thread may be reading.
+
+    Why not `os.environ.clear(); os.environ.update(env)`: a claimed member's granian threads run
+    while the claim is taken, and glibc's unsetenv/setenv free and move what a concurrent
+    getenv() walks. That crashed a member in getenv (a general protection fault, about 1 start
+    in 600). POSIX lets a program replace its whole environment by assigning `environ`: one
+    pointer store here, to an array that is never freed, so a reader sees either the old
+    environment or the new one. Python's mapping is updated without putenv (it would copy)."""
+    entries = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    array = (ctypes.c_char_p * (len(entries) + 1))(*entries, None)
+    _environments.append((entries, array))
+    ctypes.c_void_p.in_dll(_LIBC, "environ").value = ctypes.addressof(array)
+    data = os.environ._data  # type: ignore[attr-defined]  # bytes → bytes on POSIX
+    data.clear()
+    data.update({os.fsencode(k): os.fsencode(v) for k, v in env.items()})
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
     """Read the claim from fd 0: the tenant's environment and argv, and its log fd, which
     becomes stdout and stderr. fd 0 then becomes /dev/null, as in any other instance."""
@@ -281,8 +307,7 @@ async def _member(late: LateApp, socket_dir: str) -> None:
         began = time.perf_counter()
         channel.setblocking(True)
         env, argv = _take_claim(channel)
-        os.environ.clear()
-        os.environ.update(env)
+        replace_environment(env)
         sys.argv = argv
         os.chdir("/app")
         interface = env.get("DORM_INTERFACE", "asgi")

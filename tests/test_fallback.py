@@ -148,6 +148,27 @@ def test_app_the_zygote_cannot_run_is_served_by_a_fresh_interpreter(
     assert instance_log(gw, "own").count("needs an interpreter of its own") == 1
 
 
+def test_a_crash_on_the_zygote_path_is_not_learned(gw: Gateway, tmp_path: Path) -> None:
+    # Killed by a signal (a crash may be a one-off) rather than exiting: served by a fresh
+    # interpreter this time, and the next start tries the zygote path again.
+    crashing = (
+        "import ctypes, json, sys\n"
+        "if 'runtimes.python' not in sys.orig_argv:\n"
+        "    ctypes.string_at(0)  # a real fault: pid 1 of a namespace ignores kill(self)\n"
+        + OWN_INTERPRETER.split("\n", 3)[3]
+    )
+    gw.put_app("crashy", python_app(code_dir(tmp_path, "crashy", {"main.py": crashing})))
+    for _ in range(2):
+        assert gw.request("/", host="crashy.localhost").status == 200
+        start = last_start(gw, "crashy")
+        assert start["path"] == "fresh", start
+        assert "forked from the zygote was killed by signal 11" in start["fallback"], start
+        status, body = gw.admin("POST", "/v1/apps/crashy/stop")
+        assert status == 200, body
+        gw.wait_state("crashy", "cold")
+    assert instance_log(gw, "crashy").count("killed by signal SIGSEGV") == 2
+
+
 def test_app_broken_everywhere_fails_once_with_its_reason(gw: Gateway, tmp_path: Path) -> None:
     broken = "raise RuntimeError('the app is broken')\n"
     gw.put_app("broken", python_app(code_dir(tmp_path, "broken", {"main.py": broken})))
