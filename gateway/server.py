@@ -9,6 +9,7 @@ let in-flight requests finish (up to shutdown_timeout), stop every instance, the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -126,6 +127,11 @@ async def _run(config: Config) -> int:
     coldstarts = ColdStartApi(manager)  # start timing and warm pools
     routes = [*deploys.routes(), *runtimes.routes(), *runner.routes(), *coldstarts.routes()]
     admin = await start_admin_server(cfg, registry, manager, token, extra_routes=routes)
+    # What is loaded by now (modules, the registry: ~70 MiB of objects for 100,000 apps) lives as
+    # long as the gateway. Frozen, the cyclic GC never walks it again: a full collection would
+    # otherwise pause the data plane for as long as that walk takes.
+    gc.collect()
+    gc.freeze()
     log.info(
         "dorm serving %s on http://%s (admin http://%s, data %s, db %s)",
         ", ".join(cfg.domains),
