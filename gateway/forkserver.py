@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 import orjson
 
 from gateway.logs import RotatingLog
+from runtimes.sizing import PoolSizing
 
 FRAME = struct.Struct("!I")
 MAX_FRAME = 4 * 1024 * 1024
@@ -118,7 +119,6 @@ class Member:
 
 
 MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least recent is dropped
-RATE_WINDOW = 60.0  # seconds over which the refill rate is reported
 MAINTAIN_EVERY = 0.5  # seconds between checks for dead idle members and quiet pools
 REFILL_GRACE = 0.02  # seconds after a spawn before refilling pools that still have members
 BUILD_BACKOFF = 1.0  # seconds without new builds after one failed
@@ -138,7 +138,7 @@ class PoolConfig:
 
 
 @dataclass
-class Shape:
+class Shape(PoolSizing):
     """A pool: idle pre-confined children for one sandbox shape, and its accounting.
 
     `target` is how many idle members the refill loop aims for: `min_idle` at rest, raised by
@@ -148,16 +148,9 @@ class Shape:
 
     spec: Any
     runtime: str
-    target: int
     serving: bool = False  # members are serving members (see `Member`), not prefork children
     members: set[int] = field(default_factory=set)  # pids built for this pool, maybe claimed
     idle: list[Member] = field(default_factory=list)  # serving members waiting for a claim
-    claimed: int = 0
-    misses: int = 0
-    built: int = 0
-    peak: int = 0  # the highest target so far: how far bursts have grown this pool
-    build_times: deque[float] = field(default_factory=deque)
-    last_miss: float = 0.0
 
 
 class ForkServer:
@@ -532,8 +525,7 @@ class ForkServer:
         self.selector.register(member.pidfd, selectors.EVENT_READ, member)
         shape = build.shape
         shape.idle.insert(0, member)  # claims take the most recently built last
-        shape.built += 1
-        shape.build_times.append(time.monotonic())
+        shape.count_built(1, time.monotonic())
         self.refill_pending = True
         if self.shapes.get(self._shape_key(shape.spec)) is not shape:
             self._dismiss(shape, 0)  # its shape was dropped while it was being built
@@ -712,7 +704,7 @@ class ForkServer:
                 and spec.network == "none"
                 and spec.rootfs is None
             )
-            shape = Shape(spec, runtime, low, serving)
+            shape = Shape(spec, runtime, serving, target=low)
         shape.spec, shape.runtime = spec, runtime
         self.shapes[key] = shape
         while len(self.shapes) > MAX_SHAPES:
@@ -731,17 +723,10 @@ class ForkServer:
 
     def count_claim(self, shape: Shape, *, hit: bool) -> None:
         """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""
-        if hit:
-            shape.claimed += 1
-            return
-        shape.misses += 1
-        if shape.built:
-            # Only a pool that had members can be outrun by demand: the first spawn of a new
-            # shape misses by definition, and says nothing about bursts.
-            shape.last_miss = time.monotonic()
-            shape.target = min(self._limits_for(shape.runtime)[1], shape.target + 1)
-            shape.peak = max(shape.peak, shape.target)
-        self.refill_pending = True
+        high = self._limits_for(shape.runtime)[1]
+        shape.count_spawn(hit=hit, max_idle=high, now=time.monotonic())
+        if not hit:
+            self.refill_pending = True
 
     def idle_members(self, shape: Shape) -> list[int]:
         """The pool's members still idle (claimed or dead ones drop out of `members`)."""
@@ -795,9 +780,7 @@ class ForkServer:
                 if not new:
                     return False  # nothing can be built here (rootless): stop asking
                 shape.members |= new
-                shape.built += len(new)
-                now = time.monotonic()
-                shape.build_times.extend([now] * len(new))
+                shape.count_built(len(new), time.monotonic())
                 budget -= 1
             if len(self.idle_members(shape)) < shape.target:
                 more = True
@@ -826,11 +809,8 @@ class ForkServer:
             self.refill_pending = True
         for shape in self.shapes.values():
             low = self._limits_for(shape.runtime)[0]
-            if shape.target > low and now - shape.last_miss >= self.pool.shrink_after:
-                shape.target = low
+            if shape.age(now, low, self.pool.shrink_after):
                 self._dismiss(shape, low)
-            while shape.build_times and now - shape.build_times[0] > RATE_WINDOW:
-                shape.build_times.popleft()
 
     def _dismiss(self, shape: Shape, keep: int) -> None:
         """Kill idle members beyond `keep` (the most recently built stay)."""
@@ -879,7 +859,7 @@ class ForkServer:
                     "misses": shape.misses,
                     "forking": max(0, shape.target - len(idle)),
                     "built": shape.built,
-                    "refill_rate": round(len(shape.build_times) / RATE_WINDOW, 3),
+                    "refill_rate": shape.refill_rate,
                 }
             )
         return {

@@ -37,7 +37,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from typing import Any
 import runtimes.runner.boot  # noqa: F401  (preloaded for spawn_call)
 import sandboxes
 import sandboxes.cgroups
+from runtimes.sizing import PoolSizing
 from sandboxes import Rlimits, SandboxSpec
 from sandboxes.prefork import POOL
 from sandboxes.spawn import _mount_plan
@@ -54,7 +54,6 @@ CPU_POLL = 0.02
 MAX_MESSAGE = 65536
 PR_SET_PDEATHSIG = 1
 BOOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
-RATE_WINDOW = 60.0  # seconds of builds the refill rate is averaged over
 MAINTAIN_EVERY = 1.0  # how often dead idle children are replaced and quiet pools shrunk
 
 
@@ -73,7 +72,7 @@ class Running:
 
 
 @dataclass(slots=True)
-class Pool:
+class Pool(PoolSizing):
     """This spawner's idle children of one sandbox layout, and their accounting."""
 
     name: str
@@ -81,14 +80,7 @@ class Pool:
     template: SandboxSpec
     min_idle: int
     max_idle: int
-    target: int
     members: set[int] = field(default_factory=set)  # pids built for this pool, maybe taken
-    claimed: int = 0  # spawns that got an idle child
-    misses: int = 0  # spawns that found none (and forked a child on the spot)
-    built: int = 0
-    peak: int = 0  # the highest target so far: how far bursts have grown this pool
-    build_times: deque[float] = field(default_factory=deque)
-    last_miss: float = 0.0
     error: str | None = None  # why nothing is being built (a failed prewarm)
 
 
@@ -134,7 +126,7 @@ class Spawner:
             binds = tuple(p["binds"])
             low, high = int(p["min_idle"]), int(p["max_idle"])
             template = self._spec({**self.warm, "binds": list(binds)})
-            self.pools[binds] = Pool(p["name"], binds, template, low, max(low, high), low)
+            self.pools[binds] = Pool(p["name"], binds, template, low, max(low, high), target=low)
         self.last_maintain = time.monotonic()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.ctl, selectors.EVENT_READ, None)
@@ -242,22 +234,11 @@ class Spawner:
             pool.error = "nothing can be pre-forked here"
             return
         pool.members |= new
-        pool.built += len(new)
-        now = time.monotonic()
-        pool.build_times.extend([now] * len(new))
+        pool.count_built(len(new), time.monotonic())
 
     def count_spawn(self, pool: Pool, *, hit: bool) -> None:
         """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""
-        if hit:
-            pool.claimed += 1
-            return
-        pool.misses += 1
-        if pool.built:
-            # Only a pool that had members can be outrun by demand: a miss before the first
-            # build (right after start) says nothing about bursts.
-            pool.last_miss = time.monotonic()
-            pool.target = min(pool.max_idle, pool.target + 1)
-            pool.peak = max(pool.peak, pool.target)
+        pool.count_spawn(hit=hit, max_idle=pool.max_idle, now=time.monotonic())
 
     def maintain(self) -> None:
         """Drop idle children that died (OOM killer, operator) so they are rebuilt, shrink pools
@@ -265,11 +246,8 @@ class Spawner:
         now = self.last_maintain = time.monotonic()
         POOL.reap_dead()
         for pool in self.pools.values():
-            if pool.target > pool.min_idle and now - pool.last_miss >= self.shrink_after:
-                pool.target = pool.min_idle
+            if pool.age(now, pool.min_idle, self.shrink_after):
                 self._dismiss(pool, pool.target)
-            while pool.build_times and now - pool.build_times[0] > RATE_WINDOW:
-                pool.build_times.popleft()
 
     def _dismiss(self, pool: Pool, keep: int) -> None:
         """Kill idle children beyond `keep` (the most recently built stay)."""
@@ -305,7 +283,7 @@ class Spawner:
                     "misses": pool.misses,
                     "built": pool.built,
                     "forking": 0 if pool.error else max(0, pool.target - idle),
-                    "refill_rate": round(len(pool.build_times) / RATE_WINDOW, 3),
+                    "refill_rate": pool.refill_rate,
                     "error": pool.error,
                 }
             )
