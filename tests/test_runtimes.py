@@ -161,3 +161,41 @@ def test_app_that_fails_to_import_is_a_502_with_its_traceback_logged(gateway_fac
     assert b"exited with code 1 during startup" in resp.body
     log = (gw.data_dir / "logs" / "bad" / "main" / "instance.log").read_text()
     assert "this app cannot even be imported" in log
+
+
+def test_replace_environment_reaches_c_python_and_children_while_threads_read_it() -> None:
+    """A claimed member installs its tenant's environment with one store to `environ` (see
+    runtimes.python.replace_environment): getenv() in C, os.environ and a child process all see
+    exactly the new environment, and threads calling getenv() meanwhile keep running."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "import ctypes, os, subprocess, sys, threading\n"
+        "from runtimes.python import replace_environment\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.getenv.restype = ctypes.c_char_p\n"
+        "stop = False\n"
+        "def reader():\n"
+        "    while not stop:\n"
+        "        libc.getenv(b'PATH'); libc.getenv(b'MISSING')\n"
+        "threads = [threading.Thread(target=reader) for _ in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "for i in range(2000):\n"
+        "    replace_environment({'PATH': '/usr/bin:/bin', 'ROUND': str(i), 'X': 'y' * (i % 50)})\n"
+        "stop = True\n"
+        "[t.join() for t in threads]\n"
+        "assert libc.getenv(b'ROUND') == b'1999' and libc.getenv(b'HOME') is None\n"
+        "assert dict(os.environ) == {'PATH': '/usr/bin:/bin', 'ROUND': '1999', 'X': 'y' * 49}\n"
+        "out = subprocess.run(['env'], capture_output=True, text=True).stdout.split()\n"
+        "assert sorted(out) == ['PATH=/usr/bin:/bin', 'ROUND=1999', 'X=' + 'y' * 49], out\n"
+        "os.environ['LATER'] = '1'\n"
+        "assert libc.getenv(b'LATER') == b'1' and libc.getenv(b'ROUND') == b'1999'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", (done.stdout, done.stderr)
