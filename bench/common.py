@@ -16,7 +16,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- ports and processes --------------------------------------------------------------------------
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1, reserved for this process until it exits.
+
+    The same reservation as the test suite's (tests/ports.py), so a benchmark and a test run on
+    one machine, or two benchmarks, are never handed the same port, and an outgoing connection
+    (wrk opens hundreds) can never take one between the choice and the server's bind."""
+    from tests.ports import free_port as reserved_port
+
+    return reserved_port()
 
 
 def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.02) -> None:

@@ -24,14 +24,16 @@ from typing import Any
 
 import pytest
 
+from tests import ports
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_APP = str(ROOT / "tests" / "apps" / "echo.py")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port reserved for this test process (see tests/ports.py: concurrent test runs
+    on one machine are never handed the same one, and no outgoing connection can take it)."""
+    return ports.free_port()
 
 
 def echo_spec(**overrides: Any) -> dict[str, Any]:
