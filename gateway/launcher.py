@@ -116,8 +116,17 @@ class Launcher:
         self._up = asyncio.Event()  # set while a fork server is running and connected
         self._started_at = 0.0  # loop time of the last start
         self._restart_delay = 0.0  # grows while the fork server keeps dying right after starting
+        # While it is down: when the next try to start it is due (loop time), and why the last
+        # try failed, so a start waiting for it can give up at once, saying why, when the next
+        # try would come after its own deadline.
+        self._retry_at: float | None = None
+        self._start_error: str | None = None
+        self._watchers: list[asyncio.Future[None]] = []  # wait_running calls, woken on news
 
     async def start(self) -> None:
+        """Start the fork server. Raises OSError if it cannot be started (its interpreter cannot
+        be executed, no more processes or descriptors): at boot that stops the gateway; after a
+        death, `_read_loop` keeps trying."""
         self._started_at = asyncio.get_running_loop().time()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: os.environ[k] for k in FORKSERVER_ENV if k in os.environ}
@@ -131,17 +140,24 @@ class Launcher:
                 "--pool",
                 orjson.dumps(self._pool).decode(),
             ]
-        self._proc = subprocess.Popen(
-            argv,
-            pass_fds=(child.fileno(),),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-        )
-        child.close()
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
         self._writer = writer
         self._up.set()
+        self._retry_at = self._start_error = None
+        self._wake_watchers()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name="dorm-forkserver")
         # A restarted fork server knows nothing: give it the operator's overrides and the shapes
         # in use, so pools are refilled before the next request needs a member.
@@ -158,7 +174,8 @@ class Launcher:
         """Start an instance; returns once it has exec'd (or is calling its entry point), or
         raises LaunchError."""
         if self._writer is None:
-            raise LaunchError("the fork server is not running", lost=not self._closing)
+            why = f" (starting it failed: {self._start_error})" if self._start_error else ""
+            raise LaunchError(f"the fork server is not running{why}", lost=not self._closing)
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
@@ -173,12 +190,34 @@ class Launcher:
             self._pending.pop(spec.id, None)
 
     async def wait_running(self, timeout: float) -> bool:
-        """Wait (at most `timeout` seconds) for a fork server to be running; False if none is."""
-        if self._closing or timeout <= 0:
-            return self._up.is_set() and not self._closing
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), timeout)
+        """Wait (at most `timeout` seconds) for a fork server to be running; False if none is.
+
+        Returns False early, without waiting out `timeout`, once the next try to start one is
+        due after the timeout (a fork server that keeps failing to start is tried ever more
+        slowly): a start waiting for it then fails at once instead of at its deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._closing and not self._up.is_set():
+            now = loop.time()
+            if now >= deadline or (self._retry_at is not None and self._retry_at > deadline):
+                break
+            watcher: asyncio.Future[None] = loop.create_future()
+            self._watchers.append(watcher)
+            try:
+                await asyncio.wait_for(watcher, deadline - now)
+            except TimeoutError:
+                break
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._watchers.remove(watcher)
         return self._up.is_set() and not self._closing
+
+    def _wake_watchers(self) -> None:
+        """Something a `wait_running` caller decides on changed: it is up, or a try failed."""
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
 
     def _remember_shape(self, spec: LaunchSpec) -> None:
         assert spec.sandbox is not None
@@ -251,13 +290,34 @@ class Launcher:
             # One that keeps dying at once (a broken host, say) is restarted ever more slowly,
             # not in a tight loop; one that ran a while is restarted at once.
             ran = asyncio.get_running_loop().time() - self._started_at
-            self._restart_delay = 0.0 if ran > STABLE_RUN else max(0.1, self._restart_delay * 2)
-            self._restart_delay = min(self._restart_delay, MAX_RESTART_DELAY)
+            self._restart_delay = 0.0 if ran > STABLE_RUN else self._longer_delay()
+            await self._restart()
+
+    def _longer_delay(self) -> float:
+        return min(max(0.1, self._restart_delay * 2), MAX_RESTART_DELAY)
+
+    async def _restart(self) -> None:
+        """Start the fork server again, and keep trying (ever more slowly) while that fails.
+
+        Why keep trying: a start can fail for a reason that passes (no more processes or
+        descriptors for a moment, an interpreter being upgraded in place), and without a fork
+        server the gateway can start nothing at all until it is restarted itself."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
             if self._restart_delay:
+                self._retry_at = loop.time() + self._restart_delay
+                self._wake_watchers()
                 log.error("restarting the fork server in %.1fs", self._restart_delay)
                 await asyncio.sleep(self._restart_delay)
-            if not self._closing:
+                if self._closing:
+                    return
+            try:
                 await self.start()
+                return
+            except OSError as exc:
+                self._start_error = str(exc)
+                self._restart_delay = self._longer_delay()
+                log.error("could not start the fork server again: %s", exc)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         ev = message.get("ev")
