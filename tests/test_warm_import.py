@@ -100,7 +100,7 @@ def test_member_with_a_read_only_tmp_takes_its_claim_and_serves(workspace: Path)
     unshare = ["unshare", "--mount", "--propagation", "private", "--"]
     proc = subprocess.Popen(
         [*unshare, "sh", "-c", SETUP, "sh", *places, sys.executable, "-c", MEMBER],
-        stdin=theirs,
+        stdin=theirs.fileno(),
         env=env,
         cwd="/",
     )
