@@ -62,7 +62,9 @@ MEMBER_CALL = "runtimes.python:main"
 MEMBER_TARGET = "runtimes.python:member_main"
 SERVING_RUNTIMES = frozenset({"python-asgi", "python-wsgi"})
 # SandboxSpec fields that belong to one tenant: set at the claim, never part of a pool's shape.
-TENANT_FIELDS = frozenset({"name", "uid", "gid", "socket_dir", "app_dir", "data_dir", "hostname"})
+TENANT_FIELDS = frozenset(
+    {"name", "uid", "gid", "socket_dir", "app_dir", "data_dir", "data_idmap", "hostname"}
+)
 MEMBER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
@@ -180,6 +182,10 @@ class ForkServer:
         self.selector.register(self.sig_r, selectors.EVENT_READ, "signal")
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.sandboxes: Any = None  # the module, imported on first sandboxed spawn
+        self._idmap: Any = None  # sandboxes.idmap, imported with it
+        # Per filesystem (st_dev) of /data volumes: None if they are attached idmapped, else
+        # why not (they are chowned per start then). Probed at the first volume on each.
+        self.volume_modes: dict[int, str | None] = {}
         self._claim = (0.0, False)  # the last spawn's claim-or-fork seconds, and pool hit
         first, last = self.pool.member_uids
         self.member_uids: deque[int] = deque(range(first, last + 1))  # free ones
@@ -398,7 +404,8 @@ class ForkServer:
         run_dir.mkdir(mode=0o700)
         spec = dataclasses.replace(spec, socket_dir=str(run_dir))
         if data_dir is not None:
-            _own_tree(data_dir, int(req["sandbox"]["uid"]))
+            idmapped = self._volume(data_dir, spec.uid, spec.effective_gid)
+            spec = dataclasses.replace(spec, data_idmap=idmapped)
         sb = self.sandboxes
         sb.prepare_socket_dir(str(run_dir), spec.uid)
         if call is not None:
@@ -425,9 +432,12 @@ class ForkServer:
                 if spec.app_dir is not None:
                     binds.append((spec.app_dir.encode(), b"/app", self._ro_attrs))
                 if spec.data_dir is not None:
-                    _own_tree(spec.data_dir, member.uid)
-                    binds.append((spec.data_dir.encode(), b"/data", self._rw_attrs))
-                self.sandboxes.attach(member.pid, binds, spec.hostname.encode())
+                    attrs = self._rw_attrs
+                    if self._volume(spec.data_dir, member.uid, member.uid):
+                        attrs |= self._idmap_attr
+                    binds.append((spec.data_dir.encode(), b"/data", attrs))
+                ids = (member.uid, member.uid)
+                self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
                 member.channel.setblocking(False)
@@ -442,6 +452,42 @@ class ForkServer:
             return member
         return None
 
+    def _volume(self, data_dir: str, uid: int, gid: int) -> bool:
+        """Make a persistent /data volume ready for an instance running as `uid`/`gid`; True:
+        attach it idmapped (sandboxes/idmap.py), False: as it is.
+
+        Idmapped (root, and the volume's filesystem supports it, probed once per filesystem): the
+        volume is adopted by the storage owner the first time (a one-off chown of a volume of the
+        older scheme) and never chowned again, so a big volume no longer stalls every start.
+        Otherwise (rootless mode, whose single mapped uid owns everything anyway; or no support,
+        said once per filesystem) the tree is chowned to the instance's uid whenever it changed."""
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            idmap = self._idmap
+            if uid == idmap.STORAGE_UID or gid == idmap.STORAGE_GID:
+                raise RuntimeError(
+                    f"instance uid/gid {uid}/{gid} is the volume storage owner "
+                    f"({idmap.STORAGE_UID}): use a uid_range without it"
+                )
+            dev = os.stat(data_dir).st_dev
+            if dev not in self.volume_modes:
+                reason = idmap.probe(data_dir, uid, gid)
+                self.volume_modes[dev] = reason
+                _say(
+                    f"/data volumes on {idmap.fstype(data_dir)} (like {data_dir}) are attached "
+                    f"idmapped: files stay owned by {idmap.STORAGE_UID} on disk"
+                    if reason is None
+                    else f"/data volumes cannot be idmapped ({reason}): each start chowns the "
+                    "volume to the instance's uid instead"
+                )
+            if self.volume_modes[dev] is None:
+                changed = idmap.adopt(data_dir)
+                if changed > 1:  # a volume of the older scheme (not just a new, empty one)
+                    _say(f"volume {data_dir} now owned by {idmap.STORAGE_UID} ({changed} chowned)")
+                return True
+        _own_tree(data_dir, uid)
+        return False
+
     def _start_build(self, shape: Shape) -> None:
         """Begin one serving member for `shape`; `advance_build` takes it from there."""
         assert self.member_dir is not None
@@ -449,6 +495,9 @@ class ForkServer:
             raise OSError(errno.EAGAIN, "the pool's uid range is exhausted")
         uid = self.member_uids.popleft()
         n = next(self._member_ids)
+        if None in self.volume_modes.values():  # volumes are idmapped: not on the claim's time
+            with contextlib.suppress(OSError):
+                self._idmap.prepare(uid, uid)
         socket_dir = self.member_dir / f"m{n}"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -589,12 +638,16 @@ class ForkServer:
         """Its processes are gone: its socket dir goes, its uid can be handed out again."""
         shutil.rmtree(member.socket_dir, ignore_errors=True)
         self.member_uids.append(member.uid)
+        if self._idmap is not None:
+            self._idmap.forget(member.uid, member.uid)
 
     def _sandbox_spec(self, req: dict[str, Any], socket_dir: Path) -> Any:
         if self.sandboxes is None:
             self.sandboxes = importlib.import_module("sandboxes")
             mounts = importlib.import_module("sandboxes.mounts")
             self._ro_attrs, self._rw_attrs = mounts.RO_ATTRS, mounts.RW_ATTRS
+            self._idmap = importlib.import_module("sandboxes.idmap")
+            self._idmap_attr = importlib.import_module("sandboxes.libc").MOUNT_ATTR_IDMAP
             self._time_claims()
         fields = dict(req["sandbox"])
         fields["extra_ro_binds"] = tuple(fields.get("extra_ro_binds", ()))
@@ -992,8 +1045,13 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
+def _say(message: str) -> None:
+    print(f"dorm fork server: {message}", file=sys.stderr, flush=True)
+
+
 def _own_tree(path: str, uid: int) -> None:
-    """Give a persistent /data volume to the instance's uid (only when its owner changed)."""
+    """Give a persistent /data volume to the instance's uid (only when its owner changed): the
+    fallback where it cannot be attached idmapped (see `ForkServer._volume`)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     if os.stat(path).st_uid == uid:
         return

@@ -21,22 +21,26 @@ import os
 from collections.abc import Callable, Sequence
 
 from . import libc
-from .mounts import Bind
+from .mounts import Bind, open_bind
 
 
-def attach(pid: int, binds: Sequence[Bind], hostname: bytes | None = None) -> None:
+def attach(
+    pid: int,
+    binds: Sequence[Bind],
+    hostname: bytes | None = None,
+    ids: tuple[int, int] | None = None,
+) -> None:
     """Attach each ``(host dir, path inside, MOUNT_ATTR_* flags)`` into ``pid``'s mount namespace
     and set its hostname. The caller must be root, single-threaded, and ``pid``'s parent (so the
-    pid cannot be recycled under it). Raises ``OSError`` naming the failed operation; on failure
-    nothing partial stays attached except directories already moved (the caller kills the
-    sandbox then, which releases them)."""
+    pid cannot be recycled under it). A bind with ``MOUNT_ATTR_IDMAP`` (a /data volume kept by
+    its storage owner, see idmap.py) is shown as owned by ``ids``, the sandbox's (uid, gid).
+    Raises ``OSError`` naming the failed operation; on failure nothing partial stays attached
+    except directories already moved (the caller kills the sandbox then, which releases them)."""
     fds: list[int] = []
     saved: list[int] = []
     try:
         for src, _target, attrs in binds:
-            fd = libc.open_tree_clone(src)
-            fds.append(fd)
-            libc.mount_setattr(b"", attrs, dfd=fd)
+            fds.append(open_bind(src, attrs, ids))
         flags = os.O_RDONLY | os.O_CLOEXEC
         saved = [
             os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),

@@ -83,6 +83,7 @@ MOUNT_ATTR_RDONLY: Final = 0x1
 MOUNT_ATTR_NOSUID: Final = 0x2
 MOUNT_ATTR_NODEV: Final = 0x4
 MOUNT_ATTR_NOEXEC: Final = 0x8
+MOUNT_ATTR_IDMAP: Final = 0x00100000  # needs mount_attr.userns_fd; detached trees only (5.12+)
 
 # prctl options
 PR_SET_PDEATHSIG: Final = 1
@@ -220,12 +221,19 @@ MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
 
 
 def mount_setattr(
-    path: bytes, attr_set: int, *, recursive: bool = True, dfd: int = AT_FDCWD
+    path: bytes,
+    attr_set: int,
+    *,
+    recursive: bool = True,
+    dfd: int = AT_FDCWD,
+    userns_fd: int = 0,
 ) -> None:
     """Set mount attributes (read-only, nosuid, ...) on a whole tree in one syscall (5.12+).
 
-    With ``dfd`` a mount fd and ``path`` empty, applies to that (possibly detached) tree."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
+    With ``dfd`` a mount fd and ``path`` empty, applies to that (possibly detached) tree.
+    ``MOUNT_ATTR_IDMAP`` in ``attr_set`` needs ``userns_fd``: the user namespace whose id maps
+    translate on-disk owners (see idmap.py)."""
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
     flags = (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if not path else 0)
     _check(
         _syscall(

@@ -17,7 +17,8 @@ the host system dirs)::
                  /etc/ca-certificates, /etc/alternatives. Never shadow, gshadow, sudoers, ssh keys.
     <prefix>     sys.base_prefix and each ``extra_ro_binds`` path, read-only nosuid nodev
     /app         the tenant bundle, read-only nosuid nodev (empty dir when app_dir is None)
-    /data        optional persistent dir, read-write nosuid nodev
+    /data        optional persistent dir, read-write nosuid nodev; idmapped when the spec says
+                 ``data_idmap`` (on-disk owner idmap.STORAGE_UID shown as the instance's uid)
     /run/dorm    the instance's socket dir, read-write nosuid nodev noexec
     /tmp         tmpfs size=tmp_size mode=1777 nosuid nodev
     /dev         tmpfs with null zero full random urandom (mknod as root, binds when rootless),
@@ -31,6 +32,7 @@ sandbox sees only its own processes.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -38,7 +40,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import libc
+from . import idmap, libc
 from .spec import SandboxSpec
 
 OP_MKDIR: Final = 0
@@ -346,7 +348,8 @@ def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
     if spec.app_dir is not None:
         binds.append((spec.app_dir.encode(), b"/app", RO_ATTRS))
     if spec.data_dir is not None:
-        binds.append((spec.data_dir.encode(), b"/data", RW_ATTRS))
+        idmapped = libc.MOUNT_ATTR_IDMAP if spec.data_idmap else 0
+        binds.append((spec.data_dir.encode(), b"/data", RW_ATTRS | idmapped))
     binds.append((spec.socket_dir.encode(), b"/run/dorm", RW_NOEXEC_ATTRS))
     return tuple(ops), tuple(binds)
 
@@ -454,17 +457,32 @@ def mount_proc(target: bytes = b"/proc") -> None:
     libc.mount(b"proc", target, b"proc", flags, b"hidepid=invisible")
 
 
-def open_binds(mp: MountPlan) -> list[int]:
-    """Detached copies of the per-instance host dirs, attributes already applied.
+def open_bind(src: bytes, attrs: int, ids: tuple[int, int] | None = None) -> int:
+    """One detached copy of ``src`` with ``attrs`` applied. ``MOUNT_ATTR_IDMAP`` in ``attrs``
+    (a /data volume, see idmap.py) maps the volume's storage owner to ``ids`` (uid, gid)."""
+    if attrs & libc.MOUNT_ATTR_IDMAP:
+        if ids is None:
+            raise OSError(errno.EINVAL, f"idmapped bind of {src!r} without the instance's ids")
+        return idmap.open_tree(src, attrs & ~libc.MOUNT_ATTR_IDMAP, *ids)
+    fd = libc.open_tree_clone(src)
+    try:
+        libc.mount_setattr(b"", attrs, dfd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_binds(mp: MountPlan, ids: tuple[int, int] | None = None) -> list[int]:
+    """Detached copies of the per-instance host dirs, attributes already applied; ``ids`` is the
+    instance's (uid, gid), needed when /data is idmapped.
 
     Opened while the host tree is still visible (the parent for pre-forked children, the child
     itself before pivot_root when rootless), attached inside with ``attach_binds``."""
     fds: list[int] = []
     try:
         for src, _target, attrs in mp.binds:
-            fd = libc.open_tree_clone(src)
-            fds.append(fd)
-            libc.mount_setattr(b"", attrs, dfd=fd)
+            fds.append(open_bind(src, attrs, ids))
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -351,7 +351,7 @@ def _send_plan(
     carries their indexes in the sent list. ``exec_only``: the child is the C launcher, which
     takes launcher.encode's format."""
     try:
-        bind_fds = mounts.open_binds(mplan)
+        bind_fds = mounts.open_binds(mplan, (spec.uid, spec.effective_gid))
     except OSError as e:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -119,6 +119,9 @@ class SandboxSpec:
     extra_ro_binds: tuple[str, ...] = ()
     rootfs: str | None = None
     gid: int | None = None  # defaults to uid
+    # Attach data_dir as an idmapped mount: files owned on disk by idmap.STORAGE_UID/GID show as
+    # uid/gid inside, and new ones are written as the storage owner (root only; see idmap.py).
+    data_idmap: bool = False
     cgroup_parent: str = "dorm"  # dorm's cgroup subtree; tests use their own to stay isolated
 
     def __post_init__(self) -> None:
@@ -138,6 +141,10 @@ class SandboxSpec:
             _abs_path("app_dir", self.app_dir, must_exist=True)
         if self.data_dir is not None:
             _abs_path("data_dir", self.data_dir, must_exist=True)
+        if not isinstance(self.data_idmap, bool):
+            raise SandboxSpecError("data_idmap", f"must be a bool, got {self.data_idmap!r}")
+        if self.data_idmap and self.data_dir is None:
+            raise SandboxSpecError("data_idmap", "needs a data_dir")
         if self.rootfs is not None:
             _abs_path("rootfs", self.rootfs, must_exist=True)
         _abs_path("cwd", self.cwd, must_exist=False)
