@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,12 +373,14 @@ class Bench:
         )
         return cfg
 
-    def start_dorm(self) -> None:
-        """Start the gateway as `dorm serve --config` does, then wake the app with one request."""
+    def start_dorm(self, wrap: Sequence[str] = (), timeout: float = START_TIMEOUT) -> None:
+        """Start the gateway as `dorm serve --config` does, then wake the app with one request.
+        `wrap` prefixes the command (bench/proxy_profile.py runs it under valgrind)."""
         cfg = self.write_dorm_config()
         log = open(self.tmp / "gateway.log", "wb")  # noqa: SIM115 - lives as long as the process
         self.gateway = subprocess.Popen(
             [
+                *wrap,
                 sys.executable,
                 "-c",
                 "import sys; from gateway.server import serve; sys.exit(serve(sys.argv[1]))",
@@ -391,14 +393,14 @@ class Bench:
             start_new_session=True,
             env={**os.environ, "DORM_LOG_LEVEL": "WARNING"},
         )
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             if self.gateway.poll() is not None:
                 raise RuntimeError(
                     f"dorm exited with {self.gateway.returncode}\n{self.tail('gateway.log')}"
                 )
             try:
-                check_response(self.ports["dorm"], timeout=START_TIMEOUT)
+                check_response(self.ports["dorm"], timeout=timeout)
                 break
             except (ConnectionRefusedError, ConnectionResetError):
                 if time.monotonic() > deadline:
@@ -449,9 +451,10 @@ class Bench:
                 time.sleep(0.05)
 
     # -- the minimal reference proxy ---------------------------------------------------------------
-    def start_minimal(self) -> None:
+    def start_minimal(self, wrap: Sequence[str] = (), timeout: float = START_TIMEOUT) -> None:
         self.minimal = subprocess.Popen(
             [
+                *wrap,
                 sys.executable,
                 "-m",
                 "bench.proxy",
@@ -465,12 +468,12 @@ class Bench:
             stderr=open(self.tmp / "minimal.log", "wb"),  # noqa: SIM115
             start_new_session=True,
         )
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             if self.minimal.poll() is not None:
                 raise RuntimeError(f"the minimal proxy exited\n{self.tail('minimal.log')}")
             try:
-                check_response(self.ports["minimal"], timeout=5)
+                check_response(self.ports["minimal"], timeout=timeout)
                 return
             except ConnectionRefusedError:
                 if time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 """Instances: one per (app, branch), moving COLD → STARTING → READY → DRAINING → COLD, or FAILED.
 
-The data plane calls `Instance.acquire(exchange)` for every request; everything else here is the
-control path (starting, readiness, eviction, crash handling), which may use tasks and await.
+The data plane calls `Instance.acquire(exchange, now)` for every request; everything else here is
+the control path (starting, readiness, eviction, crash handling), which may use tasks and await.
 
 Rules the design follows, each from a complaint users have about other scale-to-zero systems:
   * Concurrent first requests share one start: they wait in a bounded per-instance queue.
@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
@@ -345,12 +344,14 @@ class Instance:
             self.stages.first_byte = (time.monotonic() - self.ready_at) * 1000
 
     # -- hot path ---------------------------------------------------------------------------------
-    def acquire(self, waiter: Waiter) -> None:
-        """Give `waiter` an upstream connection now, or queue it (waking the instance if cold)."""
+    def acquire(self, waiter: Waiter, now: float) -> None:
+        """Give `waiter` an upstream connection now, or queue it (waking the instance if cold).
+        `now` is the caller's `time.monotonic()`: the data plane has just read the clock for
+        its own deadline, and reading it again costs a call on every request."""
         if self.special:
             self._acquire_special(waiter)
             return
-        self.last_activity = self.last_request = now = monotonic()
+        self.last_activity = self.last_request = now
         if self.state is _READY and not self.waiters:
             idle = self.idle
             if idle:
@@ -397,10 +398,11 @@ class Instance:
         with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
 
-    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        """A request finished with `conn`: reuse it for the next waiter, pool it or close it."""
+    def release(self, conn: UpstreamConnection, reusable: bool, now: float) -> None:
+        """A request finished with `conn`: reuse it for the next waiter, pool it or close it.
+        `now` is the caller's `time.monotonic()`, read once for this and its own deadline."""
         self.in_flight -= 1
-        self.last_activity = monotonic()
+        self.last_activity = now
         if reusable and self.state is _READY and not conn.closed:
             if self.waiters:
                 self.in_flight += 1
@@ -1218,7 +1220,7 @@ class InstanceManager:
             waiter.fail(404, f"app {old.app.name!r} (branch {old.branch.name!r}) no longer exists")
         else:
             waiter.instance = new
-            new.acquire(waiter)
+            new.acquire(waiter, time.monotonic())
 
     async def app_changed(self, app: str) -> None:
         """New app spec: new requests get new instances; running ones drain and stop."""

@@ -188,7 +188,7 @@ class Exchange:
         """An upstream connection is ours: send the head and whatever body we buffered."""
         client = self.client
         if client.active is not self or client.closed:  # the client went away meanwhile
-            conn.inst.release(conn, True)
+            conn.inst.release(conn, True, monotonic())
             return
         self.upstream = conn
         conn.exchange = self
@@ -231,7 +231,7 @@ class Exchange:
             self.upstream = None
             conn.exchange = None
             conn.close()
-            conn.inst.release(conn, False)
+            conn.inst.release(conn, False, monotonic())
         elif self.instance is not None:
             self.instance.cancel(self)
 
@@ -386,10 +386,11 @@ class ClientConnection(asyncio.Protocol):
                     ex.keep_alive = True
                     ex.raw_response = method != b"HEAD"
                     self.deadline_kind = RESPONSE
-                    self.deadline = monotonic() + plane.upstream_timeout
+                    now = monotonic()
+                    self.deadline = now + plane.upstream_timeout
                     if self.active is None and not self.pending:
                         self.active = ex
-                        inst.acquire(ex)  # type: ignore[attr-defined]
+                        inst.acquire(ex, now)  # type: ignore[attr-defined]
                     else:
                         self.pending.append(ex)
                     return
@@ -562,7 +563,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         elif self.active is None and not self.pending and not self.closed:
             self.active = ex  # the common case: nothing pipelined ahead of it
-            ex.instance.acquire(ex)  # type: ignore[union-attr]
+            ex.instance.acquire(ex, monotonic())  # type: ignore[union-attr]
             return
         self.pending.append(ex)
         if self.active is None:
@@ -685,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
                 self._reject_active(ex)
                 return
             assert ex.instance is not None
-            ex.instance.acquire(ex)
+            ex.instance.acquire(ex, monotonic())
 
     def _reject_active(self, ex: Exchange) -> None:
         status, message = ex.reject  # type: ignore[misc]

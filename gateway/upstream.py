@@ -105,8 +105,8 @@ class UpstreamConnection(asyncio.Protocol):
             if remaining is not None:
                 client = ex.client
                 keep = ex.keep_alive and ex.request_done and not client.plane.draining
-                ex.keep_client = keep
-                ex.head_sent = True
+                # ex.keep_client and ex.head_sent are set below only where someone reads them
+                # again: not when the exchange ends right here (two stores a request).
                 if keep and remaining >= 0:
                     client.transport.write(data)
                 else:
@@ -117,6 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
                     end = b"\r\n" if keep else b"Connection: close\r\n\r\n"
                     client.transport.write(data[: body_at - 2] + end + data[body_at:body_end])
                 if remaining > 0:
+                    ex.keep_client = keep
+                    ex.head_sent = True
                     self.received = True
                     self._remaining = remaining
                     self._framing = LENGTH  # for _complete at the end of the body (no last chunk)
@@ -132,7 +134,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if client.write_paused:
                     self.resume()
                 ex.upstream = None
-                self.inst.release(self, remaining == 0 and ex.request_done)
+                now = monotonic()
+                self.inst.release(self, remaining == 0 and ex.request_done, now)
                 # ClientConnection.response_done, inlined for its common case: the client's
                 # connection stays open (`keep` covers keep-alive and draining; a raw response
                 # is never to an upgrade) and waits idle for its next request.
@@ -144,8 +147,10 @@ class UpstreamConnection(asyncio.Protocol):
                 ):
                     client.active = None
                     client.deadline_kind = IDLE
-                    client.deadline = monotonic() + client.plane.keepalive_timeout
+                    client.deadline = now + client.plane.keepalive_timeout
                 else:
+                    ex.keep_client = keep
+                    ex.head_sent = True
                     client.response_done(ex)
                 return
             self.received = True
@@ -202,8 +207,9 @@ class UpstreamConnection(asyncio.Protocol):
             # answered, and the request is safe to repeat, so send it on another connection.
             self.exchange = None
             ex.upstream = None
-            self.inst.release(self, False)
-            self.inst.acquire(ex)
+            now = monotonic()
+            self.inst.release(self, False, now)
+            self.inst.acquire(ex, now)
         else:
             self.fail("")
 
@@ -356,7 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.client.write_paused:
             self.resume()
         ex.upstream = None
-        self.inst.release(self, reusable and ex.request_done)
+        self.inst.release(self, reusable and ex.request_done, monotonic())
         ex.client.response_done(ex)
 
     def fail(self, message: str) -> None:
@@ -368,7 +374,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         ex.upstream = None
-        self.inst.release(self, False)
+        self.inst.release(self, False, monotonic())
         if ex.head_sent:
             ex.client.abort()
         elif message:
