@@ -30,7 +30,7 @@ import orjson
 from gateway.auth import load_admin_token
 from gateway.bundles import MANIFEST, pack
 from gateway.client import AdminClient, AdminError, error_message, path_quote
-from gateway.config import ConfigError, load_config, split_host_port
+from gateway.config import ConfigError, GatewayConfig, load_config, split_host_port
 from gateway.names import InvalidName, check_app_name, check_branch_name
 from gateway.registry import DEFAULT_BRANCH
 from gateway.runtimespec import RUNTIME_TOML
@@ -591,8 +591,14 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """What this host can give tenants: read locally, no gateway needed."""
     from sandboxes import host_report
+    from sandboxes.doctor import volume_ownership
 
     report = host_report()
+    try:
+        data_dir = load_config(args.config).gateway.data_dir
+    except ConfigError:
+        data_dir = GatewayConfig().data_dir
+    report["volumes"] = volumes = volume_ownership(os.path.join(data_dir, "volumes"))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -618,6 +624,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"mount_setattr     {yes(report['mount_setattr'])}",
         f"favordynmods      {report['favordynmods'] or 'no (cgroup joins wait for RCU)'}",
         f"sandbox launcher  {report['sandbox_launcher'] or 'no (exec starts use the Python path)'}",
+        "/data volumes     "
+        + (
+            f"idmapped mounts (owned by {volumes['storage_uid']} on disk, {volumes['fstype']})"
+            if volumes["mode"] == "idmap"
+            else f"chowned to each instance's uid per start ({volumes['reason']})"
+        ),
         f"isolation         {report['isolation']}",
     ]
     lines += [f"  - {reason}" for reason in report["isolation_reasons"]]

@@ -136,6 +136,33 @@ def favordynmods_active() -> str | None:
     return active()
 
 
+def volume_ownership(volumes: str) -> dict[str, Any]:
+    """How persistent /data volumes under ``volumes`` get their owner (see idmap.py): ``idmap``
+    (one storage owner on disk, an idmapped mount per start) or ``chown`` (the tree is chowned to
+    each instance's uid), with the reason. Probes the nearest existing directory, as the fork
+    server does at the first volume on a filesystem."""
+    from . import idmap
+    from .spec import MIN_UID
+
+    path = os.path.abspath(volumes)
+    while not os.path.isdir(path) and path != "/":
+        path = os.path.dirname(path)
+    found: dict[str, Any] = {"path": volumes, "probed": path, "fstype": idmap.fstype(path)}
+    if os.geteuid() != 0:
+        why = "not root: rootless sandboxes run every tenant as the gateway's own uid"
+        return {**found, "mode": "chown", "reason": why}
+    reason: str | None
+    try:
+        reason = idmap.probe(path, MIN_UID, MIN_UID)
+    except OSError as e:
+        reason = f"probe failed: {e}"
+    finally:
+        idmap.clear()
+    if reason is not None:
+        return {**found, "mode": "chown", "reason": reason}
+    return {**found, "mode": "idmap", "storage_uid": idmap.STORAGE_UID}
+
+
 def host_report() -> dict[str, Any]:
     """Facts for ``dorm doctor``: cgroups, user namespaces, seccomp, overlayfs, pidfd, root."""
     backend, cg_reason, facts = cgroups.probe()

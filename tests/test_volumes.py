@@ -218,3 +218,21 @@ def test_without_idmap_support_each_start_chowns(
     owners = {o[:2] for o in on_disk(volume(gw, "keeper")).values()}
     assert owners == {(second["uid"], second["uid"])}
     assert gw.log().count("cannot be idmapped") == 1
+
+
+def test_doctor_shows_the_volume_ownership_in_use(
+    tmp_path: Path, ramfs_volumes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    (tmp_path / "elsewhere").mkdir()  # probed itself: no ramfs mounted below it
+    for data, mode in ((tmp_path / "elsewhere", "idmap"), (ramfs_volumes.parent, "chown")):
+        config = tmp_path / f"{mode}.toml"
+        config.write_text(f'[gateway]\ndata_dir = "{data}"\n')
+        assert main(["doctor", "--json", "--config", str(config)]) == 0
+        volumes = json.loads(capsys.readouterr().out)["volumes"]
+        assert volumes["mode"] == mode, volumes
+        assert main(["doctor", "--config", str(config)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("/data"))
+        wanted = "idmapped mounts (owned by 2147483646" if mode == "idmap" else "ramfs"
+        assert wanted in line, line

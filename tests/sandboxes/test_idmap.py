@@ -20,7 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes import SandboxSpecError, attach, idmap, launcher, libc, mounts, prefork, prewarm
+from sandboxes import (
+    SandboxSpecError,
+    attach,
+    doctor,
+    idmap,
+    launcher,
+    libc,
+    mounts,
+    prefork,
+    prewarm,
+)
 from sandboxes.idmap import STORAGE_GID, STORAGE_UID
 from sandboxes.mounts import RO_ATTRS, RW_ATTRS
 
@@ -282,3 +292,38 @@ def test_spec_needs_a_data_dir_for_idmap(sbx: Runner) -> None:
         sbx.spec(data_idmap=True)
     assert info.value.field == "data_idmap"
     assert STORAGE_GID == STORAGE_UID
+
+
+def test_doctor_says_which_ownership_volumes_get(tmp_path: Path) -> None:
+    found = doctor.volume_ownership(str(tmp_path / "data" / "volumes"))  # not there yet
+    assert found["mode"] == "idmap" and found["storage_uid"] == S, found
+    assert found["probed"] == str(tmp_path)
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    libc.mount(b"ramfs", str(ram).encode(), b"ramfs", 0, None)
+    try:
+        found = doctor.volume_ownership(str(ram / "volumes"))
+    finally:
+        libc.umount2(str(ram).encode(), libc.MNT_DETACH)
+    assert found["mode"] == "chown" and "ramfs" in found["reason"], found
+    assert idmap.cached() == 0  # the probe's namespace is not kept
+
+
+def test_doctor_without_root_keeps_the_chown_path(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # drop root for good, then ask
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            found = doctor.volume_ownership(str(tmp_path / "volumes"))
+            os.write(w, json.dumps(found).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        found = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    assert found["mode"] == "chown" and found["reason"].startswith("not root"), found
