@@ -35,6 +35,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -463,6 +464,13 @@ class ForkServer:
         said once per filesystem) the tree is chowned to the instance's uid whenever it changed."""
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         if os.geteuid() == 0:
+            # The tenant may open its volume's root to others, and leave setuid files in it
+            # (setuid to the storage owner on disk, which owns every volume): no other host user
+            # may reach them, so the volume's parent (<data_dir>/volumes/<app>, ours) is 0700.
+            parent = os.path.dirname(data_dir)
+            st = os.stat(parent)
+            if st.st_uid == 0 and st.st_mode & 0o077:
+                os.chmod(parent, stat.S_IMODE(st.st_mode) & 0o700)
             idmap = self._idmap
             if uid == idmap.STORAGE_UID or gid == idmap.STORAGE_GID:
                 raise RuntimeError(

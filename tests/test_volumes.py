@@ -143,6 +143,8 @@ def test_volume_is_adopted_once_then_never_chowned(gateway_factory: Any, tmp_pat
     adopted = on_disk(volume(gw, "keeper"))
     assert {o[:2] for o in adopted.values()} == {(S, STORAGE_GID)}  # migrated once
     assert "attached idmapped" in gw.log()
+    # No other host user can reach a volume (nor a setuid file a tenant left there).
+    assert os.stat(volume(gw, "keeper").parent).st_mode & 0o777 == 0o700
     stop(gw, "keeper")
     fill(volume(gw, "other"), owner=S)
     hit(gw, "other")  # takes the uid keeper just gave back (the free list is LIFO)
