@@ -60,6 +60,17 @@ _RAW_SCAN = re.compile(
 _RAW_STATUS = frozenset(
     b"HTTP/1.1 %d " % code for code in range(200, 600) if code not in (204, 304)
 )
+# A byte RFC 9112 does not allow in a reason phrase (only HTAB, SP, VCHAR and obs-text): llhttp
+# refuses a bare CR or LF there but takes every other control byte, NUL included, which a client
+# must never be sent. gateway/_heads.c refuses exactly these.
+_REASON_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def reason_ok(reason: bytes) -> bool:
+    """Whether a reason phrase holds only bytes RFC 9112 allows there. For the parsing path,
+    which builds the head it relays from what llhttp hands `on_status`, and so must refuse (502)
+    what llhttp lets through."""
+    return _REASON_CTL.search(reason) is None
 
 
 def plain_request_py(
@@ -97,6 +108,8 @@ def response_head_py(data: bytes) -> tuple[int, int] | None:
     end = data.find(b"\r\n\r\n")
     if end < 0 or data[:13] not in _RAW_STATUS:
         return None
+    if _REASON_CTL.search(data, 13, data.find(b"\r\n", 13)):
+        return None  # taken by llhttp, but relayed as received it would reach the client
     try:
         # From 12: "HTTP/1.1 NNN" holds no line break, so the status line's own "\n" and every
         # header line after it are scanned.

@@ -37,7 +37,7 @@ async def read_head(reader):
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     method, target, version = lines[0].split(" ", 2)
-    headers = {}
+    headers: dict[str, list[str]] = {}
     for line in lines[1:]:
         if line:
             k, v = line.split(":", 1)
@@ -116,6 +116,12 @@ BAD_HEADS = {
     "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\n",
     "nul": b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 5\r\n\r\n",
     "bad-name": b"HTTP/1.1 200 OK\r\nX(y): 1\r\nContent-Length: 5\r\n\r\n",
+    # Reason phrases with bytes RFC 9112 does not allow there (HTAB, SP, VCHAR, obs-text only).
+    "reason-nul": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 5\r\n\r\n",
+    "reason-ctl": b"HTTP/1.1 200 O\x01K\r\nContent-Length: 5\r\n\r\n",
+    "reason-del": b"HTTP/1.1 200 O\x7fK\r\nContent-Length: 5\r\n\r\n",
+    "reason-cr": b"HTTP/1.1 200 O\rK\r\nContent-Length: 5\r\n\r\n",
+    "reason-lf": b"HTTP/1.1 200 O\nK\r\nContent-Length: 5\r\n\r\n",
 }
 
 
