@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,3 +328,25 @@ def test_doctor_without_root_keeps_the_chown_path(tmp_path: Path) -> None:
         found = json.loads(fh.read() or "{}")
     os.waitpid(pid, 0)
     assert found["mode"] == "chown" and found["reason"].startswith("not root"), found
+
+
+def test_namespace_helper_child_runs_nothing_and_is_reaped() -> None:
+    """libc.clone_paused: a CLONE_VM child in its own user namespace, deaf to every signal but
+    SIGKILL and SIGSTOP (and glibc's two internal ones, which nothing sends it), gone (reaped by
+    pid) once released."""
+    pid = libc.clone_paused(libc.CLONE_NEWUSER)
+    try:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        unblockable = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
+        glibc_internal = (1 << 31) | (1 << 32)  # signals 32 and 33
+        assert int(status["SigBlk"], 16) | unblockable | glibc_internal == (1 << 64) - 1
+        assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        os.kill(pid, signal.SIGTERM)  # blocked: it stays asleep, and no handler of ours runs
+        time.sleep(0.02)
+        assert Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] == "S"
+    finally:
+        libc.release_paused(pid)
+    assert str(pid) not in children()
+    assert not Path(f"/proc/{pid}").exists()  # reaped, not a zombie
