@@ -390,7 +390,20 @@ class ClientConnection(asyncio.Protocol):
                     self.deadline = now + plane.upstream_timeout
                     if self.active is None and not self.pending:
                         self.active = ex
-                        inst.acquire(ex, now)  # type: ignore[attr-defined]
+                        conn = inst.checkout(now)  # type: ignore[attr-defined]
+                        if conn is None:
+                            inst.acquire(ex, now)  # type: ignore[attr-defined]
+                            return
+                        # Exchange.attach, inlined for its fast-path case: the client is
+                        # ours (we are in its data_received), the request has no body.
+                        ex.upstream = conn
+                        conn.exchange = ex
+                        if not conn.closed:
+                            conn.transport.write(head)
+                        if self.write_paused:
+                            conn.pause()
+                        if conn.write_paused:
+                            self.pause(PAUSED_BY_UPSTREAM)
                     else:
                         self.pending.append(ex)
                     return

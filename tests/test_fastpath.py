@@ -22,7 +22,7 @@ import pytest
 from gateway.appspec import BranchSpec, parse_app_spec
 from gateway.config import GatewayConfig
 from gateway.instances import Instance, State
-from gateway.proxy import ClientConnection, DataPlane
+from gateway.proxy import PAUSED_BY_UPSTREAM, ClientConnection, DataPlane
 from gateway.upstream import UpstreamConnection
 
 HOST = b"bench.localhost"
@@ -296,6 +296,38 @@ def test_fast_and_parsed_requests_alternate_on_one_connection() -> None:
         h.answer(response)
         assert h.client_t.take() == response
         assert h.client.active is None and not h.client_t.closed
+
+
+def test_fast_path_checks_out_a_pooled_connection_and_hands_it_back() -> None:
+    """The fast path takes the idle connection itself (Instance.checkout, no waiter call): the
+    instance counts it in flight until the response ends, then pools it again."""
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
+    ex = h.client.active
+    assert ex is not None and ex.upstream is h.up and h.up.exchange is ex
+    assert h.inst.in_flight == 1 and h.inst.idle == []
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.inst.in_flight == 0 and h.inst.idle == [h.up] and h.up.exchange is None
+    assert h.inst.last_activity >= h.inst.last_request > 0
+
+
+def test_fast_path_keeps_flow_control_both_ways() -> None:
+    """A client that is not reading (its write buffer is full) keeps the app's answer unread;
+    an app that is not reading keeps the client's next bytes unread."""
+    h = Harness()
+    h.client.pause_writing()  # what the transport says when the client's buffer is full
+    h.send(b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
+    assert h.up.reading_paused
+    h.client.resume_writing()
+    assert not h.up.reading_paused
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.client_t.take().endswith(b"ok")
+
+    h.up.pause_writing()  # the app's socket is full
+    h.send(b"GET /2 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
+    assert h.client.paused & PAUSED_BY_UPSTREAM
+    h.up.resume_writing()
+    assert not h.client.paused
 
 
 MALFORMED = [
