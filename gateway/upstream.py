@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.heads import plain_response
+from gateway.heads import plain_response, reason_ok
 from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
 from gateway.proxy import IDLE
 
@@ -279,6 +279,10 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200 and status != 101:
             self._1xx = True  # 100 Continue and friends: the gateway answers Expect itself
             return
+        if not reason_ok(self._reason):
+            # llhttp takes NUL and other control bytes in a reason phrase; relayed, they would
+            # reach a client whose HTTP stack may truncate or choke on them.
+            raise HttpParserError("a control byte in the reason phrase")
         client = ex.client
         self._keep_alive = self.parser.should_keep_alive()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"Status"), *self._parts]
