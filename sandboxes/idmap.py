@@ -23,11 +23,12 @@ What the tenant gains: nothing. Its mount maps one id pair, so it sees its own f
 and everything else on the volume (files a host admin copied in as root, say) as the overflow id
 (65534), read-only by mode at best; it cannot chown (no capabilities); /data stays nosuid and
 nodev; other volumes are not in its mount namespace at all. The user namespace fds are held by
-the (root) fork server only, close-on-exec, and no sandbox ever joins one.
+the (root) fork server, close-on-exec; a child forked from it drops them with every other fd
+before tenant code runs (``close_range`` in the confinement), and no sandbox ever joins one.
 
 Costs, measured on this 2-vCPU VM (kernel 6.18), with the fork server's modules loaded: a user
-namespace with its maps ≈0.1 ms (a ``CLONE_VM`` child, see ``libc.clone_paused``; a fork of the
-fork server took 4-6 ms), still cached per (uid, gid), least recently used dropped beyond
+namespace with its maps ≈0.1-0.4 ms (a ``CLONE_VM`` child, see ``libc.clone_paused``; a fork of
+the fork server took 4-8 ms), still cached per (uid, gid), least recently used dropped beyond
 ``CACHE_SIZE``; the idmapped ``open_tree`` + ``mount_setattr`` ≈25 µs, the same as a plain one.
 """
 
