@@ -49,7 +49,9 @@ PATHS = ("/api/v2/runtimes", "/api/v2/execute", "/api/v2/piston/runtimes", "/api
 POOLS_PATH = "/dorm/pools"  # the service's internal pool endpoint (runtimes/runner/service.py)
 POOL_QUERY_TIMEOUT = 5.0  # the service answers within its spawners' 2 s bound, or is stuck
 POOL_WAKE_TIMEOUT = 30.0  # a PUT starts a cold runner (its pools live in its spawners)
-OVERRIDES_FILE = "runner-pools.json"
+# Pool bounds set through the admin API, kept in the data dir like the app runtimes' own
+# (<data_dir>/pool-overrides.json): an operator's PUT survives runner and gateway restarts alike.
+OVERRIDES_FILE = "runner-pool-overrides.json"
 
 _HOOKS: weakref.WeakKeyDictionary[InstanceManager, RunnerHook] = weakref.WeakKeyDictionary()
 
@@ -92,9 +94,7 @@ class RunnerHook:
             log.warning("code runner disabled: %s", why)
             return False
         settings = runner.settings(self.config.gateway.cgroup_parent, self.token)
-        overrides = self.config.gateway.run_path / OVERRIDES_FILE
-        with contextlib.suppress(OSError):
-            overrides.unlink()  # a new gateway start: the config's bounds apply again
+        overrides = Path(self.config.gateway.data_dir) / OVERRIDES_FILE
         settings["pool_overrides_file"] = str(overrides)
         root = str(Path(__file__).resolve().parent.parent)
         spec = parse_app_spec(

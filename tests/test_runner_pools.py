@@ -202,6 +202,25 @@ def test_the_runner_keeps_admin_bounds_across_its_restart(gw: Gateway) -> None:
     assert status == 200, body
 
 
+def test_admin_bounds_survive_a_gateway_restart(tmp_path: Path) -> None:
+    """Like the app runtimes' bounds (<data_dir>/pool-overrides.json), an operator's PUT for a
+    runner language is kept in the data dir: a restarted gateway's runner starts with it, not
+    with the config's bounds."""
+    gateway = start_runner_gateway(tmp_path, POOL_CONFIG)
+    try:
+        status, body = gateway.admin("PUT", "/v1/pools/bash", {"min_idle": 1, "max_idle": 3})
+        assert status == 200, body
+        saved = gateway.data_dir / "runner-pool-overrides.json"
+        assert saved.exists()
+        stop_gateway(gateway)
+        gateway.start()
+        assert run_python(gateway, "print(2)")["stdout"] == "2\n"  # wakes the runner
+        pool = wait_pool(gateway, lambda p: p["min_idle"] == 1)
+        assert pool["max_idle"] == 3, pool
+    finally:
+        stop_gateway(gateway)
+
+
 def test_dorm_pools_shows_the_runner(gw: Gateway) -> None:
     out = gw.cli("pools")
     row = next((line for line in out.splitlines() if line.startswith("runner:default")), None)
