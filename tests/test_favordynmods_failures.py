@@ -9,8 +9,11 @@ view" is the only way to see a host where it is off.
 
 * no root: the v1 hierarchies are visible (none with favordynmods), the process is uid 65534;
 * no cgroup hierarchy at all: /sys/fs/cgroup is an empty tmpfs;
-* root without CAP_SYS_ADMIN (a container, say): the kernel refuses the remount with EPERM, and
-  a whole gateway, which still counts as sandbox-capable there, logs a warning and serves.
+* only cgroup v1 hierarchies (no cgroup2 mount): a v1 hierarchy takes favordynmods only when it
+  is first mounted, so `enable` says so without trying, and a whole sandboxing gateway logs a
+  warning and serves sandboxed apps;
+and the remount `enable` makes keeps the mount's own flags (nosuid, nodev, noexec, atime), and
+targets only a cgroup2 mount that is reachable at its path (not one another mount covers).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 
 import pytest
 
-from sandboxes import cgroups, detect_isolation
+from sandboxes import cgroups, detect_isolation, dynmods
 from tests.conftest import ROOT, Gateway, echo_spec
+from tests.test_pools import app_dir
+from tests.test_pools import spec as pool_spec
 
 LEVEL = detect_isolation()
 pytestmark = pytest.mark.skipif(
@@ -130,22 +135,107 @@ def test_gateway_without_cgroups_still_starts_and_serves(gateway_factory: Any) -
     not v1_hierarchies_without_favordynmods(),
     reason="needs cgroup v1 hierarchies without favordynmods to offer the gateway",
 )
-def test_gateway_whose_remount_is_refused_warns_and_serves(gateway_factory: Any) -> None:
-    # Root, cgroups and seccomp: the gateway counts itself sandbox-capable and tries the
-    # remount, which the kernel refuses without CAP_SYS_ADMIN (as in many containers).
+def test_gateway_on_a_v1_only_host_warns_and_serves_sandboxed(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    # Root, v1 cgroups and seccomp: sandbox-capable, so the gateway tries; a v1 hierarchy cannot
+    # take the option on a remount, which it is told instead of trying one that always fails.
     gw: Gateway = gateway_factory('isolation = "auto"', start=False)
-    drop = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"]
-    gw.start(wrapper=in_private_namespace(hide_cgroups(keep_v1=True), *drop))
-    assert gw.proc is not None
-    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
-    cap_eff = int(
-        next(line for line in status.splitlines() if line.startswith("CapEff")).split()[1], 16
-    )
-    assert not cap_eff & (1 << 21), status  # CAP_SYS_ADMIN (21) is really gone
+    gw.start(wrapper=in_private_namespace(hide_cgroups(keep_v1=True)))
     log = gw.log()
     assert "cgroup favordynmods not enabled (cgroup joins stay slow)" in log, log
-    assert "Operation not permitted" in log, log
-    # Still up: the admin API answers and an unconfined app is served.
-    gw.put_app("echo", echo_spec(isolation="process"))
-    assert gw.request("/", host="echo.localhost").status == 200
-    assert os.path.exists(f"/proc/{gw.proc.pid}")
+    assert "a cgroup v1 hierarchy takes favordynmods only when it is first mounted" in log, log
+    assert "instances run sandboxed" in log, log
+    gw.put_app("boxed", pool_spec(app_dir(tmp_path)))
+    resp = gw.request("/", host="boxed.localhost")
+    assert resp.status == 200, resp
+    inst = gw.instance("boxed")
+    assert inst is not None and inst["isolation"] == "sandbox", inst
+
+
+def test_a_v1_hierarchy_refuses_favordynmods_on_a_remount(tmp_path: Path) -> None:
+    """Why enable() does not try v1: the kernel refuses it. Shown on a v1 hierarchy of the
+    test's own (named, no controllers, mounted in a private namespace and gone with it), so no
+    hierarchy the host uses is touched."""
+    name = f"dorm-test-{os.getpid()}"
+    where = tmp_path / "v1"
+    where.mkdir()
+    script = (
+        f"mount -t cgroup -o none,name={name} cgroup {where}\n"
+        f"mount -o remount,none,name={name},favordynmods {where} 2>&1 || echo REFUSED\n"
+        f"grep ' {where} ' /proc/self/mountinfo"
+    )
+    done = subprocess.run(
+        in_private_namespace(script), capture_output=True, text=True, timeout=30, check=True
+    )
+    assert "REFUSED" in done.stdout, done.stdout
+    assert "favordynmods" not in done.stdout.splitlines()[-1], done.stdout
+
+
+# Mounts a tmpfs with per-mount flags dynmods keeps (nosuid, nodev, noexec, noatime), remounts it with the flags
+# remount_arguments computes (tmpfs's own data instead of favordynmods), prints mountinfo's
+# options before and after.
+KEEPS_FLAGS = """import json, sys
+from sandboxes import dynmods, libc
+path = sys.argv[1]
+def options():
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split(" - ")[0].split()
+        if fields[4] == path:
+            return sorted(fields[5].split(","))
+libc.mount(b"dorm-test", path.encode(), b"tmpfs", 0, b"size=1m")
+libc.mount(None, path.encode(), None,
+           libc.MS_REMOUNT | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC | 0x400, b"size=1m")
+before = options()
+mount = dynmods.Cgroup2Mount(path, frozenset(before), frozenset({"rw"}))
+flags, _ = dynmods.remount_arguments(mount)
+libc.mount(None, path.encode(), None, flags, b"size=2m")
+bare = dynmods.Cgroup2Mount(path, frozenset({"rw"}), frozenset({"rw"}))
+after = options()
+libc.mount(None, path.encode(), None, dynmods.remount_arguments(bare)[0], b"size=2m")
+print(json.dumps({"before": before, "after": after, "bare": options()}))
+"""
+
+
+def test_the_remount_keeps_the_mounts_own_flags(tmp_path: Path) -> None:
+    where = tmp_path / "scratch"
+    where.mkdir()
+    done = subprocess.run(
+        in_private_namespace("true", sys.executable, "-c", KEEPS_FLAGS, str(where)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {"nosuid", "nodev", "noexec", "noatime"} <= set(out["before"]), out
+    assert out["after"] == out["before"], out  # remounted, and nothing about the mount changed
+    # What a remount with no flags does, as enable() did before: these are gone (the kernel
+    # keeps the atime setting when none is passed).
+    assert not {"nosuid", "nodev", "noexec"} & set(out["bare"]), out
+
+
+def test_only_a_reachable_cgroup2_mount_is_a_target(tmp_path: Path) -> None:
+    """mountinfo also lists mounts something else covers: a remount by path would hit the
+    cover. Real mount points, with the device they really have and with another one."""
+    mounts = [m for m in cgroups._mounts() if m.fstype == "cgroup2"]
+    if not mounts:
+        pytest.skip("no cgroup2 mount here")
+    real = mounts[0].mountpoint
+    dev = os.stat(real).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    line = "40 31 {dev} / {where} rw,nosuid,relatime shared:9 - cgroup2 cgroup2 {sup}\n"
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        line.format(dev=f"{major}:{minor}", where=real, sup="ro,nsdelegate")
+        + line.format(dev=f"{major}:{minor + 1000}", where=real, sup="rw")  # covered
+        + line.format(dev=f"{major}:{minor}", where=tmp_path / "nowhere", sup="rw")  # gone
+    )
+    found = dynmods.cgroup2_mounts(str(info))
+    assert len(found) == 1, found
+    assert found[0].mountpoint == real and found[0].read_only, found
+    assert found[0].mount_options == {"rw", "nosuid", "relatime"}, found
+    flags, data = dynmods.remount_arguments(found[0])
+    assert data == b"nsdelegate,favordynmods", data
+    assert flags & 0x2 and flags & 0x200000 and not flags & 0x1, hex(flags)
