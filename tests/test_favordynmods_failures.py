@@ -172,9 +172,9 @@ def test_a_v1_hierarchy_refuses_favordynmods_on_a_remount(tmp_path: Path) -> Non
     assert "favordynmods" not in done.stdout.splitlines()[-1], done.stdout
 
 
-# Mounts a tmpfs with per-mount flags dynmods keeps (nosuid, nodev, noexec, noatime), remounts it with the flags
-# remount_arguments computes (tmpfs's own data instead of favordynmods), prints mountinfo's
-# options before and after.
+# Mounts a tmpfs with per-mount flags dynmods keeps (nosuid, nodev, noexec, noatime), remounts
+# it with the flags remount_arguments computes (tmpfs's own data instead of favordynmods), and
+# prints mountinfo's options before and after, and after a remount with no flags at all.
 KEEPS_FLAGS = """import json, sys
 from sandboxes import dynmods, libc
 path = sys.argv[1]
