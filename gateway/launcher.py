@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -329,7 +330,15 @@ class Launcher:
         elif ev == "spawned":
             self._running.add(instance_id)
             future = self._pending.get(instance_id)
-            if future is not None and not future.done():
+            if future is None or future.done():
+                # Started after `spawn` stopped waiting (SPAWN_TIMEOUT): its start has already
+                # failed, nobody will route to it or stop it, and the uid it runs as may be
+                # handed to another tenant. It must not run.
+                log.warning(
+                    "instance %s started after its start was given up: killing it", instance_id
+                )
+                self.signal(instance_id, signal.SIGKILL)
+            else:
                 future.set_result(
                     Spawned(
                         int(message["pid"]),

@@ -1,0 +1,97 @@
+"""The gateway's side of the fork server (gateway/launcher.py), in-process against a real one.
+
+A spawn the gateway stopped waiting for (the fork server did not answer within SPAWN_TIMEOUT:
+stopped, swapped out, stuck behind a slow pool refill) may still be carried out once the fork
+server gets to it. Nobody owns that instance: the gateway already failed the start, forgot the
+id and gave its uid back. It must not be left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway import launcher as launcher_module
+from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
+
+
+def pid_of(marker: Path, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(marker.read_text())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.02)
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher_module, "SPAWN_TIMEOUT", 0.5)  # not 30 s of test time
+    marker = tmp_path / "pid"
+    exits: list[tuple[str, ExitInfo]] = []
+    script = (
+        "import os, sys, time\n"
+        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    spec = LaunchSpec(
+        id="late1",
+        argv=[sys.executable, "-c", script],
+        env={"PATH": "/usr/bin:/bin"},
+        run_dir=str(tmp_path / "run" / "late1"),
+        log_path=str(tmp_path / "late1.log"),
+        log_max_bytes=1 << 20,
+        log_keep=1,
+    )
+    leftover: list[int] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
+        await launcher.start()
+        forkserver = launcher.pid
+        assert forkserver is not None
+        try:
+            os.kill(forkserver, signal.SIGSTOP)  # alive, but answering nothing
+            try:
+                with pytest.raises(LaunchError, match="did not answer in time") as caught:
+                    await launcher.spawn(spec)
+                assert not caught.value.lost
+            finally:
+                os.kill(forkserver, signal.SIGCONT)
+            # Now it reads the spawn, starts the process and says "spawned" to nobody waiting.
+            deadline = time.monotonic() + 10
+            while not exits and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert [instance_id for instance_id, _ in exits] == ["late1"], (
+                "an instance nobody waits for was left running"
+            )
+            assert exits[0][1].signal == signal.SIGKILL, exits
+            pid = pid_of(marker, 0.0)  # it may have been killed before writing this
+            if pid is not None:
+                leftover.append(pid)
+                assert not alive(pid)
+        finally:
+            await launcher.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for pid in leftover:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
