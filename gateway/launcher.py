@@ -171,9 +171,13 @@ class Launcher:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def spawn(self, spec: LaunchSpec) -> Spawned:
+    async def spawn(self, spec: LaunchSpec, timeout: float | None = None) -> Spawned:
         """Start an instance; returns once it has exec'd (or is calling its entry point), or
-        raises LaunchError."""
+        raises LaunchError.
+
+        `timeout` (at most SPAWN_TIMEOUT): how long to wait for the fork server's answer, so a
+        start can stop waiting at its own deadline; an instance the fork server starts after
+        that is killed when it reports it (see `_dispatch`)."""
         if self._writer is None:
             why = f" (starting it failed: {self._start_error})" if self._start_error else ""
             raise LaunchError(f"the fork server is not running{why}", lost=not self._closing)
@@ -184,7 +188,8 @@ class Launcher:
             self._remember_shape(spec)
         self._writer.write(encode_frame(message))
         try:
-            return await asyncio.wait_for(future, SPAWN_TIMEOUT)
+            limit = SPAWN_TIMEOUT if timeout is None else min(max(timeout, 0.0), SPAWN_TIMEOUT)
+            return await asyncio.wait_for(future, limit)
         except TimeoutError:
             raise LaunchError("the fork server did not answer in time") from None
         finally:
