@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ECHO_APP, Gateway, Response
+from tests.conftest import ECHO_APP, Gateway, Response, echo_spec
 from tests.test_pools import find_forkserver
 
 # Imported on the zygote path (a fork of the fork server): it binds the instance's socket
@@ -197,3 +197,31 @@ def test_start_waiting_for_a_fork_server_that_never_comes_back_fails_with_the_re
     resp = gw.request("/", host="slow.localhost", timeout=20)
     assert resp.status == 200, resp
     assert "could not start the fork server" in gw.log(), gw.log()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway/instances.py _attempt waits for the fork server's answer up to "
+    "launcher.SPAWN_TIMEOUT (30 s), not until the start's deadline: it should pass "
+    "timeout=deadline - time.monotonic() to launcher.spawn",
+)
+def test_start_stops_waiting_for_a_stuck_fork_server_at_its_deadline(
+    gateway_factory: Any,
+) -> None:
+    gw: Gateway = gateway_factory()
+    gw.put_app("stuck", {**echo_spec(), "startup_timeout": "1s"})
+    forkserver = find_forkserver(gw)
+    assert forkserver is not None
+    os.kill(forkserver, signal.SIGSTOP)  # alive, answering nothing
+    try:
+        started = time.monotonic()
+        resp = gw.request("/", host="stuck.localhost", timeout=20)
+        # The start gives up at its deadline, saying why (not the queue's bare 504 while the
+        # start waits on for 30 s with every new request for the app queued behind it).
+        assert resp.status == 502, resp
+        assert b"the fork server did not answer in time" in resp.body, resp.body
+        assert time.monotonic() - started < 2.0
+        inst = gw.instance("stuck")
+        assert inst is not None and inst["state"] == "cold", inst
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
