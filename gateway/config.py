@@ -20,6 +20,7 @@ from typing import Any
 from gateway.appspec import AppSpec, SpecError, parse_app_spec
 from gateway.names import InvalidName, check_app_name
 from gateway.units import UnitError, parse_duration, parse_size
+from sandboxes.idmap import STORAGE_UID
 
 DEFAULT_CONFIG_PATHS = ("dorm.toml", "/etc/dorm/dorm.toml")
 ISOLATION_MODES = ("auto", "process", "sandbox")
@@ -288,6 +289,12 @@ def parse_uid_range(value: str) -> range:
     first, last = int(low), int(high)
     if first < 1000 or last < first or last >= 2**32 - 1:
         raise ConfigError("uid_range: must lie within 1000..4294967294 with FIRST <= LAST")
+    if first <= STORAGE_UID <= last:
+        # Every /data volume is owned on disk by this id (sandboxes/idmap.py): an instance
+        # given it would own every app's volume.
+        raise ConfigError(
+            f"uid_range: must not contain {STORAGE_UID}, the owner of every /data volume on disk"
+        )
     return range(first, last + 1)
 
 
