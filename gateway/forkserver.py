@@ -438,6 +438,7 @@ class ForkServer:
                         attrs |= self._idmap_attr
                     binds.append((spec.data_dir.encode(), b"/data", attrs))
                 ids = (member.uid, member.uid)
+                self._write_name_files(member.socket_dir, spec.hostname)
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
@@ -519,6 +520,7 @@ class ForkServer:
                 app_dir=None,
                 data_dir=None,
                 hostname="dorm",
+                named_at_claim=True,
                 socket_dir=str(socket_dir),
             )
             idle = self.sandboxes.prefork_for(spec)
@@ -654,6 +656,7 @@ class ForkServer:
             self.sandboxes = importlib.import_module("sandboxes")
             mounts = importlib.import_module("sandboxes.mounts")
             self._ro_attrs, self._rw_attrs = mounts.RO_ATTRS, mounts.RW_ATTRS
+            self._write_name_files = mounts.write_name_files
             self._idmap = importlib.import_module("sandboxes.idmap")
             self._idmap_attr = importlib.import_module("sandboxes.libc").MOUNT_ATTR_IDMAP
             self._time_claims()

@@ -12,8 +12,9 @@ the host system dirs)::
 
     /            tmpfs, remounted read-only once assembled (mode 0755, root-owned)
     /usr /lib*   read-only, nosuid, nodev binds of the host dirs (/bin → usr/bin symlinks copied)
-    /etc         generated passwd, group, hosts, hostname, nsswitch.conf, resolv.conf; copies of
-                 ld.so.cache, services, protocols; read-only binds of /etc/ssl/certs,
+    /etc         generated passwd, group, hosts, hostname (with ``named_at_claim``: those two are
+                 symlinks into /run/dorm, written at the claim), nsswitch.conf, resolv.conf;
+                 copies of ld.so.cache, services, protocols; read-only binds of /etc/ssl/certs,
                  /etc/ca-certificates, /etc/alternatives. Never shadow, gshadow, sudoers, ssh keys.
     <prefix>     sys.base_prefix and each ``extra_ro_binds`` path, read-only nosuid nodev
     /app         the tenant bundle, read-only nosuid nodev (empty dir when app_dir is None)
@@ -186,8 +187,34 @@ class _Planner:
         self.ops.append((OP_TMPFS, self.p(inside), flags, data.encode()))
 
 
+def name_files(hostname: str) -> dict[str, bytes]:
+    """/etc/hostname and /etc/hosts for a sandbox called `hostname` (one DNS label)."""
+    return {
+        "hostname": f"{hostname}\n".encode(),
+        "hosts": (
+            f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ).encode(),
+    }
+
+
+def write_name_files(socket_dir: str, hostname: str) -> None:
+    """A claimed member's name files, into its socket dir (its /run/dorm), which its
+    /etc/hostname and /etc/hosts point to (``SandboxSpec.named_at_claim``). Root's and read-only;
+    the member has not run tenant code yet, and what the tenant does to them later touches only
+    its own sandbox."""
+    for name, data in name_files(hostname).items():
+        path = os.path.join(socket_dir, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o444)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+
+
 def _etc_files(spec: SandboxSpec) -> dict[str, bytes]:
     gid = spec.effective_gid
+    names = {} if spec.named_at_claim else name_files(spec.hostname)
     return {
         "passwd": (
             "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -195,10 +222,7 @@ def _etc_files(spec: SandboxSpec) -> dict[str, bytes]:
             "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
         ).encode(),
         "group": f"root:x:0:\napp:x:{gid}:\nnogroup:x:65534:\n".encode(),
-        "hostname": f"{spec.hostname}\n".encode(),
-        "hosts": (
-            f"127.0.0.1\tlocalhost {spec.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        ).encode(),
+        **names,
     }
 
 
@@ -323,6 +347,11 @@ def _instance(spec: SandboxSpec) -> tuple[tuple[Op, ...], tuple[Bind, ...]]:
             (OP_FILE, b"/etc/" + name.encode(), 0o444, data)
             for name, data in _etc_files(spec).items()
         )
+        if spec.named_at_claim:
+            ops.extend(
+                (OP_SYMLINK, b"/run/dorm/" + name, b"/etc/" + name, None)
+                for name in (b"hostname", b"hosts")
+            )
     ops.append((OP_TMPFS, b"/tmp", _NOSUID_NODEV, b"size=%d,mode=1777" % spec.tmp_size))
     ops.append(
         (

@@ -122,6 +122,10 @@ class SandboxSpec:
     # Attach data_dir as an idmapped mount: files owned on disk by idmap.STORAGE_UID/GID show as
     # uid/gid inside, and new ones are written as the storage owner (root only; see idmap.py).
     data_idmap: bool = False
+    # A serving pool member, built before its tenant (and so its hostname) is known: /etc/hostname
+    # and /etc/hosts are symlinks to /run/dorm/hostname and /run/dorm/hosts, which the fork server
+    # writes into the member's socket dir at the claim (mounts.write_name_files).
+    named_at_claim: bool = False
     cgroup_parent: str = "dorm"  # dorm's cgroup subtree; tests use their own to stay isolated
 
     def __post_init__(self) -> None:

@@ -50,6 +50,9 @@ async def app(scope, receive, send):
         'state': scope.get('state', {}).get('greeting'),
         'uid': os.getuid(),
         'hostname': socket.gethostname(),
+        'etc_hostname': open('/etc/hostname').read(),
+        'etc_hosts': open('/etc/hosts').read(),
+        'resolves': socket.gethostbyname(socket.gethostname()),
         'count': count,
     })
     await send({'type': 'http.response.start', 'status': 200, 'headers': []})
@@ -111,6 +114,11 @@ def test_claimed_member_is_the_tenant(gw: Gateway, tmp_path: Path) -> None:
         seen["state"] == "set at startup"
     )  # its lifespan ran at the claim, state reaches requests
     assert seen["hostname"] == "lively"  # set in the member's UTS namespace at the claim
+    # ... and in the files a library reads for it (written at the claim: the member was built
+    # before its name was known), so the tenant's own name resolves without a DNS lookup.
+    assert seen["etc_hostname"] == "lively\n"
+    assert "127.0.0.1\tlocalhost lively\n" in seen["etc_hosts"], seen["etc_hosts"]
+    assert seen["resolves"] == "127.0.0.1"
     assert seen["uid"] == inst["uid"] == real_uid(inst["pid"])
     first, last = 310000, 311999  # start_gateway's uid_range: members use its top quarter
     assert last - (last - first + 1) // 4 < seen["uid"] <= last
