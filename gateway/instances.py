@@ -798,6 +798,7 @@ class InstanceManager:
             elif outcome is Outcome.LOST:
                 fallback = why
                 if not await self.launcher.wait_running(deadline - time.monotonic()):
+                    fallback = f"{why}, and no fork server was running again before the deadline"
                     break
             else:
                 if learn and inst.state is State.READY:
@@ -890,7 +891,9 @@ class InstanceManager:
         attempt_at = time.monotonic()
         self.running[instance_id] = inst
         try:
-            spawned = await self.launcher.spawn(spec)
+            # Waits no longer than the start may take: a stuck fork server must not hold the
+            # start (and every request queued behind it) for the launcher's own 30 s.
+            spawned = await self.launcher.spawn(spec, timeout=deadline - time.monotonic())
             spawned_at = time.monotonic()
             inst.pid = spawned.pid
             if spawned.uid is not None:  # a claimed pool member keeps the uid it was built with

@@ -50,6 +50,9 @@ class _Mount:
 
 
 def _mounts() -> list[_Mount]:
+    """The cgroup filesystems reachable at their mount points. mountinfo also lists a mount that
+    another one covers (a tmpfs mounted over /sys/fs/cgroup, say): its path then leads somewhere
+    else, and a backend built on it would fail every start, so it is left out."""
     out: list[_Mount] = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -62,6 +65,12 @@ def _mounts() -> list[_Mount]:
             if fstype not in ("cgroup", "cgroup2"):
                 continue
             mountpoint = fields[4].replace("\\040", " ")
+            major, _, minor = fields[2].partition(":")
+            try:
+                if os.stat(mountpoint).st_dev != os.makedev(int(major), int(minor)):
+                    continue  # covered by another mount
+            except (OSError, ValueError):
+                continue
             out.append(_Mount(fstype, mountpoint, frozenset(rfields[2].split(","))))
     return out
 

@@ -121,6 +121,36 @@ def test_without_any_cgroup_hierarchy_enable_says_none_is_mounted() -> None:
     assert out["message"] == "no cgroup hierarchy is mounted", out
 
 
+COVERED_PROBE = """\
+import json
+from sandboxes import cgroups
+backend, reason, _ = cgroups.probe()
+mounts = [m.mountpoint for m in cgroups._mounts()]
+print(json.dumps({"mounts": mounts, "backend": backend is not None, "reason": reason}))
+"""
+
+
+def test_cgroup_mounts_covered_by_another_mount_are_not_used() -> None:
+    """A tmpfs mounted over /sys/fs/cgroup without unmounting anything: mountinfo still lists
+    every hierarchy under it, but none is reachable there, so no backend is built on them (one
+    was, and every sandboxed start then failed with ENOENT on cgroup.procs). Their paths exist
+    again on the tmpfs, as plain directories: only the device tells them apart."""
+    dirs = " ".join(shlex.quote(m.mountpoint) for m in cgroups._mounts())
+    setup = f"set -e\nmount -t tmpfs -o mode=755 dorm-test /sys/fs/cgroup\nmkdir -p {dirs}"
+    done = subprocess.run(
+        in_private_namespace(setup, sys.executable, "-c", COVERED_PROBE),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert not any(m.startswith("/sys/fs/cgroup") for m in out["mounts"]), out
+    assert out["backend"] is False and "no cgroup version" in out["reason"], out
+    assert cgroups._mounts()  # out here, the host's hierarchies are all still listed
+
+
 def test_gateway_without_cgroups_still_starts_and_serves(gateway_factory: Any) -> None:
     gw: Gateway = gateway_factory('isolation = "auto"', start=False)
     gw.start(wrapper=in_private_namespace(hide_cgroups(keep_v1=False)))

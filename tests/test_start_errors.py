@@ -199,12 +199,6 @@ def test_start_waiting_for_a_fork_server_that_never_comes_back_fails_with_the_re
     assert "could not start the fork server" in gw.log(), gw.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/instances.py _attempt waits for the fork server's answer up to "
-    "launcher.SPAWN_TIMEOUT (30 s), not until the start's deadline: it should pass "
-    "timeout=deadline - time.monotonic() to launcher.spawn",
-)
 def test_start_stops_waiting_for_a_stuck_fork_server_at_its_deadline(
     gateway_factory: Any,
 ) -> None:
