@@ -119,6 +119,7 @@ class Member:
     sandbox: Any
     channel: socket.socket  # its fd 0: the claim goes here
     socket_dir: Path  # the host dir it sees as /run/dorm
+    names: tuple[int, ...] = ()  # write fds of its /etc/hostname and /etc/hosts, for the claim
 
 
 MAX_SHAPES = 8  # sandbox shapes (layout and limits) with a pool; the least recent is dropped
@@ -438,7 +439,8 @@ class ForkServer:
                         attrs |= self._idmap_attr
                     binds.append((spec.data_dir.encode(), b"/data", attrs))
                 ids = (member.uid, member.uid)
-                self._write_name_files(member.socket_dir, spec.hostname)
+                self._fill_name_files(member.names, spec.hostname)
+                self._close_names(member)
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
@@ -581,6 +583,13 @@ class ForkServer:
             build.channel,
             build.socket_dir,
         )
+        try:
+            member.names = self._create_name_files(str(build.socket_dir))
+        except OSError as exc:
+            print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+            self._discard_member(member)
+            self.build_failed_at = time.monotonic()
+            return
         self.selector.register(member.pidfd, selectors.EVENT_READ, member)
         shape = build.shape
         shape.idle.insert(0, member)  # claims take the most recently built last
@@ -629,8 +638,15 @@ class ForkServer:
         self._discard_member(member)
         self.refill_pending = True
 
+    @staticmethod
+    def _close_names(member: Member) -> None:
+        for fd in member.names:
+            os.close(fd)
+        member.names = ()
+
     def _discard_member(self, member: Member) -> None:
         """Kill an unclaimed (or failed) member and release everything it held."""
+        self._close_names(member)
         if member.pidfd >= 0:
             with contextlib.suppress(KeyError):  # not watched once a claim began
                 self.selector.unregister(member.pidfd)
@@ -656,7 +672,8 @@ class ForkServer:
             self.sandboxes = importlib.import_module("sandboxes")
             mounts = importlib.import_module("sandboxes.mounts")
             self._ro_attrs, self._rw_attrs = mounts.RO_ATTRS, mounts.RW_ATTRS
-            self._write_name_files = mounts.write_name_files
+            self._create_name_files = mounts.create_name_files
+            self._fill_name_files = mounts.fill_name_files
             self._idmap = importlib.import_module("sandboxes.idmap")
             self._idmap_attr = importlib.import_module("sandboxes.libc").MOUNT_ATTR_IDMAP
             self._time_claims()

@@ -197,19 +197,34 @@ def name_files(hostname: str) -> dict[str, bytes]:
     }
 
 
-def write_name_files(socket_dir: str, hostname: str) -> None:
-    """A claimed member's name files, into its socket dir (its /run/dorm), which its
-    /etc/hostname and /etc/hosts point to (``SandboxSpec.named_at_claim``). Root's and read-only;
-    the member has not run tenant code yet, and what the tenant does to them later touches only
-    its own sandbox."""
-    for name, data in name_files(hostname).items():
-        path = os.path.join(socket_dir, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o444)
-        try:
-            os.write(fd, data)
-            os.fchmod(fd, 0o444)
-        finally:
+NAME_FILES: Final = ("hostname", "hosts")  # the order of name_files() and create_name_files()
+
+
+def create_name_files(socket_dir: str) -> tuple[int, ...]:
+    """A serving member's name files, empty, in its socket dir (its /run/dorm, where its
+    /etc/hostname and /etc/hosts point: ``SandboxSpec.named_at_claim``); returns a write fd for
+    each. Made while the member is built, so the claim only writes them
+    (``fill_name_files``): creating an inode takes ~0.1 ms on this VM's ext4, rewriting
+    through an open fd ~5 µs. Root's and read-only to the member, which runs no tenant code yet;
+    what the tenant does to them later touches only its own sandbox."""
+    fds: list[int] = []
+    try:
+        for name in NAME_FILES:
+            path = os.path.join(socket_dir, name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fds.append(os.open(path, flags, 0o444))
+    except BaseException:
+        for fd in fds:
             os.close(fd)
+        raise
+    return tuple(fds)
+
+
+def fill_name_files(fds: tuple[int, ...], hostname: str) -> None:
+    """Write a claimed member's name into the files ``create_name_files`` made."""
+    for fd, data in zip(fds, name_files(hostname).values(), strict=True):
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
 
 
 def _etc_files(spec: SandboxSpec) -> dict[str, bytes]:

@@ -19,7 +19,7 @@ import pytest
 
 from sandboxes import detect_isolation
 from tests.conftest import Gateway
-from tests.test_pools import start_gateway, wait_pool
+from tests.test_pools import find_forkserver, start_gateway, wait_pool
 
 LEVEL = detect_isolation()
 pytestmark = pytest.mark.skipif(
@@ -124,6 +124,34 @@ def test_claimed_member_is_the_tenant(gw: Gateway, tmp_path: Path) -> None:
     assert last - (last - first + 1) // 4 < seen["uid"] <= last
     primer = gw.instance("primer")
     assert primer is not None and primer["uid"] != seen["uid"]
+
+
+def name_file_fds(pid: int) -> int:
+    """How many of a fork server's fds are members' /etc/hostname or /etc/hosts files."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(fd_dir / fd))
+        except OSError:
+            continue  # closed meanwhile
+    return sum(1 for t in targets if t.endswith(("/hostname", "/hosts")))
+
+
+def test_name_files_are_held_only_for_idle_members(gw: Gateway, tmp_path: Path) -> None:
+    """The fork server keeps two fds per idle member (its name files, filled at the claim) and
+    none once a member is claimed or gone: starts do not leak them."""
+    asgi = code_dir(tmp_path, "asgi", ASGI)
+    prime(gw, asgi)
+    for name in ("one", "two", "three"):
+        gw.put_app(name, {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
+        resp = gw.request("/", host=f"{name}.localhost")
+        assert resp.status == 200, resp.body
+        assert json.loads(resp.body)["resolves"] == "127.0.0.1"
+    pool = wait_pool(gw, lambda p: p["idle"] >= 2 and not p.get("forking"))
+    forkserver = find_forkserver(gw)
+    assert forkserver is not None
+    assert name_file_fds(forkserver) == 2 * pool["idle"], pool
 
 
 def test_wsgi_app_from_the_pool(gw: Gateway, tmp_path: Path) -> None:
