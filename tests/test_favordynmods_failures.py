@@ -90,9 +90,11 @@ def in_private_namespace(setup: str, *command: str) -> list[str]:
     return [*unshare, "sh", "-c", script, "sh", *command]
 
 
-def probe(setup: str, who: str) -> dict[str, Any]:
+def run_json(setup: str, script: str, *args: str) -> dict[str, Any]:
+    """What Python `script` (with `args`) prints as JSON, run after `setup` in a private mount
+    namespace of its own."""
     done = subprocess.run(
-        in_private_namespace(setup, sys.executable, "-c", PROBE, who),
+        in_private_namespace(setup, sys.executable, "-c", script, *args),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -101,6 +103,10 @@ def probe(setup: str, who: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def probe(setup: str, who: str) -> dict[str, Any]:
+    return run_json(setup, PROBE, who)
 
 
 @pytest.mark.skipif(
@@ -137,15 +143,7 @@ def test_cgroup_mounts_covered_by_another_mount_are_not_used() -> None:
     again on the tmpfs, as plain directories: only the device tells them apart."""
     dirs = " ".join(shlex.quote(m.mountpoint) for m in cgroups._mounts())
     setup = f"set -e\nmount -t tmpfs -o mode=755 dorm-test /sys/fs/cgroup\nmkdir -p {dirs}"
-    done = subprocess.run(
-        in_private_namespace(setup, sys.executable, "-c", COVERED_PROBE),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = run_json(setup, COVERED_PROBE)
     assert not any(m.startswith("/sys/fs/cgroup") for m in out["mounts"]), out
     assert out["backend"] is False and "no cgroup version" in out["reason"], out
     assert cgroups._mounts()  # out here, the host's hierarchies are all still listed
@@ -230,15 +228,7 @@ print(json.dumps({"before": before, "after": after, "bare": options()}))
 def test_the_remount_keeps_the_mounts_own_flags(tmp_path: Path) -> None:
     where = tmp_path / "scratch"
     where.mkdir()
-    done = subprocess.run(
-        in_private_namespace("true", sys.executable, "-c", KEEPS_FLAGS, str(where)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = run_json("true", KEEPS_FLAGS, str(where))
     assert {"nosuid", "nodev", "noexec", "noatime"} <= set(out["before"]), out
     assert out["after"] == out["before"], out  # remounted, and nothing about the mount changed
     # What a remount with no flags does, as enable() did before: these are gone (the kernel

@@ -21,6 +21,7 @@ import pytest
 from sandboxes import detect_isolation, libc
 from sandboxes.idmap import STORAGE_GID, STORAGE_UID
 from tests.conftest import Gateway
+from tests.sandboxes.test_idmap import host_owners, make_volume
 from tests.test_pools import start_gateway, wait_pool
 
 LEVEL = detect_isolation()
@@ -80,29 +81,8 @@ def volume(gw: Gateway, app: str) -> Path:
 
 def fill(vol: Path, owner: int) -> None:
     """FILES files in 20 directories, owned by ``owner`` (an old instance uid, say)."""
-    vol.mkdir(parents=True, mode=0o700)
-    per_dir = FILES // 20
-    for d in range(20):
-        sub = vol / f"d{d}"
-        sub.mkdir(mode=0o700)
-        for f in range(per_dir):
-            (sub / f"f{f}").write_text("x")
-            os.chown(sub / f"f{f}", owner, owner)
-        os.chown(sub, owner, owner)
-    os.chown(vol, owner, owner)
-
-
-def on_disk(vol: Path) -> dict[str, tuple[int, int, int]]:
-    out = {}
-    for root, dirs, files in os.walk(vol):
-        for name in dirs + files:
-            st = os.lstat(os.path.join(root, name))
-            out[os.path.relpath(os.path.join(root, name), vol)] = (
-                st.st_uid,
-                st.st_gid,
-                st.st_ctime_ns,
-            )
-    return out
+    vol.parent.mkdir(parents=True, exist_ok=True)
+    make_volume(vol, per_dir=FILES // 20, owner=owner)
 
 
 def hit(gw: Gateway, app: str, path: str = "/write") -> dict[str, Any]:
@@ -140,7 +120,7 @@ def test_volume_is_adopted_once_then_never_chowned(gateway_factory: Any, tmp_pat
     first = hit(gw, "keeper")
     check_instance(first, 1, extra=1)
     assert last_path(gw, "keeper") in ("zygote", "fresh")
-    adopted = on_disk(volume(gw, "keeper"))
+    adopted = host_owners(volume(gw, "keeper"))
     assert {o[:2] for o in adopted.values()} == {(S, STORAGE_GID)}  # migrated once
     assert "attached idmapped" in gw.log()
     # No other host user can reach a volume (nor a setuid file a tenant left there).
@@ -151,7 +131,7 @@ def test_volume_is_adopted_once_then_never_chowned(gateway_factory: Any, tmp_pat
     second = hit(gw, "keeper")
     assert second["uid"] != first["uid"]
     check_instance(second, 2, extra=2)
-    after = on_disk(volume(gw, "keeper"))
+    after = host_owners(volume(gw, "keeper"))
     assert {o[:2] for o in after.values()} == {(S, STORAGE_GID)}
     touched = {k for k in adopted if after[k][2] != adopted[k][2]}
     assert touched <= {"d0/f0", "d0"}, sorted(touched)[:5]  # no chown: ctimes unchanged
@@ -167,7 +147,7 @@ def test_pool_member_claims_attach_the_volume_idmapped(
     gw.put_app("primer", _spec(code))
     gw.put_app("keeper", {**_spec(code), "volume": True})
     fill(volume(gw, "keeper"), owner=S)
-    before = on_disk(volume(gw, "keeper"))
+    before = host_owners(volume(gw, "keeper"))
     assert gw.request("/ping", host="primer.localhost").status == 200
     uids = []
     for n in (1, 2):
@@ -177,7 +157,7 @@ def test_pool_member_claims_attach_the_volume_idmapped(
         check_instance(seen, n, extra=n)
         uids.append(seen["uid"])
         stop(gw, "keeper")
-        after = on_disk(volume(gw, "keeper"))
+        after = host_owners(volume(gw, "keeper"))
         assert {o[:2] for o in after.values()} == {(S, STORAGE_GID)}
         touched = {k for k in before if after[k][2] != before[k][2]}
         assert touched <= {"d0/f0", "d0"}, sorted(touched)[:5]
@@ -208,7 +188,7 @@ def test_without_idmap_support_each_start_chowns(
     fill(volume(gw, "other"), owner=S)
     first = hit(gw, "keeper")
     check_instance(first, 1, extra=1)
-    owners = {o[:2] for o in on_disk(volume(gw, "keeper")).values()}
+    owners = {o[:2] for o in host_owners(volume(gw, "keeper")).values()}
     assert owners == {(first["uid"], first["uid"])}  # the older scheme: chowned to the instance
     log = gw.log()
     assert "cannot be idmapped" in log and "ramfs" in log, log[-2000:]
@@ -217,7 +197,7 @@ def test_without_idmap_support_each_start_chowns(
     second = hit(gw, "keeper")
     assert second["uid"] != first["uid"]
     check_instance(second, 2, extra=2)
-    owners = {o[:2] for o in on_disk(volume(gw, "keeper")).values()}
+    owners = {o[:2] for o in host_owners(volume(gw, "keeper")).values()}
     assert owners == {(second["uid"], second["uid"])}
     assert gw.log().count("cannot be idmapped") == 1
 
