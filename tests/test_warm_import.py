@@ -30,7 +30,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import read_until_close
+from tests.conftest import ROOT, read_until_close
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and chroot need root")
 
@@ -50,9 +50,12 @@ async def app(scope, receive, send):
 
 # In a private mount namespace: the host's root as a writable overlay (on a tmpfs), with /proc,
 # /dev, the app at /app, the socket directory at /run/dorm and a read-only /tmp; then the member.
+# KEEP (colon-separated) are host dirs under /tmp that must stay visible there: this checkout
+# and its virtualenv when they live under /tmp (a CI clone, say), bound back before /tmp is
+# made read-only.
 SETUP = """\
 set -e
-W="$1"; APP="$2"; SOCKETS="$3"; shift 3
+W="$1"; APP="$2"; SOCKETS="$3"; KEEP="$4"; shift 4
 mount -t tmpfs dorm-test "$W"
 mkdir "$W/upper" "$W/work" "$W/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$W/upper,workdir=$W/work" "$W/root"
@@ -61,9 +64,22 @@ mount --rbind /dev "$W/root/dev"
 mkdir -p "$W/root/app" "$W/root/run/dorm"
 mount --bind "$APP" "$W/root/app"
 mount --bind "$SOCKETS" "$W/root/run/dorm"
-mount -t tmpfs -o ro dorm-readonly-tmp "$W/root/tmp"
+mount -t tmpfs dorm-readonly-tmp "$W/root/tmp"
+IFS=:
+for dir in $KEEP; do
+    mkdir -p "$W/root$dir"
+    mount --rbind "$dir" "$W/root$dir"
+done
+unset IFS
+mount -o remount,ro "$W/root/tmp"
 exec chroot "$W/root" "$@"
 """
+
+
+def kept_under_tmp() -> str:
+    """The dirs under /tmp the member needs to run (this checkout, its interpreter), as KEEP."""
+    wanted = {os.path.realpath(p) for p in (ROOT, sys.prefix, sys.base_prefix)}
+    return ":".join(sorted(p for p in wanted if p.startswith("/tmp/")))
 
 MEMBER = "import sys; from runtimes.python import member_main; sys.exit(member_main())"
 
@@ -96,7 +112,7 @@ def test_member_with_a_read_only_tmp_takes_its_claim_and_serves(workspace: Path)
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "DORM_SOCKET": "/run/dorm/http.sock",
     }
-    places = [str(workspace / "ns"), str(workspace / "app"), str(sockets)]
+    places = [str(workspace / "ns"), str(workspace / "app"), str(sockets), kept_under_tmp()]
     unshare = ["unshare", "--mount", "--propagation", "private", "--"]
     proc = subprocess.Popen(
         [*unshare, "sh", "-c", SETUP, "sh", *places, sys.executable, "-c", MEMBER],
