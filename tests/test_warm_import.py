@@ -81,6 +81,7 @@ def kept_under_tmp() -> str:
     wanted = {os.path.realpath(p) for p in (ROOT, sys.prefix, sys.base_prefix)}
     return ":".join(sorted(p for p in wanted if p.startswith("/tmp/")))
 
+
 MEMBER = "import sys; from runtimes.python import member_main; sys.exit(member_main())"
 
 
