@@ -15,12 +15,16 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gateway.appspec import AppSpec, SpecError, parse_app_spec
 from gateway.names import InvalidName, check_app_name
 from gateway.units import UnitError, parse_duration, parse_size
-from sandboxes.idmap import STORAGE_UID
+
+# sandboxes.idmap.STORAGE_UID, the on-disk owner of every /data volume. Not imported from there:
+# that would load the whole sandboxes package into every CLI command (tests/test_config.py pins
+# the two together).
+VOLUME_OWNER_UID: Final = 2147483646
 
 DEFAULT_CONFIG_PATHS = ("dorm.toml", "/etc/dorm/dorm.toml")
 ISOLATION_MODES = ("auto", "process", "sandbox")
@@ -289,11 +293,12 @@ def parse_uid_range(value: str) -> range:
     first, last = int(low), int(high)
     if first < 1000 or last < first or last >= 2**32 - 1:
         raise ConfigError("uid_range: must lie within 1000..4294967294 with FIRST <= LAST")
-    if first <= STORAGE_UID <= last:
+    if first <= VOLUME_OWNER_UID <= last:
         # Every /data volume is owned on disk by this id (sandboxes/idmap.py): an instance
         # given it would own every app's volume.
         raise ConfigError(
-            f"uid_range: must not contain {STORAGE_UID}, the owner of every /data volume on disk"
+            f"uid_range: must not contain {VOLUME_OWNER_UID}, the owner of every /data volume "
+            "on disk"
         )
     return range(first, last + 1)
 

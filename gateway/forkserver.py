@@ -427,6 +427,14 @@ class ForkServer:
         """Turn an idle serving member into this instance; None if there is none (or it failed:
         the caller falls back to a zygote fork, which serves the request a little later)."""
         while shape.idle:
+            data_attrs = self._rw_attrs
+            if spec.data_dir is not None:
+                # Before a member is taken: a volume that cannot be made ready is not the
+                # member's fault, so the start fails with the reason (the zygote path would too)
+                # and the pool keeps its members.
+                uid = shape.idle[-1].uid
+                if self._volume(spec.data_dir, uid, uid):
+                    data_attrs |= self._idmap_attr
             member = shape.idle.pop()
             self.selector.unregister(member.pidfd)  # its exit is the instance's now
             try:
@@ -434,10 +442,7 @@ class ForkServer:
                 if spec.app_dir is not None:
                     binds.append((spec.app_dir.encode(), b"/app", self._ro_attrs))
                 if spec.data_dir is not None:
-                    attrs = self._rw_attrs
-                    if self._volume(spec.data_dir, member.uid, member.uid):
-                        attrs |= self._idmap_attr
-                    binds.append((spec.data_dir.encode(), b"/data", attrs))
+                    binds.append((spec.data_dir.encode(), b"/data", data_attrs))
                 ids = (member.uid, member.uid)
                 self._fill_name_files(member.names, spec.hostname)
                 self._close_names(member)

@@ -541,6 +541,9 @@ class InstanceManager:
             self._on_live,
         )
         self._free_uids = list(reversed(uids[: len(uids) - len(members)]))
+        # Uids of spawns given up on (LaunchError.unanswered), by instance id: free again once
+        # the fork server says how each ended.
+        self._late_uids: dict[str, int] = {}
         self._python_binds = python_binds()
         self.internal: dict[str, Instance] = {}
         self._ids = itertools.count(1)
@@ -905,6 +908,11 @@ class InstanceManager:
         except LaunchError as exc:
             self.running.pop(instance_id, None)
             inst.id = None
+            if exc.unanswered and inst.uid is not None and not inst.uid_from_pool:
+                # The fork server may still start it as this uid (and then kill it): not free
+                # for another tenant until _on_exit hears how that spawn ended.
+                self._late_uids[instance_id] = inst.uid
+                inst.uid = None
             self._release_uid(inst)
             if exc.lost and time.monotonic() < deadline:
                 return Outcome.LOST, f"{exc} while starting it"
@@ -1144,6 +1152,9 @@ class InstanceManager:
 
     # -- exits ------------------------------------------------------------------------------------
     def _on_exit(self, instance_id: str, info: ExitInfo) -> None:
+        late_uid = self._late_uids.pop(instance_id, None)
+        if late_uid is not None and not self.rootless:
+            self._free_uids.append(late_uid)
         inst = self.running.pop(instance_id, None)
         if inst is None or inst.id != instance_id:
             return

@@ -83,11 +83,15 @@ class LaunchError(RuntimeError):
     """The fork server could not start an instance; the message says why.
 
     `lost`: the fork server died (or was not running) rather than refusing the start; it is
-    restarted at once, so the start can be tried again (`Launcher.wait_running`)."""
+    restarted at once, so the start can be tried again (`Launcher.wait_running`).
+    `unanswered`: the spawn was sent and not answered in time; the fork server may still carry
+    it out (the instance is then killed), so what the start reserved for it (its uid) is not
+    free until `on_exit` reports that id."""
 
-    def __init__(self, message: str, *, lost: bool = False) -> None:
+    def __init__(self, message: str, *, lost: bool = False, unanswered: bool = False) -> None:
         super().__init__(message)
         self.lost = lost
+        self.unanswered = unanswered
 
 
 class Launcher:
@@ -113,6 +117,7 @@ class Launcher:
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
+        self._abandoned: set[str] = set()  # spawns `spawn` stopped waiting for, not yet over
         self._closing = False
         self._up = asyncio.Event()  # set while a fork server is running and connected
         self._started_at = 0.0  # loop time of the last start
@@ -181,6 +186,9 @@ class Launcher:
         if self._writer is None:
             why = f" (starting it failed: {self._start_error})" if self._start_error else ""
             raise LaunchError(f"the fork server is not running{why}", lost=not self._closing)
+        if timeout is not None and timeout <= 0:
+            # Sent anyway, the fork server would start it only for it to be killed as late.
+            raise LaunchError("the start's deadline passed before the fork server was asked")
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
         message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
@@ -191,7 +199,8 @@ class Launcher:
             limit = SPAWN_TIMEOUT if timeout is None else min(max(timeout, 0.0), SPAWN_TIMEOUT)
             return await asyncio.wait_for(future, limit)
         except TimeoutError:
-            raise LaunchError("the fork server did not answer in time") from None
+            self._abandoned.add(spec.id)
+            raise LaunchError("the fork server did not answer in time", unanswered=True) from None
         finally:
             self._pending.pop(spec.id, None)
 
@@ -360,8 +369,12 @@ class Launcher:
             future = self._pending.get(instance_id)
             if future is not None and not future.done():
                 future.set_exception(LaunchError(message["error"]))
+            elif instance_id in self._abandoned:  # given up on, and never started: over
+                self._abandoned.discard(instance_id)
+                self._on_exit(instance_id, ExitInfo(None, None))
         elif ev == "exited":
             self._running.discard(instance_id)
+            self._abandoned.discard(instance_id)
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
 
     def _fail_all(self) -> None:
@@ -376,7 +389,8 @@ class Launcher:
             if not query.done():
                 query.set_exception(LaunchError("the fork server died"))
         running, self._running = self._running, set()
-        for instance_id in running:
+        abandoned, self._abandoned = self._abandoned, set()
+        for instance_id in running | abandoned:  # the fork server's sandboxes die with it
             self._on_exit(instance_id, ExitInfo(None, None, lost=True))
 
     async def _reap_proc(self) -> None:

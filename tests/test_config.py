@@ -26,6 +26,13 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def test_volume_owner_is_the_sandboxes_storage_owner() -> None:
+    from gateway import config
+    from sandboxes import idmap
+
+    assert config.VOLUME_OWNER_UID == idmap.STORAGE_UID
+
+
 def test_defaults_without_a_file() -> None:
     cfg = load_config(None, environ={})
     assert cfg.gateway == GatewayConfig()

@@ -67,7 +67,7 @@ def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) ->
             try:
                 with pytest.raises(LaunchError, match="did not answer in time") as caught:
                     await launcher.spawn(spec, timeout=0.5)  # a start's deadline, say
-                assert not caught.value.lost
+                assert not caught.value.lost and caught.value.unanswered
             finally:
                 os.kill(forkserver, signal.SIGCONT)
             # Now it reads the spawn, starts the process and says "spawned" to nobody waiting.
@@ -91,3 +91,33 @@ def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) ->
         for pid in leftover:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_spawn_with_no_time_left_is_not_sent(tmp_path: Path) -> None:
+    """A start whose deadline has passed does not ask the fork server at all (it would start
+    the instance only for it to be killed as late)."""
+    marker = tmp_path / "pid"
+    spec = LaunchSpec(
+        id="nolate",
+        argv=[sys.executable, "-c", f"open({str(marker)!r}, 'w').write('started')"],
+        env={"PATH": "/usr/bin:/bin"},
+        run_dir=str(tmp_path / "run" / "nolate"),
+        log_path=str(tmp_path / "nolate.log"),
+        log_max_bytes=1 << 20,
+        log_keep=1,
+    )
+    exits: list[str] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append(instance_id))
+        await launcher.start()
+        try:
+            with pytest.raises(LaunchError, match="deadline passed") as caught:
+                await launcher.spawn(spec, timeout=0.0)
+            assert not caught.value.lost and not caught.value.unanswered
+            await asyncio.sleep(0.5)  # what a sent spawn would take, many times over
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
+    assert not marker.exists() and exits == []

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from sandboxes import detect_isolation
 from tests.conftest import ECHO_APP, Gateway, Response, echo_spec
 from tests.test_pools import find_forkserver
 
@@ -219,3 +220,37 @@ def test_start_stops_waiting_for_a_stuck_fork_server_at_its_deadline(
         assert inst is not None and inst["state"] == "cold", inst
     finally:
         os.kill(forkserver, signal.SIGCONT)
+
+
+@pytest.mark.skipif(
+    detect_isolation() != "sandbox", reason="uids are handed out only to sandboxed instances"
+)
+def test_a_given_up_spawns_uid_is_not_handed_out_until_it_has_ended(
+    gateway_factory: Any,
+) -> None:
+    """A start that stopped waiting for a stuck fork server keeps its uid out of circulation:
+    the fork server, once it runs again, still starts that instance (as that uid) before it is
+    killed, and another tenant must not be running as the same uid meanwhile."""
+    gw: Gateway = gateway_factory('isolation = "auto"')
+    apps = str(Path(ECHO_APP).parent)  # bound at /app: the sandbox sees nothing else of ours
+    spec = {"runtime": "command", "command": [sys.executable, "echo.py"], "app_dir": apps}
+    for name in ("first", "stuck", "next"):
+        gw.put_app(name, {**spec, "startup_timeout": "1s"})
+    assert gw.request("/", host="first.localhost").status == 200
+    first = gw.instance("first")
+    assert first is not None and first["uid"], first
+    status, body = gw.admin("POST", "/v1/apps/first/branches/main/stop")
+    assert status == 200, body
+    gw.wait_state("first", "cold")  # its uid is back on top of the (LIFO) free list
+    forkserver = find_forkserver(gw)
+    assert forkserver is not None
+    os.kill(forkserver, signal.SIGSTOP)
+    try:
+        resp = gw.request("/", host="stuck.localhost", timeout=20)  # takes first's uid
+        assert resp.status == 502, resp
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
+    # The fork server now starts "stuck" (killed as late) and then "next".
+    assert gw.request("/", host="next.localhost", timeout=20).status == 200
+    after = gw.instance("next")
+    assert after is not None and after["uid"] and after["uid"] != first["uid"], (first, after)

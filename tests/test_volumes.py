@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,28 @@ def test_doctor_shows_the_volume_ownership_in_use(
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("/data"))
         wanted = "idmapped mounts (owned by 2147483646" if mode == "idmap" else "ramfs"
         assert wanted in line, line
+
+
+def test_a_volume_that_cannot_be_made_ready_fails_the_start_and_keeps_the_pool(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """Not the member's fault: the start fails saying why, and no idle member is spent on it."""
+    gw = start_gateway(gateway_factory)
+    code = code_dir(tmp_path)
+    gw.put_app("primer", _spec(code))
+    gw.put_app("broken", {**_spec(code), "volume": True})
+    assert gw.request("/ping", host="primer.localhost").status == 200
+    before = wait_pool(gw, lambda p: p["idle"] >= 2 and not p.get("forking"))
+    members = set(before["idle_pids"])
+    vol = volume(gw, "broken")
+    vol.mkdir(parents=True)  # root's: the claim would adopt it, and cannot (read-only)
+    subprocess.run(["mount", "--bind", str(vol), str(vol)], check=True, timeout=10)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(vol)], check=True, timeout=10)
+        resp = gw.request("/", host="broken.localhost")
+        assert resp.status == 502, resp.body
+        assert b"Read-only file system" in resp.body, resp.body
+        after = wait_pool(gw, lambda p: True)
+        assert set(after["idle_pids"]) == members, (before, after)  # the same ones, all idle
+    finally:
+        subprocess.run(["umount", str(vol)], check=True, timeout=10)
