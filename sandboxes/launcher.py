@@ -35,6 +35,13 @@ CFLAGS: Final = ("-O2", "-static", "-Wall", "-Werror")
 MAGIC: Final = 0x314C5344  # "DSL1", checked by launcher.c
 SUPPORTED_OPS: Final = frozenset({mounts.OP_MKDIR, mounts.OP_FILE, mounts.OP_TMPFS})
 
+
+def can_run(mp: mounts.MountPlan) -> bool:
+    """Whether the launcher can apply every per-instance mount operation of ``mp`` (symlinks,
+    say, are only made by the Python child)."""
+    return all(op[0] in SUPPORTED_OPS for op in mp.instance_ops)
+
+
 _state: dict[str, object] = {}
 
 

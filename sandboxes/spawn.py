@@ -352,11 +352,43 @@ def _send_plan(
     takes launcher.encode's format."""
     try:
         bind_fds = mounts.open_binds(mplan, (spec.uid, spec.effective_gid))
-    except OSError as e:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _reap(pid, time.monotonic() + 1)
-        raise SandboxError("mount_instance", e.errno or 0, str(e)) from e
+    except (OSError, ValueError) as e:  # ValueError: ids that collide with the storage owner's
+        _kill_unplanned(pid)
+        code = getattr(e, "errno", None) or errno.EINVAL
+        raise SandboxError("mount_instance", code, str(e)) from e
+    try:
+        wire, send = _wire(spec, argv, env, stdio, mplan, bind_fds, netns_fd, call, exec_only)
+        socket.send_fds(sock, [wire], send)
+    except (OSError, ValueError) as e:  # ValueError: a plan the launcher cannot carry out
+        _kill_unplanned(pid)
+        raise SandboxError(
+            "plan", getattr(e, "errno", None) or errno.EINVAL, f"plan not handed over: {e}"
+        ) from e
+    finally:
+        for fd in bind_fds:  # the child holds its own copies now (or failed)
+            os.close(fd)
+
+
+def _kill_unplanned(pid: int) -> None:
+    """A pre-forked child that will never get its plan: killed and reaped, not left a zombie."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _reap(pid, time.monotonic() + 1)
+
+
+def _wire(
+    spec: SandboxSpec,
+    argv: list[str],
+    env: dict[str, str],
+    stdio: tuple[int, int, int],
+    mplan: mounts.MountPlan,
+    bind_fds: list[int],
+    netns_fd: int,
+    call: str,
+    exec_only: bool,
+) -> tuple[bytes, list[int]]:
+    """The plan as the child reads it (launcher.encode's format for the C launcher), and the
+    fds it refers to by index."""
     send = [stdio[0], stdio[1], stdio[2], *bind_fds] + ([netns_fd] if netns_fd >= 0 else [])
     nb = len(bind_fds)
     netns_idx = 3 + nb if netns_fd >= 0 else -1
@@ -387,16 +419,7 @@ def _send_plan(
             fds=(0, 1, 2, -1, (), netns_idx, tuple(range(3, 3 + nb))),
             call=call,
         ).to_wire()
-    try:
-        socket.send_fds(sock, [wire], send)
-    except OSError as e:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _reap(pid, time.monotonic() + 1)
-        raise SandboxError("plan", e.errno or 0, f"pre-forked child unreachable: {e}") from e
-    finally:
-        for fd in bind_fds:  # the child holds its own copies now (or failed)
-            os.close(fd)
+    return wire, send
 
 
 def _start_rootless(
@@ -654,7 +677,9 @@ def _begin(
                 raise SandboxError("cgroup_create", errno.ENODEV, str(e)) from e
             if idle is None:
                 try:
-                    idle = prefork.POOL.take(mplan, spec.cgroup_parent, limits, exec_start=not call)
+                    # A plan the C launcher cannot carry out goes to a Python child instead.
+                    execs = not call and launcher.can_run(mplan)
+                    idle = prefork.POOL.take(mplan, spec.cgroup_parent, limits, exec_start=execs)
                 except OSError as e:
                     raise SandboxError("namespaces", e.errno or 0, f"preparing a child: {e}") from e
             if idle.exec_only and call:

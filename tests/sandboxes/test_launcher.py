@@ -138,6 +138,25 @@ def test_zygote_calls_never_get_a_launcher_child(sbx: Runner) -> None:
     prefork.POOL.clear()
 
 
+def test_a_plan_the_launcher_cannot_run_goes_to_a_python_child(sbx: Runner) -> None:
+    """A pool member's layout (``named_at_claim``: /etc/hostname and /etc/hosts are symlinks,
+    which launcher.c does not make) is started by a Python child even when an exec-only one is
+    idle, and the exec-only one stays idle; nothing is left open."""
+    spec = sbx.spec(named_at_claim=True)
+    prefork.POOL.clear()
+    prewarm(spec, 1, exec_only=True)
+    launcher_pid = prefork.POOL.idle_pids()[0]
+    fds = sorted(os.listdir("/proc/self/fd"))
+    try:
+        res = sbx.py("import os; print(os.readlink('/etc/hostname'))", spec)
+        assert res.exit_code == 0, res
+        assert res.out.strip() == "/run/dorm/hostname", res
+        assert prefork.POOL.idle_pids() == [launcher_pid]
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+    finally:
+        prefork.POOL.clear()
+
+
 def test_prewarm_default_follows_how_a_layout_is_started(sbx: Runner, tmp_path: Path) -> None:
     """prewarm() without exec_only builds launcher children only for a layout that has only ever
     been started with execve; Python children (which also serve zygote calls) otherwise."""
