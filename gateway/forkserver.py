@@ -535,7 +535,7 @@ class ForkServer:
             ours.close()
             theirs.close()
             shutil.rmtree(socket_dir, ignore_errors=True)
-            self.member_uids.append(uid)
+            self._free_member_uid(uid)
             raise
         build = Build(shape, uid, socket_dir, spec, ours, theirs, idle)
         self.builds.append(build)
@@ -616,7 +616,7 @@ class ForkServer:
         if build.their_end is not None:
             build.their_end.close()
         shutil.rmtree(build.socket_dir, ignore_errors=True)
-        self.member_uids.append(build.uid)
+        self._free_member_uid(build.uid)
 
     def member_live(self, child: Child) -> None:
         """A claimed member's channel spoke (its socket is live) or closed (it failed, or died):
@@ -668,9 +668,13 @@ class ForkServer:
     def _release_member(self, member: Member) -> None:
         """Its processes are gone: its socket dir goes, its uid can be handed out again."""
         shutil.rmtree(member.socket_dir, ignore_errors=True)
-        self.member_uids.append(member.uid)
+        self._free_member_uid(member.uid)
+
+    def _free_member_uid(self, uid: int) -> None:
+        """The uid can be handed out again; the volume namespace cached for it goes with it."""
+        self.member_uids.append(uid)
         if self._idmap is not None:
-            self._idmap.forget(member.uid, member.uid)
+            self._idmap.forget(uid, uid)
 
     def _sandbox_spec(self, req: dict[str, Any], socket_dir: Path) -> Any:
         if self.sandboxes is None:

@@ -1,7 +1,8 @@
 """Instances: one per (app, branch), moving COLD → STARTING → READY → DRAINING → COLD, or FAILED.
 
-The data plane calls `Instance.acquire(exchange, now)` for every request; everything else here is
-the control path (starting, readiness, eviction, crash handling), which may use tasks and await.
+The data plane calls `Instance.checkout(now)` for every plain request (a pooled connection, or
+None) and `Instance.acquire(exchange, now)` otherwise; everything else here is the control path
+(starting, readiness, eviction, crash handling), which may use tasks and await.
 
 Rules the design follows, each from a complaint users have about other scale-to-zero systems:
   * Concurrent first requests share one start: they wait in a bounded per-instance queue.
