@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from . import mountinfo
 from .errors import CgroupUnavailable
 
 REQUIRED: Final = ("memory", "pids", "cpu")
@@ -42,37 +43,10 @@ class Limits:
     pids: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Mount:
-    fstype: str
-    mountpoint: str
-    options: frozenset[str]
-
-
-def _mounts() -> list[_Mount]:
-    """The cgroup filesystems reachable at their mount points. mountinfo also lists a mount that
-    another one covers (a tmpfs mounted over /sys/fs/cgroup, say): its path then leads somewhere
-    else, and a backend built on it would fail every start, so it is left out."""
-    out: list[_Mount] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) < 5 or len(rfields) < 3:
-                continue
-            fstype = rfields[0]
-            if fstype not in ("cgroup", "cgroup2"):
-                continue
-            mountpoint = fields[4].replace("\\040", " ")
-            major, _, minor = fields[2].partition(":")
-            try:
-                if os.stat(mountpoint).st_dev != os.makedev(int(major), int(minor)):
-                    continue  # covered by another mount
-            except (OSError, ValueError):
-                continue
-            out.append(_Mount(fstype, mountpoint, frozenset(rfields[2].split(","))))
-    return out
+def _mounts() -> list[mountinfo.Mount]:
+    """The cgroup hierarchies reachable at their mount points (a covered one would fail every
+    start with ENOENT on cgroup.procs). ``super_options`` holds a v1 hierarchy's controllers."""
+    return mountinfo.reachable(("cgroup", "cgroup2"))
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -612,7 +586,7 @@ def probe() -> tuple[CgroupBackend | None, str, dict[str, object]]:
     for m in mounts:
         if m.fstype == "cgroup":
             for c in ("memory", "pids", "cpu", "cpuacct"):
-                if c in m.options and c not in v1:
+                if c in m.super_options and c not in v1:
                     v1[c] = m.mountpoint
         elif m.fstype == "cgroup2":
             v2_mounts.append(m.mountpoint)

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from dataclasses import dataclass
 
-from . import libc
+from . import libc, mountinfo
 from .cgroups import _mounts
 
 OPTION = "favordynmods"
@@ -51,7 +50,6 @@ MOUNT_FLAGS: dict[str, int] = {
     "relatime": 0x200000,  # MS_RELATIME
     "strictatime": 0x1000000,  # MS_STRICTATIME
 }
-_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, \\ as \ooo
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,29 +65,14 @@ class Cgroup2Mount:
         return "ro" in self.mount_options or "ro" in self.super_options
 
 
-def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Cgroup2Mount]:
-    """Every cgroup2 mount in `mountinfo` that is what its path leads to now: mountinfo also
-    lists mounts that a later mount covers, and remounting by path would hit the cover."""
-    found = []
-    with open(mountinfo) as fh:
-        for line in fh:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 6 or len(rfields) < 3 or rfields[0] != "cgroup2":
-                continue
-            mountpoint = _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-            major, _, minor = fields[2].partition(":")
-            try:
-                if os.stat(mountpoint).st_dev != os.makedev(int(major), int(minor)):
-                    continue
-            except (OSError, ValueError):
-                continue
-            found.append(
-                Cgroup2Mount(
-                    mountpoint, frozenset(fields[5].split(",")), frozenset(rfields[2].split(","))
-                )
-            )
-    return found
+def cgroup2_mounts(path: str = "/proc/self/mountinfo") -> list[Cgroup2Mount]:
+    """Every cgroup2 mount in `path` (a mountinfo file) that is what its path leads to now:
+    mountinfo also lists mounts that a later mount covers, and remounting by path would hit the
+    cover."""
+    return [
+        Cgroup2Mount(m.mountpoint, m.mount_options, m.super_options)
+        for m in mountinfo.reachable(("cgroup2",), path)
+    ]
 
 
 def remount_arguments(mount: Cgroup2Mount) -> tuple[int, bytes]:
@@ -105,7 +88,7 @@ def remount_arguments(mount: Cgroup2Mount) -> tuple[int, bytes]:
 def active() -> str | None:
     """The mount point of a cgroup hierarchy mounted with favordynmods, if any."""
     for mount in _mounts():
-        if OPTION in mount.options:
+        if OPTION in mount.super_options:
             return mount.mountpoint
     return None
 

@@ -39,7 +39,7 @@ import os
 from collections import OrderedDict
 from typing import Final
 
-from . import libc
+from . import libc, mountinfo
 
 STORAGE_UID: Final = 2147483646
 STORAGE_GID: Final = 2147483646
@@ -145,16 +145,13 @@ def fstype(path: str) -> str:
     real = os.path.realpath(path)
     best, found = "", "unknown filesystem"
     try:
-        with open("/proc/self/mountinfo", "rb") as fh:
-            for line in fh:
-                fields = line.split()
-                sep = fields.index(b"-")
-                point = os.fsdecode(fields[4]).replace("\\040", " ")
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, found = point, os.fsdecode(fields[sep + 1])
-    except (OSError, ValueError, IndexError):
-        pass
+        mounts = mountinfo.reachable()
+    except OSError:
+        return found
+    for m in mounts:
+        inside = real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")
+        if inside and len(m.mountpoint) >= len(best):
+            best, found = m.mountpoint, m.fstype
     return found
 
 

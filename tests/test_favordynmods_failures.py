@@ -59,8 +59,8 @@ def v1_hierarchies_without_favordynmods() -> list[tuple[str, str]]:
     """(mount point, super options) of the host's cgroup v1 hierarchies that lack the option."""
     found = []
     for mount in cgroups._mounts():
-        if mount.fstype == "cgroup" and "favordynmods" not in mount.options:
-            options = ",".join(sorted(o for o in mount.options if o not in ("rw", "ro")))
+        if mount.fstype == "cgroup" and "favordynmods" not in mount.super_options:
+            options = ",".join(sorted(o for o in mount.super_options if o not in ("rw", "ro")))
             found.append((mount.mountpoint, options))
     return found
 
