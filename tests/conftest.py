@@ -43,6 +43,16 @@ def echo_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def readable_app(tmp_path: Path, name: str, source: str) -> str:
+    """`source` as <tmp_path>/<name>/main.py, readable by the sandboxes' uids (an app_dir)."""
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    (d / "main.py").write_text(source)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(d, 0o755)
+    return str(d)
+
+
 @dataclass
 class Response:
     status: int

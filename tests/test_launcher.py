@@ -38,6 +38,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def python_spec(tmp_path: Path, instance_id: str, script: str) -> LaunchSpec:
+    """A process-isolation start of `python -c script`, its run dir and log under tmp_path."""
+    return LaunchSpec(
+        id=instance_id,
+        argv=[sys.executable, "-c", script],
+        env={"PATH": "/usr/bin:/bin"},
+        run_dir=str(tmp_path / "run" / instance_id),
+        log_path=str(tmp_path / f"{instance_id}.log"),
+        log_max_bytes=1 << 20,
+        log_keep=1,
+    )
+
+
 def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     exits: list[tuple[str, ExitInfo]] = []
@@ -46,15 +59,7 @@ def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) ->
         f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n"
     )
-    spec = LaunchSpec(
-        id="late1",
-        argv=[sys.executable, "-c", script],
-        env={"PATH": "/usr/bin:/bin"},
-        run_dir=str(tmp_path / "run" / "late1"),
-        log_path=str(tmp_path / "late1.log"),
-        log_max_bytes=1 << 20,
-        log_keep=1,
-    )
+    spec = python_spec(tmp_path, "late1", script)
     leftover: list[int] = []
 
     async def scenario() -> None:
@@ -97,15 +102,7 @@ def test_a_spawn_with_no_time_left_is_not_sent(tmp_path: Path) -> None:
     """A start whose deadline has passed does not ask the fork server at all (it would start
     the instance only for it to be killed as late)."""
     marker = tmp_path / "pid"
-    spec = LaunchSpec(
-        id="nolate",
-        argv=[sys.executable, "-c", f"open({str(marker)!r}, 'w').write('started')"],
-        env={"PATH": "/usr/bin:/bin"},
-        run_dir=str(tmp_path / "run" / "nolate"),
-        log_path=str(tmp_path / "nolate.log"),
-        log_max_bytes=1 << 20,
-        log_keep=1,
-    )
+    spec = python_spec(tmp_path, "nolate", f"open({str(marker)!r}, 'w').write('started')")
     exits: list[str] = []
 
     async def scenario() -> None:

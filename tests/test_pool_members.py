@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sandboxes import detect_isolation
-from tests.conftest import Gateway
+from tests.conftest import Gateway, readable_app
 from tests.test_pools import find_forkserver, start_gateway, wait_pool
 
 LEVEL = detect_isolation()
@@ -67,15 +67,6 @@ def app(environ, start_response):
 """
 
 
-def code_dir(tmp_path: Path, name: str, source: str) -> str:
-    d = tmp_path / name
-    d.mkdir()
-    (d / "main.py").write_text(source)
-    os.chmod(tmp_path, 0o755)
-    os.chmod(d, 0o755)
-    return str(d)
-
-
 @pytest.fixture
 def gw(gateway_factory: Any) -> Gateway:
     return start_gateway(gateway_factory)
@@ -102,7 +93,7 @@ def real_uid(pid: int) -> int:
 
 
 def test_claimed_member_is_the_tenant(gw: Gateway, tmp_path: Path) -> None:
-    asgi = code_dir(tmp_path, "asgi", ASGI)
+    asgi = readable_app(tmp_path, "asgi", ASGI)
     prime(gw, asgi)
     gw.put_app("lively", {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
     resp = gw.request("/", host="lively.localhost")
@@ -141,7 +132,7 @@ def name_file_fds(pid: int) -> int:
 def test_name_files_are_held_only_for_idle_members(gw: Gateway, tmp_path: Path) -> None:
     """The fork server keeps two fds per idle member (its name files, filled at the claim) and
     none once a member is claimed or gone: starts do not leak them."""
-    asgi = code_dir(tmp_path, "asgi", ASGI)
+    asgi = readable_app(tmp_path, "asgi", ASGI)
     prime(gw, asgi)
     for name in ("one", "two", "three"):
         gw.put_app(name, {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
@@ -157,8 +148,8 @@ def test_name_files_are_held_only_for_idle_members(gw: Gateway, tmp_path: Path) 
 def test_wsgi_app_from_the_pool(gw: Gateway, tmp_path: Path) -> None:
     # Members do not know their interface before the claim: one pool serves asgi and wsgi apps
     # of the same sandbox shape.
-    prime(gw, code_dir(tmp_path, "asgi", ASGI))
-    wsgi = code_dir(tmp_path, "wsgi", WSGI)
+    prime(gw, readable_app(tmp_path, "asgi", ASGI))
+    wsgi = readable_app(tmp_path, "wsgi", WSGI)
     gw.put_app("classic", {"runtime": "python-wsgi", "entry": "main:app", "app_dir": wsgi})
     resp = gw.request("/hello", host="classic.localhost")
     assert resp.status == 200 and resp.body == b"wsgi /hello classic", resp.body
@@ -172,7 +163,7 @@ def test_wsgi_app_from_the_pool(gw: Gateway, tmp_path: Path) -> None:
 
 
 def test_volume_survives_and_belongs_to_the_member_uid(gw: Gateway, tmp_path: Path) -> None:
-    asgi = code_dir(tmp_path, "asgi", ASGI)
+    asgi = readable_app(tmp_path, "asgi", ASGI)
     prime(gw, asgi)
     gw.put_app(
         "keeper", {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi, "volume": True}
@@ -199,7 +190,7 @@ def test_volume_survives_and_belongs_to_the_member_uid(gw: Gateway, tmp_path: Pa
 def test_a_claim_that_fails_is_a_clear_error(
     gw: Gateway, tmp_path: Path, entry: str, env: dict[str, str], wanted: str
 ) -> None:
-    asgi = code_dir(tmp_path, "asgi", ASGI)
+    asgi = readable_app(tmp_path, "asgi", ASGI)
     prime(gw, asgi)
     spec = {"runtime": "python-asgi", "entry": entry, "app_dir": asgi, "env": env}
     gw.put_app("broken", spec)
@@ -217,7 +208,7 @@ def test_a_claim_that_fails_is_a_clear_error(
 
 
 def test_pool_bounds_set_through_the_api_survive_a_restart(gw: Gateway, tmp_path: Path) -> None:
-    prime(gw, code_dir(tmp_path, "asgi", ASGI))
+    prime(gw, readable_app(tmp_path, "asgi", ASGI))
     status, body = gw.admin("PUT", "/v1/pools/python-asgi", {"min_idle": 3, "max_idle": 5})
     assert status == 200, body
     saved = json.loads((gw.data_dir / "pool-overrides.json").read_text())
@@ -244,7 +235,7 @@ def test_an_exhausted_member_uid_range_falls_back_and_recovers(
     with gw.config_path.open("a") as fh:
         fh.write("\n[pool]\nmin_idle = 2\nmax_idle = 2\n")
     gw.start()
-    asgi = code_dir(tmp_path, "asgi", ASGI)
+    asgi = readable_app(tmp_path, "asgi", ASGI)
     for name in ("first", "second", "third"):
         gw.put_app(name, {"runtime": "python-asgi", "entry": "main:app", "app_dir": asgi})
     assert gw.request("/", host="first.localhost").status == 200

@@ -19,7 +19,7 @@ import pytest
 
 from gateway.instances import python_binds
 from sandboxes import detect_isolation
-from tests.conftest import Gateway
+from tests.conftest import Gateway, readable_app
 
 BINDS_UNDER_TMP = {p.split("/")[2] for p in python_binds() if p.startswith("/tmp/")}
 
@@ -44,12 +44,7 @@ APP = (
 
 def app_dir(tmp_path: Path) -> str:
     """A raw ASGI app readable by the sandbox uids."""
-    app = tmp_path / "asgi"
-    app.mkdir(exist_ok=True)
-    (app / "main.py").write_text(APP)
-    os.chmod(tmp_path, 0o755)
-    os.chmod(app, 0o755)
-    return str(app)
+    return readable_app(tmp_path, "asgi", APP)
 
 
 def spec(code: str, **extra: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pytest
 
 from sandboxes import detect_isolation, libc
 from sandboxes.idmap import STORAGE_GID, STORAGE_UID
-from tests.conftest import Gateway
+from tests.conftest import Gateway, readable_app
 from tests.sandboxes.test_idmap import host_owners, make_volume
 from tests.test_pools import start_gateway, wait_pool
 
@@ -64,12 +64,7 @@ NO_POOL = "[pool]\nmin_idle = 0\nmax_idle = 0\n"
 
 
 def code_dir(tmp_path: Path) -> str:
-    d = tmp_path / "code"
-    d.mkdir(exist_ok=True)
-    (d / "main.py").write_text(APP)
-    os.chmod(tmp_path, 0o755)
-    os.chmod(d, 0o755)
-    return str(d)
+    return readable_app(tmp_path, "code", APP)
 
 
 def _spec(code: str) -> dict[str, Any]:
