@@ -454,7 +454,7 @@ class ForkServer:
                 # hears "spawned": linked after the member was told, which is what it waits on.
                 os.symlink(member.socket_dir, run_dir)
             except Exception as exc:
-                print(f"dorm fork server: claim failed: {exc}", file=sys.stderr, flush=True)
+                _say(f"claim failed: {exc}")
                 self._discard_member(member)
                 _remove_run_dir(run_dir)
                 continue
@@ -575,7 +575,7 @@ class ForkServer:
             sandbox = build.pending.finish()
             build.pending = None
         except Exception as exc:  # a failed build only costs the next spawn time
-            print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+            _say(f"member failed: {exc}")
             self._abandon_build(build)
             self.build_failed_at = time.monotonic()
             return
@@ -591,7 +591,7 @@ class ForkServer:
         try:
             member.names = self._create_name_files(str(build.socket_dir))
         except OSError as exc:
-            print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+            _say(f"member failed: {exc}")
             self._discard_member(member)
             self.build_failed_at = time.monotonic()
             return
@@ -848,7 +848,7 @@ class ForkServer:
                 try:
                     self._start_build(shape)
                 except Exception as exc:  # a failed build only costs the next spawn time
-                    print(f"dorm fork server: member failed: {exc}", file=sys.stderr, flush=True)
+                    _say(f"member failed: {exc}")
                     self.build_failed_at = time.monotonic()
                     return False
                 budget -= 1
@@ -864,7 +864,7 @@ class ForkServer:
                         if self.sandboxes.prewarm(shape.spec, wanted):
                             break
                 except Exception as exc:  # a failed build only costs the next spawn time
-                    print(f"dorm fork server: prewarm failed: {exc}", file=sys.stderr, flush=True)
+                    _say(f"prewarm failed: {exc}")
                     return False
                 new = set(pool.idle_pids()) - before
                 if not new:

@@ -139,8 +139,9 @@ def favordynmods_active() -> str | None:
 def volume_ownership(volumes: str) -> dict[str, Any]:
     """How persistent /data volumes under ``volumes`` get their owner (see idmap.py): ``idmap``
     (one storage owner on disk, an idmapped mount per start) or ``chown`` (the tree is chowned to
-    each instance's uid), with the reason. Probes the nearest existing directory, as the fork
-    server does at the first volume on a filesystem."""
+    each instance's uid), with the reason. Probes the volumes dir as the fork server does at the
+    first volume on a filesystem, or before there is one, the filesystem of its nearest existing
+    ancestor (that mount alone: what lies below an ancestor such as / says nothing about it)."""
     from . import idmap
     from .spec import MIN_UID
 
@@ -153,7 +154,7 @@ def volume_ownership(volumes: str) -> dict[str, Any]:
         return {**found, "mode": "chown", "reason": why}
     reason: str | None
     try:
-        reason = idmap.probe(path, MIN_UID, MIN_UID)
+        reason = idmap.probe(path, MIN_UID, MIN_UID, recursive=path == os.path.abspath(volumes))
     except OSError as e:
         reason = f"probe failed: {e}"
     finally:

@@ -109,11 +109,11 @@ def _new_userns(uid: int, gid: int) -> int:
         libc.release_paused(pid)
 
 
-def open_tree(path: bytes, attrs: int, uid: int, gid: int) -> int:
+def open_tree(path: bytes, attrs: int, uid: int, gid: int, recursive: bool = True) -> int:
     """A detached copy of ``path`` with ``attrs`` (MOUNT_ATTR_*) that shows files owned by the
     storage owner as ``uid``/``gid``; ready for ``move_mount`` like ``libc.open_tree_clone``'s."""
     ns = userns_fd(uid, gid)
-    fd = libc.open_tree_clone(path)
+    fd = libc.open_tree_clone(path, recursive)
     try:
         libc.mount_setattr(b"", attrs | libc.MOUNT_ATTR_IDMAP, dfd=fd, userns_fd=ns)
     except BaseException:
@@ -122,15 +122,18 @@ def open_tree(path: bytes, attrs: int, uid: int, gid: int) -> int:
     return fd
 
 
-def probe(path: str, uid: int, gid: int) -> str | None:
+def probe(path: str, uid: int, gid: int, recursive: bool = True) -> str | None:
     """None if ``path`` can be attached idmapped for ``uid``/``gid`` here; else why not, in words.
 
     Creates (and caches) that pair's namespace, and one detached mount it closes at once. Only
     "this kernel, filesystem or privilege cannot" becomes a reason; other errors raise (and
-    ``ValueError`` for ids that collide with the storage owner's)."""
+    ``ValueError`` for ids that collide with the storage owner's). ``recursive`` false asks
+    about the filesystem at ``path`` alone, not the mounts below it (``dorm doctor`` before any
+    volume exists probes an ancestor, under which may be anything)."""
     what = fstype(path)
+    attrs = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV
     try:
-        fd = open_tree(path.encode(), libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV, uid, gid)
+        fd = open_tree(path.encode(), attrs, uid, gid, recursive)
     except OSError as e:
         if e.errno not in UNSUPPORTED:
             raise

@@ -250,15 +250,17 @@ def mount_setattr(
     )
 
 
-def open_tree_clone(path: bytes) -> int:
+def open_tree_clone(path: bytes, recursive: bool = True) -> int:
     """A detached, close-on-exec copy of the mount tree at ``path`` (a bind mount not yet
-    attached anywhere), as an fd that can cross into another mount namespace."""
+    attached anywhere), as an fd that can cross into another mount namespace; with
+    ``recursive`` false, of the mount at ``path`` alone (none of the mounts below it)."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     return _check(
         _syscall(
             ctypes.c_long(syscall_nr("open_tree")),
             ctypes.c_int(AT_FDCWD),
             ctypes.c_char_p(path),
-            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+            ctypes.c_uint(flags),
         ),
         f"open_tree {path!r}",
     )
