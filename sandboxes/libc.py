@@ -299,7 +299,12 @@ def clone_paused(flags: int) -> int:
     code at all, only libc's ``pause`` on a stack of its own: ≈0.1 ms. Every signal is blocked
     while it is created, and the child keeps that mask, so nothing but SIGKILL (or SIGSTOP) ever
     reaches it. The stack must outlive the child: the caller must kill and reap it before the
-    returned pid's stack (kept here until then) goes; ``release_paused`` does both."""
+    returned pid's stack (kept here until then) goes; ``release_paused`` does both.
+
+    Known limit: the child runs no code that could ask for a parent-death signal, so if the
+    caller is SIGKILLed in the ~0.1-0.4 ms between this and ``release_paused``, the child stays
+    paused (reparented, holding the caller's address space and a user namespace) until someone
+    kills it. The window is once per new (uid, gid) pair of a volume, in the fork server."""
     stack = ctypes.create_string_buffer(_CLONE_STACK)
     top = (ctypes.addressof(stack) + _CLONE_STACK - 64) & ~0xF  # grows down (x86_64, aarch64)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -318,7 +323,8 @@ _paused_stacks: dict[int, ctypes.Array[ctypes.c_char]] = {}
 
 
 def release_paused(pid: int) -> None:
-    """SIGKILL and reap (by pid) a ``clone_paused`` child, then free its stack."""
+    """SIGKILL and reap (by pid) a ``clone_paused`` child, then free its stack. The wait has no
+    timeout because it needs none: SIGKILL ends a process sleeping in ``pause()`` at once."""
     try:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
