@@ -444,8 +444,7 @@ class ForkServer:
                 if spec.data_dir is not None:
                     binds.append((spec.data_dir.encode(), b"/data", data_attrs))
                 ids = (member.uid, member.uid)
-                self._fill_name_files(member.names, spec.hostname)
-                self._close_names(member)
+                self._fill_name_files(member.names, spec.hostname)  # before it can read them
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
                 claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
                 socket.send_fds(member.channel, [claim], [log_w])
@@ -453,6 +452,7 @@ class ForkServer:
                 # The gateway connects to <run_dir>/http.sock, the member's socket dir, once it
                 # hears "spawned": linked after the member was told, which is what it waits on.
                 os.symlink(member.socket_dir, run_dir)
+                self._close_names(member)  # after the member was told: off its wake-up path
             except Exception as exc:
                 _say(f"claim failed: {exc}")
                 self._discard_member(member)
