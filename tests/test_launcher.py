@@ -9,6 +9,7 @@ forgot the id and gave its uid back. It must not be left running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -118,3 +119,37 @@ def test_a_spawn_with_no_time_left_is_not_sent(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert not marker.exists() and exits == []
+
+
+def test_a_given_up_spawn_that_then_fails_is_reported_over(tmp_path: Path) -> None:
+    """A spawn the gateway stopped waiting for, which the fork server then refuses: `on_exit`
+    still hears of it, so whatever the start reserved for it (its uid) is freed."""
+    (tmp_path / "not-a-dir").write_text("")
+    spec = dataclasses.replace(  # a run dir the fork server cannot make: it refuses the spawn
+        python_spec(tmp_path, "late2", "pass"), run_dir=str(tmp_path / "not-a-dir" / "late2")
+    )
+    exits: list[tuple[str, ExitInfo]] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
+        await launcher.start()
+        forkserver = launcher.pid
+        assert forkserver is not None
+        try:
+            os.kill(forkserver, signal.SIGSTOP)
+            try:
+                with pytest.raises(LaunchError) as caught:
+                    await launcher.spawn(spec, timeout=0.5)
+                assert caught.value.unanswered
+            finally:
+                os.kill(forkserver, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while not exits and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            # Heard from the running fork server, not from close() giving up on everything.
+            assert [instance_id for instance_id, _ in exits] == ["late2"], exits
+            assert not exits[0][1].lost
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
