@@ -52,6 +52,26 @@ def python_spec(tmp_path: Path, instance_id: str, script: str) -> LaunchSpec:
     )
 
 
+async def give_up_then_resume(
+    launcher: Launcher, spec: LaunchSpec, exits: list[tuple[str, ExitInfo]]
+) -> None:
+    """Send `spec` to a stopped fork server (alive, answering nothing) and give up on it at a
+    0.5 s deadline, as a start does; then let the fork server run again and wait (10 s at most)
+    for `on_exit` to hear of that instance."""
+    forkserver = launcher.pid
+    assert forkserver is not None
+    os.kill(forkserver, signal.SIGSTOP)
+    try:
+        with pytest.raises(LaunchError, match="did not answer in time") as caught:
+            await launcher.spawn(spec, timeout=0.5)
+        assert not caught.value.lost and caught.value.unanswered
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while not exits and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     exits: list[tuple[str, ExitInfo]] = []
@@ -66,20 +86,9 @@ def test_a_spawn_answered_after_the_gateway_gave_up_is_killed(tmp_path: Path) ->
     async def scenario() -> None:
         launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
         await launcher.start()
-        forkserver = launcher.pid
-        assert forkserver is not None
         try:
-            os.kill(forkserver, signal.SIGSTOP)  # alive, but answering nothing
-            try:
-                with pytest.raises(LaunchError, match="did not answer in time") as caught:
-                    await launcher.spawn(spec, timeout=0.5)  # a start's deadline, say
-                assert not caught.value.lost and caught.value.unanswered
-            finally:
-                os.kill(forkserver, signal.SIGCONT)
-            # Now it reads the spawn, starts the process and says "spawned" to nobody waiting.
-            deadline = time.monotonic() + 10
-            while not exits and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            # Resumed, it reads the spawn, starts the process and says "spawned" to nobody.
+            await give_up_then_resume(launcher, spec, exits)
             assert [instance_id for instance_id, _ in exits] == ["late1"], (
                 "an instance nobody waits for was left running"
             )
@@ -133,19 +142,8 @@ def test_a_given_up_spawn_that_then_fails_is_reported_over(tmp_path: Path) -> No
     async def scenario() -> None:
         launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
         await launcher.start()
-        forkserver = launcher.pid
-        assert forkserver is not None
         try:
-            os.kill(forkserver, signal.SIGSTOP)
-            try:
-                with pytest.raises(LaunchError) as caught:
-                    await launcher.spawn(spec, timeout=0.5)
-                assert caught.value.unanswered
-            finally:
-                os.kill(forkserver, signal.SIGCONT)
-            deadline = time.monotonic() + 10
-            while not exits and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await give_up_then_resume(launcher, spec, exits)
             # Heard from the running fork server, not from close() giving up on everything.
             assert [instance_id for instance_id, _ in exits] == ["late2"], exits
             assert not exits[0][1].lost

@@ -135,16 +135,23 @@ def test_volume_is_adopted_once_then_never_chowned(gateway_factory: Any, tmp_pat
     assert gw.log().count("attached idmapped") == 1  # said once per filesystem
 
 
+def pooled_with_volume(factory: Any, tmp_path: Path, app: str) -> Gateway:
+    """A pooling gateway with `app` (a /data volume) and "primer" (none) on the same code; the
+    primer has been woken, so the shape's pool is being built."""
+    gw = start_gateway(factory)
+    code = code_dir(tmp_path)
+    gw.put_app("primer", _spec(code))
+    gw.put_app(app, {**_spec(code), "volume": True})
+    assert gw.request("/ping", host="primer.localhost").status == 200
+    return gw
+
+
 def test_pool_member_claims_attach_the_volume_idmapped(
     gateway_factory: Any, tmp_path: Path
 ) -> None:
-    gw = start_gateway(gateway_factory)
-    code = code_dir(tmp_path)
-    gw.put_app("primer", _spec(code))
-    gw.put_app("keeper", {**_spec(code), "volume": True})
+    gw = pooled_with_volume(gateway_factory, tmp_path, "keeper")
     fill(volume(gw, "keeper"), owner=S)
     before = host_owners(volume(gw, "keeper"))
-    assert gw.request("/ping", host="primer.localhost").status == 200
     uids = []
     for n in (1, 2):
         wait_pool(gw, lambda p: p["idle"] >= 1)
@@ -220,11 +227,7 @@ def test_a_volume_that_cannot_be_made_ready_fails_the_start_and_keeps_the_pool(
     gateway_factory: Any, tmp_path: Path
 ) -> None:
     """Not the member's fault: the start fails saying why, and no idle member is spent on it."""
-    gw = start_gateway(gateway_factory)
-    code = code_dir(tmp_path)
-    gw.put_app("primer", _spec(code))
-    gw.put_app("broken", {**_spec(code), "volume": True})
-    assert gw.request("/ping", host="primer.localhost").status == 200
+    gw = pooled_with_volume(gateway_factory, tmp_path, "broken")
     before = wait_pool(gw, lambda p: p["idle"] >= 2 and not p.get("forking"))
     members = set(before["idle_pids"])
     vol = volume(gw, "broken")
