@@ -6,8 +6,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from sandboxes import attach
-from sandboxes.mounts import RO_ATTRS, RW_ATTRS
+from sandboxes.mounts import RO_ATTRS, RW_ATTRS, create_name_files, fill_name_files
 
 from .conftest import PY, Runner
 
@@ -61,3 +63,30 @@ def test_attach_gives_a_running_sandbox_its_tenant_dirs(sbx: Runner, tmp_path: P
     after = (os.getcwd(), os.readlink("/proc/self/ns/mnt"), os.readlink("/proc/self/ns/uts"))
     assert after == before
     assert os.uname().nodename != "tenant"
+
+
+def test_name_files_are_made_fresh_and_rewritten_through_their_fds(tmp_path: Path) -> None:
+    """A member's name files: new regular files (never an entry that was already there, a
+    symlink least of all: EEXIST, nothing opened), then rewritten at the claim to exactly the
+    tenant's name, shorter or longer than what was there."""
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "hostname").symlink_to(target)
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileExistsError):
+        create_name_files(str(trap))
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before  # none left open
+    assert target.read_text() == "untouched"
+
+    fds = create_name_files(str(tmp_path))
+    try:
+        fill_name_files(fds, "a-rather-long-tenant-name")
+        fill_name_files(fds, "short")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert (tmp_path / "hostname").read_text() == "short\n"
+    assert "127.0.0.1\tlocalhost short\n" in (tmp_path / "hosts").read_text()
+    assert "long" not in (tmp_path / "hosts").read_text()
