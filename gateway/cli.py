@@ -594,14 +594,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from sandboxes.doctor import volume_ownership
 
     report = host_report()
+    # The host facts stand without a config, but a config that does not load must not pass
+    # unnoticed: the volume probe would silently describe the default data dir instead of the
+    # one the gateway will use. Report the error, probe the default, and exit non-zero.
+    config_error: str | None = None
     try:
         data_dir = load_config(args.config).gateway.data_dir
-    except ConfigError:
+    except ConfigError as exc:
+        config_error = str(exc)
         data_dir = GatewayConfig().data_dir
+    report["config_error"] = config_error
     report["volumes"] = volumes = volume_ownership(os.path.join(data_dir, "volumes"))
+    status = 0 if config_error is None else 1
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
+        return status
     cgroup = report["cgroup"]
     userns = report["user_namespaces"]
     seccomp = report["seccomp"]
@@ -636,8 +643,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if report["missing_protections"]:
         lines.append("missing in rootless mode:")
         lines += [f"  - {item}" for item in report["missing_protections"]]
+    if config_error is not None:
+        lines.append(f"config            not loaded: {config_error}")
+        lines.append(f"                  (/data volumes above probed under the default {data_dir})")
     print("\n".join(lines))
-    return 0
+    return status
 
 
 RUN_EXTENSIONS = {

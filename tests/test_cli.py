@@ -291,3 +291,22 @@ def test_doctor_reports_this_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor"]) == 0
     text = capsys.readouterr().out
     assert f"isolation         {report['isolation']}" in text
+
+
+def test_doctor_says_when_the_config_does_not_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The host facts still print, but the broken config is named and the exit is non-zero:
+    otherwise the volume probe would quietly describe the default data dir."""
+    config = tmp_path / "dorm.toml"
+    config.write_text('[gateway]\ndata_dirr = "/srv/dorm"\n')
+    assert main(["doctor", "--json", "--config", str(config)]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["config_error"] == f"{config}: unknown key gateway.data_dirr"
+    assert report["isolation"] in ("sandbox", "rootless", "process")
+    assert main(["doctor", "--config", str(config)]) == 1
+    text = capsys.readouterr().out
+    assert f"config            not loaded: {config}: unknown key gateway.data_dirr" in text
+    assert "probed under the default /var/lib/dorm" in text
+    assert main(["doctor", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["config_error"] is None
