@@ -28,10 +28,16 @@ NONE, LENGTH, CHUNKED, CLOSE = range(4)
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 
+class _Unsolicited(Exception):
+    """Raised from on_message_begin: a response starts after the one asked for has ended, in
+    the same read (the gateway never pipelines requests to an app, so nobody asked for it)."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_1xx",
         "_close_delimited",
+        "_done",
         "_framing",
         "_head_response",
         "_keep_alive",
@@ -73,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._head_response = False
         self._1xx = False
+        self._done = False  # the response ended inside feed_data: completed once that returns
         self._switching = False
         self._upgrade_value = b""
 
@@ -164,17 +171,33 @@ class UpstreamConnection(asyncio.Protocol):
                 self.exchange.client.start_tunnel(self, data[exc.args[0] :])
             return
         except HttpParserError as exc:
+            if self._done:
+                # The response was complete; what followed it in this read (another response,
+                # garbage) was not asked for: relay the response, never reuse the connection.
+                self._done = self._head_response = False
+                self._complete(False)
+                return
             self._flush()
-            self.fail(f"the app sent an invalid response: {exc}")
+            cause = exc.__context__  # what a callback raised, rather than "User callback error"
+            self.fail(
+                f"the app sent an invalid response: "
+                f"{cause if isinstance(cause, HttpParserError) else exc}"
+            )
+            return
+        if self._done:
+            # Completed here, not in on_message_complete: completing hands the connection to the
+            # next request (this client's pipelined one, or another client's queued one), which
+            # must not see bytes of this read that llhttp has not parsed yet.
+            self._done = False
+            if self._head_response:
+                self._head_response = False
+                self.parser = HttpResponseParser(self)  # see on_headers_complete
+            self._complete(self._keep_alive)
             return
         if self._wbuf:
             self._flush()
         if self._switching and self.exchange is not None:
             self.exchange.client.start_tunnel(self, b"")
-        elif self._head_response and self.exchange is not None:
-            self._head_response = False
-            self.parser = HttpResponseParser(self)
-            self._complete(self._keep_alive)
 
     # -- the raw fast path: the rest of a plain response's body ------------------------------
     def _raw_body(self, ex: Exchange, data: bytes) -> None:
@@ -248,6 +271,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks (response) -----------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._done:
+            raise _Unsolicited
         self._parts = []
         self._reason = b""
         self._upgrade_value = b""
@@ -265,6 +290,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._framing = LENGTH
                 self._parts.append(name + b": " + value + b"\r\n")
             elif lname == b"transfer-encoding":
+                # Only "chunked", once (as nginx): another coding would reach the client with
+                # its name dropped from the head, and a list not ending in chunked makes the
+                # body close-delimited (RFC 9112 §6.3), which would be relayed as chunked.
+                if self._framing == CHUNKED or value.strip().lower() != b"chunked":
+                    raise HttpParserError(f"unsupported Transfer-Encoding {value[:100]!r}")
                 self._framing = CHUNKED
             elif lname == b"upgrade":
                 self._upgrade_value = value
@@ -276,13 +306,26 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         status = self.parser.get_status_code()
-        if status < 200 and status != 101:
-            self._1xx = True  # 100 Continue and friends: the gateway answers Expect itself
-            return
         if not reason_ok(self._reason):
             # llhttp takes NUL and other control bytes in a reason phrase; relayed, they would
             # reach a client whose HTTP stack may truncate or choke on them.
             raise HttpParserError("a control byte in the reason phrase")
+        if status < 200 and status != 101:
+            # An interim response. 100 Continue is the gateway's to send (it answers Expect
+            # itself); others (103 Early Hints) are relayed, to HTTP/1.1 clients only (RFC 9110
+            # §15.2). It has no body: one that says otherwise is refused in on_body.
+            self._1xx = True
+            if status != 100 and not ex.http10:
+                self._wbuf.append(
+                    b"".join(
+                        [
+                            b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"Status"),
+                            *self._without_length(),
+                            b"\r\n",
+                        ]
+                    )
+                )
+            return
         client = ex.client
         self._keep_alive = self.parser.should_keep_alive()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"Status"), *self._parts]
@@ -320,14 +363,22 @@ class UpstreamConnection(asyncio.Protocol):
         ex.head_sent = True
         if ex.method == b"HEAD":
             # httptools cannot be told a response has no body: it would wait for
-            # Content-Length bytes. The exchange completes once feed_data returns (completing
-            # it here would hand this connection to the next exchange mid-parse), and the next
-            # response gets a fresh parser.
-            self._head_response = True
+            # Content-Length bytes. So the response ends here: the exchange completes once
+            # feed_data returns (as any response does, see data_received), bytes after the head
+            # in this read are not relayed (on_body) and make the connection unusable, and the
+            # next response gets a fresh parser.
+            self._head_response = self._done = True
+
+    def _without_length(self) -> list[bytes]:
+        """The header lines minus Content-Length, for an interim response (it has no body
+        whatever it says, and a client trusting it would read the final response as one)."""
+        return [p for p in self._parts if p[:15].lower() != b"content-length:"]
 
     def on_body(self, data: bytes) -> None:
         if self.exchange is None:
             return
+        if self._1xx:
+            raise HttpParserError("a body in an interim (1xx) response")
         if self._head_response:
             self._keep_alive = False  # an app that sends a body after HEAD is out of sync
             return
@@ -342,7 +393,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.exchange is None or self._switching or self._head_response:
             return  # after a 101 the tunnel starts where httptools raises HttpParserUpgrade
-        self._complete(self._keep_alive)
+        self._done = True  # completed when feed_data returns (see data_received)
 
     # -- ending a response ------------------------------------------------------------------------
     def _flush(self) -> None:

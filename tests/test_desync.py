@@ -1,0 +1,567 @@
+"""Request smuggling, response splitting and desync: the data plane's HTTP/1.1 framing, probed
+adversarially on both request paths and on both response paths.
+
+Two harnesses:
+- in process (tests/test_fastpath.py's `Harness`: the real protocol objects against recording
+  transports), where a request fed in one read may take the C fast path and the same request
+  split in two reads can only take the httptools path, so each case is checked on both; and
+  where an app's response bytes can be fed in exactly the reads a test wants;
+- end to end: a real gateway in front of a small app that answers with raw bytes chosen per
+  request (RAW_APP below) and records every request it receives, so a test can say exactly what
+  reached the app, and that nothing reached it that should not have.
+
+Every outcome is either a correct relay or a well-formed 4xx/5xx, with the connection closed
+where framing is ambiguous; never bytes of one message read as part of another; never a
+traceback in the gateway's log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.instances import MAX_UPSTREAM_CONNECTIONS
+from tests.conftest import Gateway, make_gateway
+from tests.test_fastpath import Harness as _Harness
+
+pytestmark = pytest.mark.timeout(120)
+
+GET1 = b"GET /1 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n"
+GET2 = b"GET /2 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n"
+OK2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+
+
+# -- in process: responses -----------------------------------------------------------------------
+
+
+class Harness(_Harness):
+    """tests/test_fastpath.py's harness, whose instance manager also records the new upstream
+    connections asked for (a request that finds no pooled connection asks for one) and queues."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        manager = self.plane.manager
+        manager.connects = []  # type: ignore[attr-defined]
+        manager.connect = lambda inst, waiter: manager.connects.append(waiter)  # type: ignore[attr-defined]
+        manager._sweepable = set()  # type: ignore[attr-defined]
+        manager.wake = lambda inst: None  # type: ignore[attr-defined]
+
+
+# Responses (in one read) followed by bytes nobody asked for: each takes the httptools path.
+OVERLONG = [
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" + EVIL,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        id="chunked",
+    ),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc" + EVIL,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+        id="length-hop-by-hop",
+    ),
+    pytest.param(
+        b"HTTP/1.1 204 No Content\r\n\r\n" + EVIL,
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        id="204",
+    ),
+    pytest.param(
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n" + EVIL,
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n",
+        id="304",
+    ),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nHTTP/1.1 2",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        id="partial-second-head",
+    ),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nXYZ",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        id="garbage",
+    ),
+]
+
+
+@pytest.mark.parametrize(("response", "relayed"), OVERLONG)
+def test_bytes_after_a_parsed_response_never_reach_the_next_pipelined_request(
+    response: bytes, relayed: bytes
+) -> None:
+    h = Harness()
+    h.send(GET1 + GET2)
+    h.up_t.take()
+    h.answer(response)
+    # The first response, complete; the bytes after it go nowhere: the connection they came on
+    # is closed, never handed to the pipelined request.
+    assert h.client_t.take() == relayed
+    assert h.up_t.closed and h.up not in h.inst.idle
+    assert h.up.exchange is None and h.up_t.take() == b""
+    # The client's stream is in sync: its next request waits for a new connection.
+    assert not h.client.closed
+    assert [ex.url for ex in h.plane.manager.connects] == [b"/2"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("response", "relayed"), OVERLONG)
+def test_bytes_after_a_parsed_response_never_reach_a_queued_client(
+    response: bytes, relayed: bytes
+) -> None:
+    """Another client waiting for this instance must not be handed the connection while the
+    rest of the read is still being parsed: it would be answered with the app's extra bytes."""
+    h = Harness()
+    h.inst.connections = MAX_UPSTREAM_CONNECTIONS  # no new connection: the second client queues
+    h.send(GET1)
+    h.up_t.take()
+    other = h.plane.protocol()
+    other_t = type(h.client_t)()
+    other.connection_made(other_t)  # type: ignore[arg-type]
+    other.data_received(GET2)
+    assert h.inst.waiters and other_t.take() == b""
+    h.answer(response)
+    assert h.client_t.take() == relayed
+    assert other_t.take() == b"" and h.up_t.closed
+    assert h.up.exchange is None or h.up.exchange.client is not other
+
+
+@pytest.mark.parametrize(("response", "relayed"), OVERLONG)
+def test_bytes_after_a_parsed_response_leave_the_connection_out_of_the_pool(
+    response: bytes, relayed: bytes
+) -> None:
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(response)
+    assert h.client_t.take() == relayed
+    assert h.up_t.closed and h.inst.idle == []
+    assert h.client.active is None and not h.client.closed
+
+
+def test_a_clean_parsed_response_still_pools_its_connection() -> None:
+    h = Harness()
+    h.send(GET1 + GET2)
+    h.up_t.take()
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    h.answer(chunked)
+    assert h.client_t.take() == chunked
+    assert not h.up_t.closed and h.up.exchange is not None  # reused for the pipelined /2
+    assert h.up_t.take().startswith(b"GET /2 HTTP/1.1\r\n")
+    h.answer(OK2)
+    assert h.client_t.take() == OK2 and h.inst.idle == [h.up]
+
+
+HEAD1 = b"HEAD /1 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("response", "relayed"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + EVIL,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            id="length-0",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd" + EVIL,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n",
+            id="length-4-with-body",
+        ),
+        pytest.param(b"HTTP/1.1 204 OK\r\n\r\n" + EVIL, b"HTTP/1.1 204 OK\r\n\r\n", id="204"),
+    ],
+)
+def test_a_response_to_head_is_its_head_alone_whatever_follows(
+    response: bytes, relayed: bytes
+) -> None:
+    """The app's bytes after a HEAD response's head (a body it should not have sent, then a
+    whole response) were parsed as a second response to the same exchange and its head relayed:
+    the client read it as the answer to its next request."""
+    for pipelined in (False, True):
+        h = Harness()
+        h.send(HEAD1 + GET2 if pipelined else HEAD1)
+        h.up_t.take()
+        h.answer(response)
+        assert h.client_t.take() == relayed
+        assert h.up_t.closed and h.inst.idle == [] and not h.client.closed
+        waiting = [ex.url for ex in h.plane.manager.connects]  # type: ignore[attr-defined]
+        assert waiting == ([b"/2"] if pipelined else [])
+
+
+def test_a_clean_head_response_pools_its_connection_with_a_fresh_parser() -> None:
+    h = Harness()
+    h.send(HEAD1 + GET2)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert h.client_t.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert h.up.exchange is not None and h.up.exchange.url == b"/2"  # reused: in sync
+    h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert h.client_t.take().endswith(b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert h.inst.idle == [h.up]
+
+
+INTERIM_WITH_BODY = [
+    pytest.param(b"HTTP/1.1 199 X\r\nContent-Length: 4\r\n\r\nEVIL", id="199-length"),
+    pytest.param(
+        b"HTTP/1.1 150 X\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nEVIL\r\n0\r\n\r\n",
+        id="150-chunked",
+    ),
+]
+
+
+@pytest.mark.parametrize("interim", INTERIM_WITH_BODY)
+def test_a_1xx_response_with_a_body_is_502_and_its_body_never_relayed(interim: bytes) -> None:
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(interim + OK2)
+    out = h.client_t.take()
+    # The interim head itself may be relayed first (it is well-formed); then 502, and the end.
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == interim.split(b"\r\n")[0]
+    assert rest.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), out
+    assert b"interim" in rest and b"EVIL" not in out and not out.endswith(b"ok")
+    assert h.client.closed and h.up_t.closed
+
+
+def test_103_early_hints_are_relayed_before_the_response() -> None:
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    h.answer(hints + hints, OK2)
+    assert h.client_t.take() == hints + hints + OK2
+    assert h.inst.idle == [h.up] and not h.client.closed
+
+
+def test_103_is_not_relayed_to_an_http10_client_and_100_never() -> None:
+    h = Harness()
+    h.send(b"GET /1 HTTP/1.0\r\nHost: bench.localhost\r\nConnection: keep-alive\r\n\r\n")
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + OK2)
+    out = h.client_t.take()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nok")
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 100 Continue\r\n\r\n" + OK2)
+    assert h.client_t.take() == OK2
+
+
+def test_an_interim_response_loses_its_content_length() -> None:
+    """A 1xx has no body whatever it says (RFC 9112 §6.3): relaying its Content-Length would
+    make a client that trusts it read the final response's first bytes as the interim's body."""
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\nLink: <a>\r\n\r\n" + OK2)
+    assert h.client_t.take() == b"HTTP/1.1 103 Early Hints\r\nLink: <a>\r\n\r\n" + OK2
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [b"gzip", b"chunked, gzip", b"gzip, chunked", b"identity", b"xchunked", b"chunked, chunked"],
+)
+def test_a_response_transfer_coding_other_than_chunked_is_502(coding: bytes) -> None:
+    """Only `chunked` is understood (as nginx does): a body in another coding would be relayed
+    with that coding dropped from its head (the client could not decode it), and a coding list
+    not ending in chunked makes the body close-delimited, which the gateway would have framed as
+    chunked."""
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    out = h.client_t.take()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), out
+    assert b"Transfer-Encoding" in out  # the message says why
+    assert h.client.closed and h.up_t.closed
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b"CHUNKED", b"chunked ", b"\tchunked"])
+def test_a_chunked_response_in_any_case_or_whitespace_is_relayed(coding: bytes) -> None:
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding:" + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert h.client_t.take() == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert h.inst.idle == [h.up]
+
+
+def test_an_invalid_response_names_what_was_wrong() -> None:
+    """The 502's message is the parser's reason, not httptools' "User callback error"."""
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    h.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+    out = h.client_t.take()
+    assert out.startswith(b"HTTP/1.1 502 ") and b"asked for none" in out, out
+
+
+# -- end to end: a real gateway in front of an app that answers with raw bytes --------------------
+
+# The app: answers GET /r/<name> with RESPONSES[name] in one write; GET /seen with every request
+# it has received (head and body, latin-1, as JSON); anything else with a 200 whose body is the
+# request's target. Request bodies are read by Content-Length or chunked framing.
+RAW_APP = r"""
+import asyncio, json, os
+
+RESPONSES = RESPONSES_LITERAL
+SEEN = []
+
+
+async def body_of(reader, head):
+    lower = head.lower()
+    if b"\r\ncontent-length:" in lower:
+        n = int(lower.split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+        return await reader.readexactly(n)
+    if b"\r\ntransfer-encoding:" in lower:
+        body = b""
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            body += size_line
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    body += line
+                return body + b"\r\n"
+            body += await reader.readexactly(size + 2)
+    return b""
+
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await body_of(reader, head)
+            target = head.split(b" ")[1].decode("latin-1")
+            if target == "/seen":
+                out = json.dumps(SEEN).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(out) + out)
+            else:
+                SEEN.append([head.decode("latin-1"), body.decode("latin-1")])
+                if target.startswith("/r/"):
+                    writer.write(RESPONSES[target[3:]])
+                else:
+                    out = target.encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(out) + out)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+
+asyncio.run(main())
+"""
+
+RESPONSES: dict[str, bytes] = {
+    "chunked-extra": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    + EVIL,
+    "hop-extra": b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc"
+    + EVIL,
+    "plain-extra": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + EVIL,
+    "204-extra": b"HTTP/1.1 204 No Content\r\n\r\n" + EVIL,
+    "304-extra": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n" + EVIL,
+    "head-extra": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + EVIL,
+    "cl-te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "te-cl": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "cl-negative": b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\nabc",
+    "cl-conflict": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "value-bare-cr": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 3\r\n\r\nabc",
+    "value-ctl": b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 3\r\n\r\nabc",
+    "value-ctl-chunked": b"HTTP/1.1 200 OK\r\nX-A: a\x0bb\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "te-gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "101-unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+    b"RAW BYTES",
+    "103": b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    "199-body": b"HTTP/1.1 199 Odd\r\nContent-Length: 4\r\n\r\nEVIL"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway (1 s client timeouts) with the raw app as `raw` and a second one as `other`."""
+    tmp = tmp_path_factory.mktemp("desync")
+    app = tmp / "raw_app.py"
+    app.write_text(RAW_APP.replace("RESPONSES_LITERAL", repr(RESPONSES)))
+    g = make_gateway(tmp, 'header_timeout = "1s"\nbody_timeout = "1s"\nkeepalive_timeout = "2s"')
+    g.start()
+    try:
+        for name in ("raw", "other"):
+            spec = {"runtime": "command", "command": [sys.executable, str(app)]}
+            g.put_app(name, {**spec, "idle_timeout": "5m", "max_body": 4096})
+        yield g
+        log = g.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log[-3000:]
+    finally:
+        if g.proc is not None and g.proc.poll() is None:
+            g.stop(timeout=20)
+        shutil.rmtree(g.run_dir, ignore_errors=True)
+
+
+def seen(gw: Gateway, host: str = "raw.localhost") -> list[tuple[str, str]]:
+    """Every request the app behind `host` has received so far (head, body)."""
+    resp = gw.request("/seen", host=host)
+    assert resp.status == 200, resp
+    return [(h, b) for h, b in json.loads(resp.body)]
+
+
+class Conn:
+    """A raw client connection that reads whole responses (Content-Length or chunked framing)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.sock = gw.connect(timeout=10)
+        self.buf = b""
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes, *, pieces: int = 1) -> None:
+        """Send `data`; in `pieces` > 1 sends (the gateway may or may not read them apart: the
+        outcome must be the same either way, which is the point)."""
+        step = max(1, len(data) // pieces)
+        for i in range(0, len(data), step):
+            self.sock.sendall(data[i : i + step])
+            if pieces > 1:
+                time.sleep(0.02)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def head(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"closed before a head: {self.buf!r}"
+        raw_head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = raw_head.split(b"\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            assert name and name == name.strip(), line
+            headers[name.lower()] = value.strip()
+        return int(lines[0].split(b" ")[1]), headers, raw_head
+
+    def response(self, method: bytes = b"GET") -> tuple[int, dict[bytes, bytes], bytes]:
+        status, headers, _ = self.head()
+        while 100 <= status < 200:
+            status, headers, _ = self.head()
+        if method == b"HEAD" or status in (204, 304):
+            return status, headers, b""
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buf:
+                    assert self._fill()
+                size_line, _, self.buf = self.buf.partition(b"\r\n")
+                size = int(size_line, 16)
+                while len(self.buf) < size + 2:
+                    assert self._fill()
+                body += self.buf[:size]
+                assert self.buf[size : size + 2] == b"\r\n"
+                self.buf = self.buf[size + 2 :]
+                if size == 0:
+                    return status, headers, body
+        n = int(headers[b"content-length"])
+        while len(self.buf) < n:
+            assert self._fill(), f"closed mid-body: {self.buf!r}"
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return status, headers, body
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """Whether the gateway closes the connection (with nothing more sent) within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            while self._fill():
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            pass
+        finally:
+            self.sock.settimeout(10)
+        return self.buf == b""
+
+
+def get(path: str, host: str = "raw.localhost", method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "status", "body"),
+    [
+        ("chunked-extra", "GET", 200, b"abc"),
+        ("hop-extra", "GET", 200, b"abc"),
+        ("plain-extra", "GET", 200, b"abc"),
+        ("204-extra", "GET", 204, b""),
+        ("304-extra", "GET", 304, b""),
+        ("head-extra", "HEAD", 200, b""),
+    ],
+)
+def test_app_bytes_past_a_response_never_answer_the_next_request(
+    raw: Gateway, name: str, method: str, status: int, body: bytes
+) -> None:
+    """Pipelined, and then again on the same connection: each next request gets its own answer
+    from the app, never EVIL (what the app sent after the response it was asked for)."""
+    with Conn(raw) as c:
+        c.send(get(f"/r/{name}", method=method) + get("/next-pipelined"))
+        first = c.response(method.encode())
+        assert first[0::2] == (status, body)
+        assert c.response()[0::2] == (200, b"/next-pipelined")
+        c.send(get(f"/r/{name}", method=method))
+        assert c.response(method.encode())[0::2] == (status, body)
+        c.send(get("/next"))
+        assert c.response()[0::2] == (200, b"/next")
+        assert b"EVIL" not in c.buf
+    assert raw.request("/after", host="raw.localhost").body == b"/after"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("cl-te", b"Content-Length"),
+        ("te-cl", b"Content-Length"),
+        ("cl-negative", b"Content-Length"),
+        ("cl-conflict", b"Content-Length"),
+        ("value-bare-cr", b"LF"),
+        ("value-ctl", b"header value char"),
+        ("value-ctl-chunked", b"header value char"),
+        ("te-gzip", b"Transfer-Encoding"),
+        ("101-unasked", b"asked for none"),
+        ("199-body", b"interim"),
+    ],
+)
+def test_a_malformed_response_is_502_and_closes(raw: Gateway, name: str, reason: bytes) -> None:
+    with Conn(raw) as c:
+        c.send(get(f"/r/{name}") + get("/never"))
+        status, headers, body = c.response()
+        assert status == 502 and headers[b"connection"] == b"close", (status, body)
+        assert b"invalid response" in body and reason in body, body
+        assert b"abc" not in body and b"EVIL" not in c.buf and b"RAW" not in c.buf
+        assert c.closed()
+    assert raw.request("/after", host="raw.localhost").body == b"/after"  # the next is fine
+
+
+def test_103_early_hints_reach_the_client_before_the_response(raw: Gateway) -> None:
+    with Conn(raw) as c:
+        c.send(get("/r/103"))
+        status, headers, _ = c.head()
+        assert (status, headers[b"link"]) == (103, b"</s.css>; rel=preload")
+        assert c.response()[0::2] == (200, b"abc")
+        c.send(get("/next"))
+        assert c.response()[0::2] == (200, b"/next")
