@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
@@ -103,15 +104,24 @@ class Request:
         return None
 
     def json(self, *, optional: bool = False) -> Any:
-        """The body as JSON; an empty body is None if `optional`, else a 400 naming `body`."""
+        """The body as JSON; an empty body is None if `optional`, else a 400 naming `body`.
+
+        A key given twice in one object is a 400 naming it: parsers disagree about which one
+        counts (orjson keeps the last), so a body that a proxy or a reviewer read one way must
+        not be applied the other way.
+        """
         if not self.body.strip():
             if optional:
                 return None
             raise ApiError(400, "body", "expected a JSON object in the request body")
         try:
-            return orjson.loads(self.body)
+            value = orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, "body", f"not valid JSON: {exc}") from None
+        duplicate = _duplicate_key(self.body)
+        if duplicate is not None:
+            raise ApiError(400, duplicate, "given more than once in the JSON body")
+        return value
 
 
 @dataclass(slots=True)
@@ -167,6 +177,43 @@ def error_body(field: str | None, message: str) -> bytes:
     return orjson.dumps({"error": {"field": field, "message": message}}) + b"\n"
 
 
+class _Pairs(dict[str, Any]):
+    """A JSON object that remembers the first key it was given twice."""
+
+    duplicate: str | None = None
+
+
+def _pairs(items: list[tuple[str, Any]]) -> _Pairs:
+    obj = _Pairs()
+    for key, value in items:
+        if key in obj and obj.duplicate is None:
+            obj.duplicate = key
+        obj[key] = value
+    return obj
+
+
+def _duplicate_key(body: bytes) -> str | None:
+    """The dotted path ("limits.memory", "env.A") of the first key given twice in one object of
+    `body`, which orjson already accepted as JSON (so it is valid and at most 1024 deep); None
+    if there is none. orjson cannot report duplicates, so the body is parsed once more."""
+    if b"{" not in body:
+        return None
+    try:
+        root = json.loads(body, object_pairs_hook=_pairs)
+    except (RecursionError, ValueError):
+        return None  # too deep for the stdlib's parser, which orjson's limit allows: no check
+    todo: list[tuple[str, Any]] = [("", root)]
+    while todo:  # depth first, in document order; iterative, as the nesting may be deep
+        path, value = todo.pop()
+        if isinstance(value, _Pairs):
+            if value.duplicate is not None:
+                return path + value.duplicate
+            todo.extend((f"{path}{k}.", v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((f"{path}{i}.", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 def _match(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     if len(segments) != len(parts):
         return None
@@ -186,6 +233,14 @@ def _validate_params(params: dict[str, str]) -> None:
                 check(params[name])
             except InvalidName as exc:
                 raise ApiError(400, name, str(exc)) from None
+
+
+def _declares_body(request: h11.Request) -> bool:
+    """Whether a request has a body to read (chunked, or a Content-Length other than 0)."""
+    for key, value in request.headers:
+        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 class _Closed(Exception):
@@ -374,7 +429,8 @@ class AdminServer:
             if params is None:
                 continue
             if route.method != method:
-                allowed.append(route.method)
+                if route.method not in allowed:  # extra routes may extend a built-in one
+                    allowed.append(route.method)
                 continue
             request.params = params
             return route, request
@@ -467,7 +523,13 @@ class AdminServer:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
-        data = await asyncio.wait_for(reader.read(_READ_SIZE), remaining)
+        size = _READ_SIZE
+        if conn.their_state is h11.IDLE:
+            # Reading a head: never let the buffer grow past MAX_HEAD + 1 in one read, or a
+            # head of up to twice the cap would arrive complete and h11 (which only bounds an
+            # incomplete head) would accept it.
+            size = max(1, MAX_HEAD + 1 - len(conn.trailing_data[0]))
+        data = await asyncio.wait_for(reader.read(size), remaining)
         conn.receive_data(data)
 
     async def _wait_idle(
@@ -531,7 +593,12 @@ class AdminServer:
         if isinstance(response, StreamResponse):
             await self._stream(conn, reader, writer, response)
             return False
-        await self._send(conn, writer, response)
+        if conn.their_state is h11.SEND_BODY and not _declares_body(event):
+            # Answered before its body was read (an error), but it has none: take its end, so
+            # the connection stays usable for the next request.
+            with contextlib.suppress(h11.ProtocolError):
+                conn.next_event()
+        await self._send(conn, writer, response, head_only=event.method == b"HEAD")
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE and self._serving()
 
     async def _dispatch(
@@ -578,8 +645,11 @@ class AdminServer:
             await stream.aclose()
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        auth = next((v for k, v in headers if k == b"authorization"), None)
-        return check_bearer(auth, self.token)
+        """One `Authorization: Bearer <token>` header with the right token. Two such headers
+        are refused whatever they hold: which one counts would be ambiguous (a proxy in front
+        may have checked the other)."""
+        values = [v for k, v in headers if k == b"authorization"]
+        return len(values) == 1 and check_bearer(values[0], self.token)
 
     async def _read_body(
         self,
@@ -642,8 +712,15 @@ class AdminServer:
                 raise _Closed
 
     async def _send(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, resp: Response
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        resp: Response,
+        *,
+        head_only: bool = False,
     ) -> None:
+        """Send `resp` whole; `head_only` (a HEAD request) sends its head, Content-Length
+        included, without the body."""
         headers = [
             ("content-type", resp.content_type),
             ("content-length", str(len(resp.body))),
@@ -663,7 +740,7 @@ class AdminServer:
                 )
             )
         )
-        if resp.body:
+        if resp.body and not head_only:
             writer.write(conn.send(h11.Data(data=resp.body)))
         writer.write(conn.send(h11.EndOfMessage()))
         await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)

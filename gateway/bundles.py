@@ -150,6 +150,20 @@ def upload_format(query: dict[str, str]) -> str | None:
     return fmt
 
 
+def check_content_type(headers: dict[str, str]) -> None:
+    """Refuse an archive sent as a form (curl -F, an HTML form): the body must be the archive's
+    bytes. Any other Content-Type is not consulted, since the format is named or sniffed
+    (`curl --data-binary` labels the archive application/x-www-form-urlencoded)."""
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("multipart/"):
+        raise BundleError(
+            415,
+            "content-type",
+            f"{kind} is not accepted: send the archive itself as the request body "
+            "(curl --data-binary @app.tar.gz, or `dorm deploy`)",
+        )
+
+
 def expected_digest(headers: dict[str, str]) -> tuple[str, str] | None:
     """The sha256 a client announced, as (header name, hex), from `Digest: sha-256=<base64>`,
     `Content-Digest: sha-256=:<base64>:` or `X-Content-SHA256: <hex>`; None if none was sent.
@@ -864,6 +878,7 @@ __all__ = [
     "DeployError",
     "Extracted",
     "Spooled",
+    "check_content_type",
     "expected_digest",
     "extract",
     "read_manifest",

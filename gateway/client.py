@@ -71,6 +71,11 @@ class AdminClient:
         self.host = split.hostname
         self.port = port
         self.prefix = split.path.rstrip("/")
+        # A token read from a file or a variable often ends in a newline, which no header may
+        # hold: strip it, as the gateway strips its own; anything else unsendable is refused.
+        token = token.strip() if token else token
+        if token and not all(33 <= ord(c) <= 126 for c in token):
+            raise AdminError("the admin token must be visible ASCII without spaces")
         self.token = token
         self.timeout = timeout
         self._sock: socket.socket | None = None

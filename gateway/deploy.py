@@ -38,6 +38,7 @@ from gateway.bundles import (
     BundleStore,
     DeployError,
     Extracted,
+    check_content_type,
     upload_format,
 )
 from gateway.config import GatewayConfig, split_host_port
@@ -130,6 +131,7 @@ class DeployApi:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         assert req.stream is not None
         try:
+            check_content_type(headers)
             fmt = upload_format(req.query)
             spooled = await self.store.receive(req.stream, headers)
             try:

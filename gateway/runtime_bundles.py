@@ -30,7 +30,13 @@ from pathlib import Path
 
 from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
 from gateway.appspec import RUNTIMES, SpecError
-from gateway.bundles import BundleError, BundleStore, Extracted, upload_format
+from gateway.bundles import (
+    BundleError,
+    BundleStore,
+    Extracted,
+    check_content_type,
+    upload_format,
+)
 from gateway.names import InvalidName, check_branch_name
 from gateway.registry import Registry
 from gateway.runtimespec import ROOTFS_DIR, RUNTIME_TOML, RuntimeRecord, parse_runtime_def
@@ -165,6 +171,7 @@ class RuntimeApi:
         assert req.stream is not None
         extracted: Extracted | None = None
         try:
+            check_content_type(headers)
             fmt = upload_format(req.query)
             spooled = await self.store.receive(req.stream, headers)
             try:

@@ -30,6 +30,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 
 
+# Sizes end up in cgroup files, struct fields and SQLite integers: all signed 64-bit.
+MAX_SIZE = 2**63
+
+
 class UnitError(ValueError):
     """A value that is not a valid duration or size; the message says what was expected."""
 
@@ -77,11 +81,16 @@ def parse_size(value: object) -> int:
         match = _SIZE.fullmatch(value.strip().lower())
         if match is None or match.group(2) not in _SIZE_UNITS:
             raise UnitError(f'expected a size such as 1048576, "64KiB" or "256MiB", got {value!r}')
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        scaled = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        if not scaled < MAX_SIZE:  # also catches the infinity of a very long number
+            raise UnitError(f"a size must be less than 8 EiB, got {value!r}")
+        size = int(scaled)
     else:
         raise UnitError(f'expected a size such as 1048576 or "256MiB", got {type(value).__name__}')
     if size < 0:
         raise UnitError(f"a size must be >= 0, got {value!r}")
+    if size >= MAX_SIZE:
+        raise UnitError(f"a size must be less than 8 EiB, got {value!r}")
     return size
 
 
