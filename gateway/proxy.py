@@ -55,6 +55,17 @@ _UNSPLIT: list[bytes] = []  # Exchange.lines of a fast-path request not split ye
 _new_exchange = object.__new__  # an Exchange without running __init__ (one Python call less)
 
 
+def _chunked_last(ex: Exchange) -> bool:
+    """Whether a request's Transfer-Encoding lines end in chunked (and name it once), as llhttp
+    decides it (tests/test_desync.py checks the two agree); normalises `ex.transfer_encoding`
+    to what is forwarded: the codings lowercased and trimmed, on one line, without empty
+    elements and identity (an app comparing the value to "chunked" must read the body as the
+    gateway does, not as the next request)."""
+    codings = [c.lstrip(b" \t").rstrip(b" ").lower() for c in ex.transfer_encoding.split(b",")]
+    ex.transfer_encoding = b", ".join(c for c in codings if c and c != b"identity")
+    return codings[-1] == b"chunked" and b"chunked" not in codings[:-1]
+
+
 class DataPlane:
     """State shared by every client connection: config, routing and the connection set."""
 
@@ -523,13 +534,16 @@ class ClientConnection(asyncio.Protocol):
             ex.host = value
             ex.lines.append(name + b": " + value + b"\r\n")
         elif lname == b"content-length":
-            ex.content_length = int(value)  # llhttp has checked it is digits, and only one
-            ex.lines.append(name + b": " + value + b"\r\n")
+            # llhttp has checked it is ASCII digits (and OWS), and only one. Forwarded as the
+            # number it is ("0005 " becomes "5"): the app cannot read it any other way.
+            ex.content_length = int(value)
+            ex.lines.append(name + b": %d\r\n" % ex.content_length)
         elif lname == b"transfer-encoding":
-            # llhttp refuses a request whose last coding is not "chunked"; codings before it
-            # (gzip, chunked) describe the content and travel on unchanged.
+            # Every line's codings, checked and normalised in _check_head.
             ex.chunked = True
-            ex.transfer_encoding = value
+            ex.transfer_encoding = (
+                ex.transfer_encoding + b"," + value if ex.transfer_encoding else value
+            )
         elif lname == b"connection":
             ex.connection_tokens += value.lower() + b","
         elif lname == b"upgrade":
@@ -591,15 +605,25 @@ class ClientConnection(asyncio.Protocol):
             return (431, f"request head larger than {cfg.max_header_size} bytes")
         if ex.method == b"CONNECT":
             return (405, "CONNECT is not supported: this is not a forward proxy")
+        if ex.chunked and not _chunked_last(ex):
+            # RFC 9112 §6.1: the body's length cannot be determined. llhttp finds some of
+            # these only once the body starts, after the head would have been forwarded.
+            coding = ex.transfer_encoding[:100]
+            return (400, f"request Transfer-Encoding {coding!r} does not end in chunked")
         if ex.url[:1] != b"/":
             if ex.url == b"*" and ex.method == b"OPTIONS":
                 pass
             elif ex.url[:7].lower() == b"http://" or ex.url[:8].lower() == b"https://":
-                # absolute-form: the URL's authority wins over Host (RFC 9112 §3.2.2)
+                # absolute-form: the URL's authority wins over Host (RFC 9112 §3.2.2), but an
+                # HTTP/1.1 request must still carry one (§3.2)
+                if ex.host is None and version == "1.1":
+                    return (400, "missing Host header")
                 rest = ex.url.split(b"://", 1)[1]
-                authority, slash, path = rest.partition(b"/")
+                ends = [at for at in map(rest.find, (b"/", b"?", b"#")) if at >= 0]
+                end = min(ends, default=len(rest))
+                authority, path = rest[:end], rest[end:]
                 ex.host = authority
-                ex.url = slash + path or b"/"
+                ex.url = path if path[:1] == b"/" else b"/" + path.partition(b"#")[0]
                 ex.lines = [p for p in ex.lines if p[:5].lower() != b"host:"]
                 ex.lines.append(b"Host: " + authority + b"\r\n")
             else:

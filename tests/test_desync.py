@@ -17,6 +17,7 @@ traceback in the gateway's log.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
@@ -24,8 +25,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from httptools import HttpParserError, HttpRequestParser
 
 from gateway.instances import MAX_UPSTREAM_CONNECTIONS
+from gateway.proxy import Exchange, _chunked_last
 from tests.conftest import Gateway, make_gateway
 from tests.test_fastpath import Harness as _Harness
 
@@ -300,6 +303,166 @@ def test_an_invalid_response_names_what_was_wrong() -> None:
     assert out.startswith(b"HTTP/1.1 502 ") and b"asked for none" in out, out
 
 
+# -- in process: requests ------------------------------------------------------------------------
+
+FWD = (
+    b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: bench.localhost\r\n"
+    b"X-Forwarded-Proto: http\r\n"
+)
+
+
+def forward(request: bytes) -> list[tuple[bytes, bytes, bool]]:
+    """(what reached the app, what the client got, whether its connection was closed) for
+    `request` in one read (the fast path may take it) and in two (the parsing path only)."""
+    out = []
+    for reads in ((request,), (request[:9], request[9:])):
+        h = Harness()
+        h.send(*reads)
+        out.append((h.up_t.take(), h.client_t.take(), h.client.closed))
+    assert out[0] == out[1], "the two paths disagree"
+    return out
+
+
+POST_TE = b"POST /e HTTP/1.1\r\nHost: bench.localhost\r\n"
+
+
+@pytest.mark.parametrize(
+    ("lines", "forwarded"),
+    [
+        pytest.param(b"Transfer-Encoding: chunked\r\n", b"chunked", id="chunked"),
+        pytest.param(b"Transfer-Encoding:  chunked\r\n", b"chunked", id="leading-space"),
+        pytest.param(b"Transfer-Encoding:\tchunked\r\n", b"chunked", id="leading-tab"),
+        pytest.param(b"Transfer-Encoding: chunked \r\n", b"chunked", id="trailing-space"),
+        pytest.param(b"Transfer-Encoding: Chunked\r\n", b"chunked", id="Chunked"),
+        pytest.param(b"Transfer-Encoding: CHUNKED\r\n", b"chunked", id="CHUNKED"),
+        pytest.param(b"Transfer-Encoding: identity, chunked\r\n", b"chunked", id="identity-first"),
+        pytest.param(b"Transfer-Encoding: ,chunked\r\n", b"chunked", id="empty-element"),
+        pytest.param(b"Transfer-Encoding: gzip ,  Chunked\r\n", b"gzip, chunked", id="gzip-ows"),
+        pytest.param(
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            b"gzip, chunked",
+            id="two-lines",
+        ),
+    ],
+)
+def test_request_transfer_encoding_reaches_the_app_normalised(
+    lines: bytes, forwarded: bytes
+) -> None:
+    """The gateway re-chunks the body itself, so the app must read the framing exactly as the
+    gateway did: the codings are forwarded lowercased, trimmed, on one line, without identity
+    and empty elements (an app comparing the value to "chunked" would otherwise read the body
+    as the next request), and none of them lost (a second line used to replace the first)."""
+    (to_app, to_client, closed), _ = forward(POST_TE + lines + b"\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert to_app.endswith(
+        FWD + b"Transfer-Encoding: " + forwarded + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    ), to_app
+    assert to_app.count(b"Transfer-Encoding") == 1 and not closed and to_client == b""
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        pytest.param(b"Transfer-Encoding: chunked, identity\r\n", id="identity-last"),
+        pytest.param(b"Transfer-Encoding: xchunked\r\n", id="xchunked"),
+        pytest.param(b"Transfer-Encoding: chunkedx\r\n", id="chunkedx"),
+        pytest.param(b"Transfer-Encoding: gzip\r\n", id="gzip"),
+        pytest.param(b"Transfer-Encoding: identity\r\n", id="identity"),
+        pytest.param(b"Transfer-Encoding: chunked, gzip\r\n", id="chunked-not-last"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", id="two-lines"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", id="twice"),
+        pytest.param(b"Transfer-Encoding: chunked;a=b\r\n", id="parameter"),
+        pytest.param(b"Transfer-Encoding: \x0bchunked\r\n", id="vtab"),
+        pytest.param(b"Transfer-Encoding: chunked\t\r\n", id="trailing-tab"),
+        pytest.param(b"Transfer-Encoding: chunked,\r\n", id="empty-last"),
+        pytest.param(b"Transfer-Encoding: gzip,\tchunked, chunked\r\n", id="tab-chunked-twice"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n", id="te-cl"),
+    ],
+)
+def test_request_transfer_encoding_not_ending_in_chunked_is_400_and_never_forwarded(
+    lines: bytes,
+) -> None:
+    """A head whose body length cannot be read reliably (RFC 9112 §6.1) is refused before any
+    of it is forwarded: llhttp reports some of these only once the body starts, after the head
+    had been sent to the app."""
+    for to_app, to_client, closed in forward(POST_TE + lines + b"\r\n3\r\nabc\r\n0\r\n\r\n"):
+        assert to_client.startswith(b"HTTP/1.1 400 Bad Request\r\n"), to_client
+        assert b"\r\nConnection: close\r\n" in to_client and closed
+        assert to_app == b""
+
+
+POST_CL = b"POST /e HTTP/1.1\r\nHost: bench.localhost\r\n"
+
+
+@pytest.mark.parametrize(
+    "value", [b"5", b"0005", b"5 ", b" 5", b"5\t", b"00000000000000000000000000005"]
+)
+def test_request_content_length_reaches_the_app_as_digits(value: bytes) -> None:
+    (to_app, to_client, closed), _ = forward(
+        POST_CL + b"Content-Length:" + value + b"\r\n\r\nabcde"
+    )
+    assert b"\r\nContent-Length: 5\r\n" in to_app and to_app.endswith(b"\r\n\r\nabcde"), to_app
+    assert not closed and to_client == b""
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        (b"+5", 400),
+        (b"-1", 400),
+        (b"0x10", 400),
+        (b"1_0", 400),
+        (b"5, 5", 400),
+        (b"5 5", 400),
+        (b"\xd9\xa5", 400),  # ARABIC-INDIC DIGIT FIVE, which int() would take
+        (b"18446744073709551616", 400),  # 2**64
+        (b"9223372036854775808", 413),  # 2**63: a number, just far over max_body
+    ],
+)
+def test_request_content_length_not_plain_digits_is_refused(value: bytes, status: int) -> None:
+    for to_app, to_client, closed in forward(POST_CL + b"Content-Length: " + value + b"\r\n\r\n"):
+        assert to_client.startswith(b"HTTP/1.1 %d " % status), to_client
+        assert closed and to_app == b""
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "url"),
+    [
+        (b"http://bench.localhost/x?y", b"bench.localhost", b"/x?y"),
+        (b"HTTP://Bench.Localhost:8080/x", b"Bench.Localhost:8080", b"/x"),
+        (b"http://bench.localhost", b"bench.localhost", b"/"),
+        (b"http://bench.localhost?q=1", b"bench.localhost", b"/?q=1"),
+    ],
+)
+def test_absolute_form_routes_by_its_authority(target: bytes, host: bytes, url: bytes) -> None:
+    """RFC 9112 §3.2.2: the target's authority wins over Host, and is what the app is told;
+    the authority ends at the first "/", "?" or "#"."""
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: other.localhost\r\nX-A: 1\r\n\r\n"
+    (to_app, to_client, closed), _ = forward(request)
+    assert to_app.startswith(b"GET " + url + b" HTTP/1.1\r\nX-A: 1\r\nHost: " + host + b"\r\n")
+    assert b"other.localhost" not in to_app and not closed and to_client == b""
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GET http://bench.localhost/ HTTP/1.1\r\n\r\n", id="absolute-form-1.1"),
+        pytest.param(b"GET http:///x HTTP/1.1\r\nHost: bench.localhost\r\n\r\n", id="no-authority"),
+        pytest.param(b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n", id="origin-form-1.1"),
+        pytest.param(b"GET / HTTP/1.0\r\n\r\n", id="origin-form-1.0"),
+    ],
+)
+def test_a_request_without_a_host_is_400(request_bytes: bytes) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request without Host is refused, absolute-form or not."""
+    for to_app, to_client, closed in forward(request_bytes):
+        assert to_client.startswith(b"HTTP/1.1 400 Bad Request\r\n"), to_client
+        assert closed and to_app == b""
+
+
+def test_absolute_form_on_http10_needs_no_host() -> None:
+    (to_app, _, _), _ = forward(b"GET http://bench.localhost/x HTTP/1.0\r\n\r\n")
+    assert to_app.startswith(b"GET /x HTTP/1.1\r\nHost: bench.localhost\r\n")
+
+
 # -- end to end: a real gateway in front of an app that answers with raw bytes --------------------
 
 # The app: answers GET /r/<name> with RESPONSES[name] in one write; GET /seen with every request
@@ -565,3 +728,198 @@ def test_103_early_hints_reach_the_client_before_the_response(raw: Gateway) -> N
         assert c.response()[0::2] == (200, b"abc")
         c.send(get("/next"))
         assert c.response()[0::2] == (200, b"/next")
+
+
+def test_the_request_transfer_encoding_check_agrees_with_llhttp() -> None:
+    """The gateway decides whether a request's Transfer-Encoding ends in chunked before llhttp
+    reads the body (so a refused head is never forwarded). Both must agree, or a value one of
+    them takes and the other refuses would either reach the app or be refused late."""
+    atoms = [b"chunked", b"Chunked", b"gzip", b"identity", b"", b" ", b"\t", b"chunked "]
+    atoms += [b"chunked\t", b"chunked \t", b" \tchunked", b"gzip\t", b"chunked;a=1", b"x"]
+    checked = 0
+    for k in (1, 2, 3):
+        for combo in itertools.product(atoms, repeat=k):
+            for sep in (b",", b", ", b",\t", b" ,", b"\t,"):
+                value = sep.join(combo)
+                if not value or value[:1] in b" \t":
+                    continue  # llhttp hands the value over without leading whitespace
+                parser = HttpRequestParser(None)
+                try:
+                    parser.feed_data(
+                        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + value + b"\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\n\r\n"
+                    )
+                    llhttp = True
+                except HttpParserError:
+                    llhttp = False
+                ex = Exchange(None)  # type: ignore[arg-type]
+                ex.transfer_encoding = value
+                assert _chunked_last(ex) == llhttp, value
+                checked += 1
+    assert checked > 10_000
+
+
+_marks = itertools.count(1)
+
+
+def mark(prefix: str) -> str:
+    """A request target no other test uses, to look for in what the app has seen."""
+    return f"/{prefix}-{next(_marks)}"
+
+
+def reached(gw: Gateway, target: str, host: str = "raw.localhost") -> list[tuple[str, str]]:
+    return [(h, b) for h, b in seen(gw, host) if h.split(" ")[1] == target]
+
+
+@pytest.mark.parametrize(
+    ("te", "body"),
+    [
+        (b"chunked", "3\r\nabc\r\n0\r\n\r\n"),
+        (b"Chunked ", "3\r\nabc\r\n0\r\n\r\n"),
+        (b"identity, CHUNKED", "3\r\nabc\r\n0\r\n\r\n"),
+    ],
+)
+def test_chunked_request_reaches_the_app_with_a_plain_chunked_header(
+    raw: Gateway, te: bytes, body: str
+) -> None:
+    target = mark("te")
+    with Conn(raw) as c:
+        c.send(
+            f"POST {target} HTTP/1.1\r\nHost: raw.localhost\r\n".encode()
+            + b"Transfer-Encoding: "
+            + te
+            + b"\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n",
+            pieces=3,
+        )
+        assert c.response()[0::2] == (200, target.encode())
+    [(head, got)] = reached(raw, target)
+    assert "\r\nTransfer-Encoding: chunked\r\n" in head and head.count("Transfer-Encoding") == 1
+    assert got == body  # extension and trailer dropped, re-chunked by the gateway
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        pytest.param(b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", id="xchunked"),
+        pytest.param(b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", id="identity-last"),
+        pytest.param(b"Transfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n", id="trailing-tab"),
+        pytest.param(b"Content-Length: 5, 5\r\n\r\nabcde", id="cl-list"),
+        pytest.param(b"Content-Length: 0x10\r\n\r\n0123456789abcdef", id="cl-hex"),
+        pytest.param(b"Content-Length: 1_0\r\n\r\n0123456789", id="cl-underscore"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n\r\n3;a\rb\r\nabc\r\n0\r\n\r\n", id="ext-cr"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n\r\n3;a\nb\r\nabc\r\n0\r\n\r\n", id="ext-lf"),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n3;a\x00\r\nabc\r\n0\r\n\r\n", id="ext-nul"
+        ),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc0\r\n\r\n", id="no-crlf-after-data"
+        ),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nContent-Length: 9\r\n\r\n",
+            id="trailer-cl",
+        ),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nTransfer-Encoding: x\r\n\r\n",
+            id="trailer-te",
+        ),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\n\n", id="last-chunk-bare-lf"
+        ),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\n\r\n00000000000000001\r\na\r\n10000000000000000\r\n",
+            id="chunk-size-overflow",
+        ),
+    ],
+)
+def test_bad_request_framing_is_400_closes_and_smuggles_nothing(raw: Gateway, rest: bytes) -> None:
+    """Whatever of the broken request reached the app (a head may have, for errors found in the
+    body), the pipelined request after it never does, and the client's connection closes."""
+    target, smuggled = mark("bad"), mark("smuggled")
+    with Conn(raw) as c:
+        c.send(
+            f"POST {target} HTTP/1.1\r\nHost: raw.localhost\r\n".encode()
+            + rest
+            + f"GET {smuggled} HTTP/1.1\r\nHost: raw.localhost\r\n\r\n".encode()
+        )
+        status, headers, body = c.response()
+        assert (status, headers[b"connection"]) == (400, b"close"), body
+        assert c.closed()
+    assert reached(raw, smuggled) == []
+    for _head, got in reached(raw, target):
+        assert smuggled not in got
+
+
+def test_bytes_after_the_last_chunk_are_the_next_request(raw: Gateway) -> None:
+    first, second = mark("first"), mark("second")
+    with Conn(raw) as c:
+        c.send(
+            f"POST {first} HTTP/1.1\r\nHost: raw.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"3\r\nabc\r\n0\r\n\r\nGET {second} HTTP/1.1\r\nHost: raw.localhost\r\n\r\n".encode()
+        )
+        assert c.response()[0::2] == (200, first.encode())
+        assert c.response()[0::2] == (200, second.encode())
+    assert [b for _, b in reached(raw, first)] == ["3\r\nabc\r\n0\r\n\r\n"]
+    assert [b for _, b in reached(raw, second)] == [""]
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_absolute_form_goes_to_the_app_its_authority_names(raw: Gateway, pieces: int) -> None:
+    target = mark("abs")
+    with Conn(raw) as c:
+        c.send(
+            f"GET http://other.localhost{target}?q=1 HTTP/1.1\r\nHost: raw.localhost\r\n\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: raw.localhost\r\n\r\n".encode(),
+            pieces=pieces,
+        )
+        assert c.response()[0::2] == (200, f"{target}?q=1".encode())
+        assert c.response()[0::2] == (200, target.encode())
+    [(head, _)] = [(h, b) for h, b in seen(raw, "other.localhost") if target in h]
+    assert head.startswith(f"GET {target}?q=1 HTTP/1.1\r\n") and "raw.localhost" not in head
+    assert "\r\nHost: other.localhost\r\n" in head
+    assert len(reached(raw, target)) == 1  # the origin-form one, by its Host
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET http://raw.localhost/ HTTP/1.1\r\n\r\n", 400, id="absolute-no-host"),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\nHost: raw.localhost\r\n\r\n", 400, id="del"
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nX-A: a\x01b\r\nHost: raw.localhost\r\n\r\n", 400, id="ctl"
+        ),
+        pytest.param(b"GET / HTTP/1.1\r\nX[A]: 1\r\nHost: raw.localhost\r\n\r\n", 400, id="name"),
+        pytest.param(b"GET / HTTP/1.1\r\nX\xe9: 1\r\nHost: raw.localhost\r\n\r\n", 400, id="8bit"),
+        pytest.param(b"G(T / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n", 400, id="method-char"),
+        pytest.param(b"GET" * 2000 + b" / HTTP/1.1\r\nHost: raw.localhost\r\n\r\n", 400, id="long"),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, id="h2-preface"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: evil@raw.localhost\r\n\r\n", 404, id="userinfo"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: raw.localhost:x\r\n\r\n", 404, id="bad-port"),
+        pytest.param(b"GET * HTTP/1.1\r\nHost: raw.localhost\r\n\r\n", 400, id="get-asterisk"),
+    ],
+)
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_hostile_heads_are_refused_on_both_paths(
+    raw: Gateway, request_bytes: bytes, status: int, pieces: int
+) -> None:
+    before = len(seen(raw))
+    with Conn(raw) as c:
+        c.send(request_bytes, pieces=pieces)
+        got, headers, _ = c.response()
+        assert (got, headers[b"connection"]) == (status, b"close")
+        assert c.closed()
+    assert len(seen(raw)) == before  # nothing reached the app
+
+
+@pytest.mark.parametrize(
+    "host", ["raw.localhost:8080", "RAW.LocalHost", "raw.localhost.", "main--raw.localhost"]
+)
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_host_forms_route_to_the_app(raw: Gateway, host: str, pieces: int) -> None:
+    target = mark("host")
+    with Conn(raw) as c:
+        c.send(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), pieces=pieces)
+        assert c.response()[0::2] == (200, target.encode())
+        c.send(f"OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), pieces=pieces)
+        assert c.response()[0::2] == (200, b"*")
