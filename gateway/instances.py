@@ -36,7 +36,7 @@ from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
 from gateway.bundles import DeployError
 from gateway.coldstart import ColdStartStats, StartStages
 from gateway.config import ConfigError, GatewayConfig, PoolConfig, parse_uid_range
-from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
+from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec, app_socket
 from gateway.logs import log_path, read_tail
 from gateway.registry import Registry
 from gateway.runtimespec import ROOTFS_DIR, RuntimeRecord
@@ -714,7 +714,8 @@ class InstanceManager:
             factory = first_byte_class(factory)
         loop = asyncio.get_running_loop()
         if inst.app.port is None:
-            _, conn = await loop.create_unix_connection(lambda: factory(inst), inst.socket_path)
+            with app_socket(inst.socket_path) as path:  # the tenant's dir: never a symlink
+                _, conn = await loop.create_unix_connection(lambda: factory(inst), path)
             return conn
         # A TCP-only app: its 127.0.0.1 is its own network namespace's (sandbox) or the host's.
         sock = tcp_socket(inst.netns_fd)
@@ -1051,7 +1052,8 @@ class InstanceManager:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A plain stream connection to the app (for health checks), wherever it listens."""
         if inst.app.port is None:
-            return await asyncio.open_unix_connection(inst.socket_path)
+            with app_socket(inst.socket_path) as path:  # the tenant's dir: never a symlink
+                return await asyncio.open_unix_connection(path)
         sock = tcp_socket(inst.netns_fd)
         try:
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", inst.app.port))

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,26 @@ MAX_RESTART_DELAY = 5.0
 WARM_SHAPES = 8  # sandbox shapes re-sent to a restarted fork server so it refills their pools
 # The only variables the fork server (and so every instance) inherits from the gateway.
 FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+@contextlib.contextmanager
+def app_socket(path: str) -> Iterator[str]:
+    """A path to connect to the app's Unix socket at `path` that cannot be redirected.
+
+    The socket's directory belongs to the tenant (it is its /run/dorm), so the tenant can
+    replace ``http.sock`` with a symlink to any host path at any time, and a root gateway that
+    connects by path would follow it: to another tenant's socket or to a root-only one such as
+    /var/run/docker.sock, with the tenant's visitors' requests. connect(2) has no O_NOFOLLOW, so
+    the socket is pinned first: opened with O_PATH | O_NOFOLLOW (a symlink opens as itself and
+    is refused, so is anything but a socket), and the caller connects through the pinned fd's
+    /proc/self/fd link, which names exactly that inode. The fd is closed on leaving."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ECONNREFUSED, "the app's socket path is not a socket", path)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)

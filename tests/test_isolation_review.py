@@ -1,0 +1,145 @@
+"""Adversarial review of tenant isolation: attacks run by real tenants in real sandboxes.
+
+Each test is one attack from inside a tenant (an app served through a real sandboxing gateway)
+against the host side: what the gateway or the fork server does as root in a place the tenant
+can write must never reach a host file or a host socket. What is checked here and not elsewhere:
+
+* the tenant's socket dir is its own: it can replace ``/run/dorm/http.sock`` with a symlink to
+  any path (the host path of the dir is in its /proc/self/mountinfo, so it can also aim at
+  another tenant's socket). The gateway, as root, must never connect through it: a symlink is
+  refused like a missing socket (502), and the host socket it aimed at sees nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandboxes import detect_isolation
+from tests.conftest import Gateway, readable_app
+
+LEVEL = detect_isolation()
+pytestmark = pytest.mark.skipif(
+    LEVEL != "sandbox",
+    reason=f"the attacks need real sandboxes (root, namespaces and cgroups); this host: {LEVEL}",
+)
+
+# A tenant that, asked to, swaps its own socket for a symlink to `to` (a host path) and closes
+# the gateway's connection, so the gateway's next request opens a new one by path.
+SWAPPER = """
+import asyncio, os, sys
+SOCK = os.environ["DORM_SOCKET"]
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            target = head.split(b" ", 2)[1].decode()
+            path, _, query = target.partition("?")
+            close = False
+            body = b"tenant"
+            if path == "/swap":
+                os.unlink(SOCK)
+                os.symlink(query.split("=", 1)[1], SOCK)
+                body, close = b"swapped", True
+            extra = b"Connection: close\\r\\n" if close else b""
+            head = b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n%s\\r\\n"
+            writer.write(head % (len(body), extra) + body)
+            await writer.drain()
+            if close:
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, SOCK)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+class Decoy:
+    """A host Unix socket only root can reach (in a 0700 dir), answering HTTP: stands for
+    /var/run/docker.sock, another tenant's socket or an internal service's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.accepted = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(2)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ndecoy")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def decoy(tmp_path: Path) -> Iterator[Decoy]:
+    host = tmp_path / "host-only"
+    host.mkdir(mode=0o700)
+    d = Decoy(host / "decoy.sock")
+    yield d
+    d.close()
+
+
+def sandboxed_gateway(factory: Any, uids: str = "320000-320999", extra: str = "") -> Gateway:
+    gw: Gateway = factory(f'isolation = "auto"\nuid_range = "{uids}"', start=False)
+    if extra:
+        with gw.config_path.open("a") as fh:
+            fh.write("\n" + extra)
+    gw.start()
+    return gw
+
+
+def command_app(tmp_path: Path, name: str, source: str, **extra: Any) -> dict[str, Any]:
+    code = readable_app(tmp_path, name, source)
+    return {"runtime": "command", "command": [sys.executable, "main.py"], "app_dir": code, **extra}
+
+
+def test_socket_symlink_never_redirects_the_gateway(
+    gateway_factory: Any, tmp_path: Path, decoy: Decoy
+) -> None:
+    gw = sandboxed_gateway(gateway_factory)
+    gw.put_app("swapper", command_app(tmp_path, "swapper", SWAPPER))
+    first = gw.request("/", host="swapper.localhost")
+    assert (first.status, first.body) == (200, b"tenant")
+    # (The host path of its socket dir is no secret to the tenant: its mountinfo shows it.)
+    swapped = gw.request(f"/swap?to={decoy.path}", host="swapper.localhost")
+    assert (swapped.status, swapped.body) == (200, b"swapped")
+    after = gw.request("/", host="swapper.localhost")
+    assert after.body != b"decoy"
+    assert after.status == 502, (after.status, after.body)
+    assert decoy.accepted == 0
+
