@@ -1090,13 +1090,16 @@ def _own_tree(path: str, uid: int) -> None:
     """Give a persistent /data volume to the instance's uid (only when its owner changed): the
     fallback where it cannot be attached idmapped (see `ForkServer._volume`)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_uid == uid:
+    if os.stat(path, follow_symlinks=False).st_uid == uid:
         return
-    for root, dirs, files in os.walk(path):
+    # By directory fds, never by path: a tenant still running on this volume (an instance of the
+    # same branch that is stopping) can swap a directory for a symlink to a host directory
+    # between the listing and the descent, and a path walk would then chown the host's files.
+    for _root, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
         for name in dirs + files:
             with contextlib.suppress(OSError):
-                os.lchown(os.path.join(root, name), uid, uid)
-    os.chown(path, uid, uid)
+                os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
+    os.chown(path, uid, uid, follow_symlinks=False)
 
 
 def _resolve(target: str) -> Any:

@@ -12,6 +12,8 @@ can write must never reach a host file or a host socket. What is checked here an
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
 import sys
 import threading
@@ -143,3 +145,52 @@ def test_socket_symlink_never_redirects_the_gateway(
     assert after.status == 502, (after.status, after.body)
     assert decoy.accepted == 0
 
+
+# -- /data volumes chowned per start (no idmapped mounts) ------------------------------------------
+_LIBC = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def _swap_forever(volume: Path, uid: int) -> int:
+    """Fork a process with a tenant's uid that atomically swaps the volume's directory `d0` and
+    its symlink `s` (to a host directory) until killed: a tenant of the same branch still running
+    while the fork server chows the volume for the next start."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the attacker
+        try:
+            os.chdir(volume)  # the tenant sees its volume at /data, not the host's path to it
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            while True:
+                _LIBC.renameat2(AT_FDCWD, b"d0", AT_FDCWD, b"s", RENAME_EXCHANGE)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_volume_chown_fallback_never_follows_a_swapped_in_symlink(tmp_path: Path) -> None:
+    from gateway.forkserver import _own_tree
+
+    host = tmp_path / "host-dir"  # stands for /etc: root's files, which must stay root's
+    host.mkdir()
+    for i in range(20):
+        (host / f"h{i}").write_text("host")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    for i in range(30):
+        (volume / f"d{i}").mkdir()
+        for j in range(3):
+            (volume / f"d{i}" / f"f{j}").write_text("tenant")
+    (volume / "s").symlink_to(host)
+    volume.chmod(0o777)  # the tenant owns its volume's root and may open it to any uid
+    attacker = _swap_forever(volume, 330999)
+    try:
+        for n in range(400):  # the path walk this replaced lost this race within ~20 walks
+            _own_tree(str(volume), 330000 + n % 2)
+            owners = {p.stat().st_uid for p in (host, *host.iterdir())}
+            assert owners == {0}, f"a host file was chowned at walk {n}"
+    finally:
+        os.kill(attacker, 9)
+        os.waitpid(attacker, 0)
