@@ -40,6 +40,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_done",
         "_framing",
         "_head_response",
+        "_head_size",
+        "_in_head",
         "_keep_alive",
         "_parts",
         "_reason",
@@ -78,6 +80,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = True
         self._close_delimited = False
         self._head_response = False
+        # Reads spent wholly inside a head (or trailers), against max_header_size: llhttp sets
+        # no limit, and httptools keeps a header line until it ends.
+        self._head_size = 0
+        self._in_head = False
         self._1xx = False
         self._done = False  # the response ended inside feed_data: completed once that returns
         self._switching = False
@@ -163,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.received = True
         client = ex.client
         client.deadline = monotonic() + client.plane.upstream_timeout
+        in_head = self._in_head
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -184,6 +191,13 @@ class UpstreamConnection(asyncio.Protocol):
                 f"{cause if isinstance(cause, HttpParserError) else exc}"
             )
             return
+        if in_head and self._in_head:
+            self._head_size += len(data)  # the whole read was head (or trailer) bytes
+            if self._head_size > client.plane.max_header_size:
+                self._flush()
+                limit = client.plane.max_header_size
+                self.fail(f"the app sent a response head larger than {limit} bytes")
+                return
         if self._done:
             # Completed here, not in on_message_complete: completing hands the connection to the
             # next request (this client's pipelined one, or another client's queued one), which
@@ -275,6 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Unsolicited
         self._parts = []
         self._reason = b""
+        self._in_head = True
         self._upgrade_value = b""
         self._framing = NONE
         self._close_delimited = False
@@ -282,6 +297,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+
+    def on_chunk_header(self) -> None:
+        self._in_head = True  # until its data: if it was the last chunk, trailers follow
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
@@ -302,6 +320,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parts.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_size = 0
         ex = self.exchange
         if ex is None:
             return
@@ -375,6 +395,8 @@ class UpstreamConnection(asyncio.Protocol):
         return [p for p in self._parts if p[:15].lower() != b"content-length:"]
 
     def on_body(self, data: bytes) -> None:
+        self._in_head = False
+        self._head_size = 0
         if self.exchange is None:
             return
         if self._1xx:
@@ -388,6 +410,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._wbuf.append(data)
 
     def on_message_complete(self) -> None:
+        self._in_head = False
+        self._head_size = 0
         if self._1xx:
             self._1xx = False
             return

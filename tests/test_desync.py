@@ -303,6 +303,58 @@ def test_an_invalid_response_names_what_was_wrong() -> None:
     assert out.startswith(b"HTTP/1.1 502 ") and b"asked for none" in out, out
 
 
+@pytest.mark.parametrize("where", ["headers", "value", "reason", "trailers", "trailer-value"])
+def test_a_response_head_without_end_is_502_not_held_in_memory(where: str) -> None:
+    """llhttp sets no limit on a head's size: an app streaming header lines (or one endless
+    value, or a reason phrase, or trailers) forever had the gateway (httptools) keep it all."""
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    limit = h.plane.max_header_size
+    if where == "headers":
+        h.answer(b"HTTP/1.1 200 OK\r\n")
+        pad = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    elif where == "value":
+        h.answer(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+        pad = b"a" * 1000
+    elif where == "trailer-value":
+        h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+        pad = b"a" * 1000
+    elif where == "reason":
+        h.answer(b"HTTP/1.1 200 O")
+        pad = b"K" * 1000
+    else:
+        h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+        pad = b"X-Trailer: " + b"a" * 1000 + b"\r\n"
+    sent = 0
+    while not h.up_t.closed and sent < 4 * limit:
+        h.answer(pad)
+        sent += len(pad)
+    assert h.up_t.closed and sent <= limit + 2 * len(pad)
+    out = h.client_t.take()
+    if where.startswith("trailer"):  # the head was relayed already: the client is cut off
+        assert out.endswith(b"3\r\nabc\r\n") and h.client.closed
+    else:
+        assert out.startswith(b"HTTP/1.1 502 ") and b"larger than" in out, out[:300]
+    assert len(h.up._parts) * 1000 <= limit + 2000
+
+
+def test_big_heads_and_long_chunked_bodies_in_small_reads_are_not_refused() -> None:
+    h = Harness()
+    h.send(GET1)
+    h.up_t.take()
+    limit = h.plane.max_header_size
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * (limit - 200) + b"\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"1\r\nx\r\n" * (4 * limit // 6) + b"0\r\nX-T: " + b"t" * (limit - 200) + b"\r\n\r\n"
+    data = head + body
+    for at in range(0, len(data), 7):  # reads that start and end anywhere
+        h.answer(data[at : at + 7])
+    out = h.client_t.take()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\nX-Pad: aaa") and out.endswith(b"x\r\n0\r\n\r\n")
+    assert h.inst.idle == [h.up] and not h.client.closed
+
+
 # -- in process: requests ------------------------------------------------------------------------
 
 FWD = (
