@@ -35,6 +35,7 @@ import errno
 import gzip
 import hashlib
 import logging
+import lzma
 import os
 import secrets
 import shutil
@@ -79,6 +80,9 @@ MAX_TAR_META = 1024 * 1024
 DEFAULT_MAX_RATIO = 200
 DEFAULT_RATIO_FLOOR = 16 * 1024**2
 _SPECIAL_BITS = ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"), (stat.S_ISVTX, "sticky"))
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# Out of space (or quota): the upload is refused with 507, not reported as a server fault.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BundleError(Exception):
@@ -102,6 +106,13 @@ class DeployError(Exception):
 
 def _refuse(name: str, why: str, status: int = 400) -> BundleError:
     return BundleError(status, "bundle", f"entry {name!r}: {why}")
+
+
+def _no_space(exc: BaseException, field: str, what: str) -> BundleError | None:
+    """The 507 for an OSError that says the disk is full, else None."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return BundleError(507, field, f"not enough disk space to {what}: {exc.strerror}")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,13 +519,19 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, tree: _Tree) -> None
         tree.add_dir(tree.name(raw, is_dir=True), perms)
         return
     name = tree.name(raw)
+    if info.compress_type not in _ZIP_METHODS:
+        raise _refuse(
+            raw,
+            f"compression method {info.compress_type} is not supported "
+            "(use stored, deflate, bzip2 or lzma)",
+        )
     if kind == stat.S_IFLNK:
         with zf.open(info) as src:
-            target = src.read(MAX_LINK_TARGET + 1)
+            target = _zip_reader(raw, src)(MAX_LINK_TARGET + 1)
         tree.add_symlink(name, target.decode("utf-8", "surrogateescape"), perms)
     elif kind in (0, stat.S_IFREG):
         with zf.open(info) as src:
-            tree.add_file(name, perms or 0o644, src.read)
+            tree.add_file(name, perms or 0o644, _zip_reader(raw, src))
     elif kind in (stat.S_IFCHR, stat.S_IFBLK):
         raise _refuse(raw, "device nodes are not allowed")
     elif kind == stat.S_IFIFO:
@@ -523,6 +540,20 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, tree: _Tree) -> None
         raise _refuse(raw, "sockets are not allowed")
     else:
         raise _refuse(raw, f"unsupported file type {kind:o}")
+
+
+def _zip_reader(raw: str, src: IO[bytes]) -> Callable[[int], bytes]:
+    """`src.read`, with the decompressors' own errors (bz2 raises a bare OSError, lzma its
+    LZMAError) turned into a refusal of the entry. Only reading is wrapped, so a write that
+    fails (a full disk) is not mistaken for corrupt data."""
+
+    def read(size: int) -> bytes:
+        try:
+            return src.read(size)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise _refuse(raw, f"corrupt compressed data: {exc}") from None
+
+    return read
 
 
 def read_manifest(root: Path, name: str = MANIFEST) -> dict[str, Any]:
@@ -552,7 +583,10 @@ def extract(
     at its root), or raise BundleError; `dest` is removed on any failure. Blocking: run it on a
     thread."""
     size = archive.stat().st_size
-    os.mkdir(dest, 0o700)
+    try:
+        os.mkdir(dest, 0o700)
+    except OSError as exc:
+        raise _no_space(exc, "bundle", "unpack the bundle") or exc from None
     try:
         tree = _Tree(dest, limits, size)
         try:
@@ -571,6 +605,12 @@ def extract(
         tree.finish()
         parsed = read_manifest(dest, manifest)
         return Extracted(dest, tree.files, tree.unpacked, parsed)
+    except OSError as exc:
+        remove_tree(dest)
+        full = _no_space(exc, "bundle", "unpack the bundle")
+        if full is not None:
+            raise full from None
+        raise
     except BaseException:
         remove_tree(dest)
         raise
@@ -731,7 +771,10 @@ class BundleStore:
         """
         path = self.tmp / f"upload-{secrets.token_hex(8)}"
         hasher = hashlib.sha256()
-        fh: IO[bytes] = await self._run(_open_new, path)
+        try:
+            fh: IO[bytes] = await self._run(_open_new, path)
+        except OSError as exc:
+            raise _no_space(exc, "body", "receive the bundle") or exc from None
         pending: asyncio.Future[None] | None = None
         size = 0
         buf = bytearray()
@@ -754,8 +797,11 @@ class BundleStore:
                 pending = None
             await self._run(_write, fh, hasher, bytes(buf))
             await self._run(fh.close)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(self._discard_upload(fh, path, pending))
+            full = _no_space(exc, "body", "receive the bundle")
+            if full is not None:
+                raise full from None
             raise
         return Spooled(path, hasher.hexdigest(), size)
 

@@ -157,6 +157,12 @@ REFUSED_ENTRIES: dict[str, tuple[tuple[E, ...], str]] = {
     "setgid": ((M(), F("run", b"#!/bin/sh\n", 0o2755)), "setgid"),
     "sticky-dir": ((M(), E("d", "dir", mode=0o1777)), "sticky"),
     "duplicate": ((M(), F("a", b"1"), F("a", b"2")), "twice"),
+    "duplicate-spelled-differently": ((M(), F("a", b"1"), F("./a", b"2")), "twice"),
+    "file-then-dir": ((M(), F("a", b"1"), E("a", "dir")), "twice"),
+    "dir-then-file": ((M(), E("a", "dir"), F("a", b"1")), "twice"),
+    "file-then-child": ((M(), F("a", b"1"), F("a/b", b"2")), "its parent 'a' is a file"),
+    "symlink-then-dir": ((M(), E("a", "sym", target="."), E("a", "dir")), "twice"),
+    "manifest-twice": ((M(), M(b'runtime = "static"\n')), "twice"),
 }
 TAR_ONLY: dict[str, tuple[tuple[E, ...], str]] = {
     "hardlink-outside": ((M(), E("h", "hard", target="../../etc/passwd")), "leaves the bundle"),

