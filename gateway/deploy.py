@@ -27,6 +27,7 @@ import logging
 import shutil
 import time
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,52 @@ HOUSEKEEPING_MAX = 5.0
 HOUSEKEEPING_MIN = 0.25
 
 
+class _AppLock:
+    """Shared by work on one branch of an app (deploy, rollback, branch delete, expiry);
+    exclusive for what changes the app as a whole: deleting it, or a deploy that creates it
+    (whose undo deletes it). Waiting exclusive holders go before new shared ones."""
+
+    def __init__(self) -> None:
+        self.shared_holders = 0
+        self.exclusive_held = False
+        self.exclusive_waiting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until(self, ready: Any) -> None:
+        while not ready():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    @contextlib.asynccontextmanager
+    async def hold(self, *, exclusive: bool) -> AsyncIterator[None]:
+        if exclusive:
+            self.exclusive_waiting += 1
+            try:
+                await self._until(lambda: not self.exclusive_held and not self.shared_holders)
+            finally:
+                self.exclusive_waiting -= 1
+                self._wake()
+            self.exclusive_held = True
+        else:
+            await self._until(lambda: not self.exclusive_held and not self.exclusive_waiting)
+            self.shared_holders += 1
+        try:
+            yield
+        finally:
+            if exclusive:
+                self.exclusive_held = False
+            else:
+                self.shared_holders -= 1
+            self._wake()
+
+
 class DeployApi:
     """The deploy endpoints and the housekeeping behind them, for one gateway."""
 
@@ -70,6 +117,7 @@ class DeployApi:
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._app_locks: weakref.WeakValueDictionary[str, _AppLock] = weakref.WeakValueDictionary()
         self._gc_task: asyncio.Task[None] | None = None
         self._gc_wanted = False
         self._housekeeper: asyncio.Task[None] | None = None
@@ -93,6 +141,19 @@ class DeployApi:
         ]
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _app_lock(self, app: str) -> _AppLock:
+        lock = self._app_locks.get(app)
+        if lock is None:
+            lock = self._app_locks[app] = _AppLock()
+        return lock
+
+    @contextlib.asynccontextmanager
+    async def _branch_locked(self, app: str, branch: str) -> AsyncIterator[None]:
+        """The app shared, then the branch: work on one branch, never beside a delete of the
+        app (which would leave the branch's undo or its writes without their app)."""
+        async with self._app_lock(app).hold(exclusive=False), self._lock(app, branch):
+            yield
+
     def _lock(self, app: str, branch: str) -> asyncio.Lock:
         lock = self._locks.get((app, branch))
         if lock is None:
@@ -205,27 +266,43 @@ class DeployApi:
     async def _commit(
         self, app: str, branch: str, record: BundleRecord, extracted: Extracted | None
     ) -> tuple[bool, str | None]:
-        """Activate the bundle and switch the branch to it. Returns (branch created, previous)."""
-        async with self._lock(app, branch):
-            old = self.registry.branches.get((app, branch))
-            pins = (record.digest, *(old.bundles if old is not None else ()))
-            with self.store.pinned(*pins):
-                async with self.store.lock:
-                    if extracted is not None:
-                        await self.store.activate(extracted, record.digest)
-                    elif not self.store.path(record.digest).is_dir():
-                        raise ApiError(
-                            409, "bundle", "the bundle was collected meanwhile; upload it again"
-                        )
-                create = self._check_manifest(app, record.manifest)  # the app may have changed
-                base = old if old is not None else BranchSpec(app, branch)
-                previous = base.bundle if base.bundle != record.digest else base.previous_bundle
-                new = replace(
-                    base, bundle=record.digest, previous_bundle=previous, deployed_at=time.time()
-                )
-                known = record.digest in self.registry.bundles
-                await self.registry.set_branch(new, bundle=None if known else record, app=create)
-                await self._switch(app, branch, old, created_app=create is not None)
+        """Activate the bundle and switch the branch to it. Returns (branch created, previous).
+
+        A deploy that creates the app holds it exclusively: if its bundle does not start, the
+        undo deletes the app, which must not take a concurrent deploy's branch with it.
+        """
+        lock = self._app_lock(app)
+        while True:
+            creates = self.registry.get_app(app) is None
+            async with lock.hold(exclusive=creates):
+                if not creates and self.registry.get_app(app) is None:
+                    continue  # deleted while this deploy waited: it creates the app now
+                async with self._lock(app, branch):
+                    return await self._commit_locked(app, branch, record, extracted)
+
+    async def _commit_locked(
+        self, app: str, branch: str, record: BundleRecord, extracted: Extracted | None
+    ) -> tuple[bool, str | None]:
+        """`_commit` with the app (shared, or exclusive if it is created) and branch locked."""
+        old = self.registry.branches.get((app, branch))
+        pins = (record.digest, *(old.bundles if old is not None else ()))
+        with self.store.pinned(*pins):
+            async with self.store.lock:
+                if extracted is not None:
+                    await self.store.activate(extracted, record.digest)
+                elif not self.store.path(record.digest).is_dir():
+                    raise ApiError(
+                        409, "bundle", "the bundle was collected meanwhile; upload it again"
+                    )
+            create = self._check_manifest(app, record.manifest)  # the app may have changed
+            base = old if old is not None else BranchSpec(app, branch)
+            previous = base.bundle if base.bundle != record.digest else base.previous_bundle
+            new = replace(
+                base, bundle=record.digest, previous_bundle=previous, deployed_at=time.time()
+            )
+            known = record.digest in self.registry.bundles
+            await self.registry.set_branch(new, bundle=None if known else record, app=create)
+            await self._switch(app, branch, old, created_app=create is not None)
         return old is None, previous
 
     async def _switch(
@@ -256,7 +333,9 @@ class DeployApi:
         """Make the previous bundle current again (and the current one previous)."""
         app = self._app(req)
         branch = req.params["branch"]
-        async with self._lock(app, branch):
+        async with self._branch_locked(app, branch):
+            if self.registry.get_app(app) is None:
+                raise ApiError(404, "app", f"no app named {app!r}")
             old = self.registry.branches.get((app, branch))
             if old is None:
                 raise ApiError(404, "branch", f"app {app!r} has no deployed branch {branch!r}")
@@ -310,7 +389,7 @@ class DeployApi:
     async def delete_branch(self, req: Request) -> Response:
         app = self._app(req)
         branch = req.params["branch"]
-        async with self._lock(app, branch):
+        async with self._branch_locked(app, branch):
             if (app, branch) not in self.registry.branches:
                 what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
                 raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
@@ -327,9 +406,14 @@ class DeployApi:
 
     async def delete_app(self, req: Request) -> Response:
         app = self._app(req)
-        # Forget it first so no new request is routed to it, then stop what is running.
-        await self.registry.delete_app(app)
-        await self.instances.app_removed(app)
+        # After the deploys, rollbacks and branch deletes in progress (they finish first), and
+        # before any that arrive later.
+        async with self._app_lock(app).hold(exclusive=True):
+            if self.registry.get_app(app) is None:
+                raise ApiError(404, "app", f"no app named {app!r}")
+            # Forget it first so no new request is routed to it, then stop what is running.
+            await self.registry.delete_app(app)
+            await self.instances.app_removed(app)
         await asyncio.to_thread(shutil.rmtree, self.volumes / app, True)
         self.request_gc()
         return json_response(200, {"deleted": app})
@@ -344,7 +428,7 @@ class DeployApi:
         for (app, name), branch in list(self.registry.branches.items()):
             if name == DEFAULT_BRANCH or not self._expired(app, name, branch, now):
                 continue
-            async with self._lock(app, name):
+            async with self._branch_locked(app, name):
                 current = self.registry.branches.get((app, name))
                 if current is None or not self._expired(app, name, current, now):
                     continue

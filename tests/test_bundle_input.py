@@ -8,12 +8,14 @@ nothing is left in `bundles/tmp/`, and the old version still answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
 import shutil
 import struct
 import subprocess
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,12 @@ from typing import Any
 
 import pytest
 
-from gateway.bundles import BundleError, BundleLimits, extract
+from gateway.admin import start_admin_server
+from gateway.bundles import BundleError, BundleLimits, BundleStore, DeployError, extract
+from gateway.client import AdminClient
+from gateway.config import GatewayConfig
+from gateway.deploy import DeployApi
+from gateway.registry import Registry
 from tests.conftest import Gateway
 from tests.test_bundles import (
     BUNDLE_LIMITS,
@@ -35,7 +42,7 @@ from tests.test_bundles import (
     zeros_targz,
     zipped,
 )
-from tests.test_deploy import fetch, site_bundle, site_spec
+from tests.test_deploy import FakeInstances, fetch, site_bundle, site_spec
 
 
 # -- archives the extractor cannot read ----------------------------------------------------------
@@ -189,3 +196,173 @@ def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any) -> None:
             if gw.proc is not None and gw.proc.poll() is None:
                 gw.stop()
             shutil.rmtree(gw.run_dir, ignore_errors=True)
+
+
+# -- deploys racing each other and deletes (stand-in instance manager) ---------------------------
+class GatedInstances(FakeInstances):
+    """`redeploy` of a branch named in `gates` waits for that event, then fails if the branch
+    is in `failing`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, asyncio.Event] = {}
+        self.entered: dict[str, threading.Event] = {}
+        self.failing: set[str] = set()
+
+    async def redeploy(self, app: str, branch: str) -> None:
+        self.calls.append(("redeploy", app, branch))
+        if branch in self.entered:
+            self.entered[branch].set()
+        if branch in self.gates:
+            await self.gates[branch].wait()
+        if branch in self.failing:
+            raise DeployError(f"{branch} did not start")
+
+
+class RaceHarness:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.cfg = GatewayConfig(admin_listen="127.0.0.1:0", data_dir=str(data_dir))
+        self.instances = GatedInstances()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def run(self, coro: Any, timeout: float = 20.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> RaceHarness:
+        self.thread.start()
+        self.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        self.registry = Registry(self.data_dir / "dorm.sqlite")
+        await self.registry.open()
+        self.store = BundleStore(self.data_dir / "bundles")
+        self.api = DeployApi(self.cfg, self.registry, self.instances, self.store)
+        await self.api.start()
+        self.server = await start_admin_server(
+            self.cfg, self.registry, self.instances, "tok", extra_routes=self.api.routes()
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            for gate in self.instances.gates.values():
+                gate.set()
+            self.server.close()
+            await self.api.close()
+            await self.registry.close()
+
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def gate(self, branch: str) -> threading.Event:
+        """Hold `branch`'s next switch-over until `release(branch)`; returns an event set
+        once the switch-over has begun."""
+        self.instances.gates[branch] = asyncio.Event()
+        self.instances.entered[branch] = threading.Event()
+        return self.instances.entered[branch]
+
+    def release(self, branch: str) -> None:
+        self.loop.call_soon_threadsafe(self.instances.gates[branch].set)
+
+    def call(self, method: str, path: str) -> tuple[int, Any]:
+        with AdminClient(f"http://127.0.0.1:{self.port}", "tok") as client:
+            return client.request(method, path)
+
+    def deploy(self, app: str, branch: str, data: bytes) -> tuple[int, Any]:
+        with AdminClient(f"http://127.0.0.1:{self.port}", "tok", timeout=30) as client:
+            return client.upload(
+                f"/v1/apps/{app}/branches/{branch}/bundle", io.BytesIO(data), len(data)
+            )
+
+    def in_background(self, fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+        out: list[Any] = []
+        thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+        thread.start()
+        return thread, out
+
+    def coherent(self) -> dict[str, Any]:
+        """The registry in memory and on disk agree, and every branch belongs to an app and
+        names stored bundles."""
+        reopened = Registry(self.data_dir / "dorm.sqlite")
+        self.run(reopened.open())
+        try:
+            on_disk = (sorted(reopened.apps), sorted(reopened.branches))
+        finally:
+            self.run(reopened.close())
+        assert on_disk == (sorted(self.registry.apps), sorted(self.registry.branches))
+        stored = {p.name for p in (self.data_dir / "bundles").iterdir() if p.name != "tmp"}
+        for (app, _), branch in self.registry.branches.items():
+            assert app in self.registry.apps
+            assert {d for d in branch.bundles if d} <= stored
+        return {
+            "apps": sorted(self.registry.apps),
+            "branches": {f"{a}/{b}": s.bundle for (a, b), s in self.registry.branches.items()},
+        }
+
+
+@pytest.fixture
+def race(tmp_path: Path) -> Iterator[RaceHarness]:
+    with RaceHarness(tmp_path / "data") as h:
+        yield h
+
+
+def test_a_failed_first_deploy_does_not_undo_a_concurrent_one(race: RaceHarness) -> None:
+    """Two first deploys to a new app: the one that created the app fails to start after the
+    other succeeded. Undoing it must not delete the app the other deploy was answered 201 for."""
+    entered = race.gate("one")
+    race.instances.failing.add("one")
+    first, answers = race.in_background(race.deploy, "new", "one", site_bundle("a"))
+    assert entered.wait(10)
+    second, seconds = race.in_background(race.deploy, "new", "two", site_bundle("b"))
+    second.join(2)  # it may wait for the first; either way it has arrived by now
+    race.release("one")
+    first.join(30)
+    second.join(30)
+    assert answers[0][0] == 422, answers
+    status, body = seconds[0]
+    assert status == 201, body
+    assert race.coherent() == {"apps": ["new"], "branches": {"new/two": body["bundle"]}}
+
+
+def test_deleting_the_app_during_a_deploy(race: RaceHarness) -> None:
+    """A delete of the app while a redeploy is switching over: the end state is one or the
+    other (the app with the new bundle, or no app), never a branch without its app; and the
+    failed switch-over's undo must not bring the deleted branch back."""
+    for failing in (False, True):
+        for branch in ("main", "feat"):
+            status, body = race.deploy("site", branch, site_bundle(f"v1-{failing}"))
+            assert status in (200, 201), body
+        entered = race.gate("feat")
+        if failing:
+            race.instances.failing.add("feat")
+        deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
+        assert entered.wait(10)
+        delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site")
+        delete.join(2)  # it may wait for the deploy; either way it has arrived by now
+        race.release("feat")
+        deploy.join(30)
+        delete.join(30)
+        assert answers[0][0] == (422 if failing else 200), answers
+        assert deleted[0][0] == 200, deleted
+        assert race.coherent() == {"apps": [], "branches": {}}, failing
+        race.instances.failing.discard("feat")
+
+
+def test_deleting_the_branch_during_a_deploy(race: RaceHarness) -> None:
+    status, body = race.deploy("site", "main", site_bundle("v1"))
+    assert status == 201, body
+    entered = race.gate("feat")
+    deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
+    assert entered.wait(10)
+    delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site/branches/feat")
+    delete.join(2)  # it waits for the deploy; by now it has arrived
+    race.release("feat")
+    deploy.join(30)
+    delete.join(30)
+    assert answers[0][0] == 201, answers
+    assert deleted[0][0] == 200, deleted  # it waited for the deploy, then deleted what it made
+    assert race.coherent()["branches"] == {"site/main": body["bundle"]}
