@@ -32,7 +32,6 @@ import importlib
 import itertools
 import os
 import selectors
-import shutil
 import signal
 import socket
 import stat
@@ -195,7 +194,7 @@ class ForkServer:
         self.member_dir = Path(self.pool.member_dir) if self.pool.member_dir else None
         self._member_ids = itertools.count(1)
         if self.member_dir is not None:  # ours alone: whatever a previous run left is stale
-            shutil.rmtree(self.member_dir, ignore_errors=True)
+            remove_tree(self.member_dir)
 
     # -- main loop ------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -517,7 +516,7 @@ class ForkServer:
         socket_dir = self.member_dir / f"m{n}"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            remove_tree(socket_dir)
             self.sandboxes.prepare_socket_dir(str(socket_dir), uid)
             spec = dataclasses.replace(
                 shape.spec,
@@ -534,7 +533,7 @@ class ForkServer:
         except BaseException:
             ours.close()
             theirs.close()
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            remove_tree(socket_dir)
             self._free_member_uid(uid)
             raise
         build = Build(shape, uid, socket_dir, spec, ours, theirs, idle)
@@ -615,7 +614,7 @@ class ForkServer:
         build.channel.close()
         if build.their_end is not None:
             build.their_end.close()
-        shutil.rmtree(build.socket_dir, ignore_errors=True)
+        remove_tree(build.socket_dir)
         self._free_member_uid(build.uid)
 
     def member_live(self, child: Child) -> None:
@@ -667,7 +666,7 @@ class ForkServer:
 
     def _release_member(self, member: Member) -> None:
         """Its processes are gone: its socket dir goes, its uid can be handed out again."""
-        shutil.rmtree(member.socket_dir, ignore_errors=True)
+        remove_tree(member.socket_dir)
         self._free_member_uid(member.uid)
 
     def _free_member_uid(self, uid: int) -> None:
@@ -1062,12 +1061,102 @@ def _open_log(req: dict[str, Any]) -> RotatingLog:
 
 
 def _remove_run_dir(path: Path) -> None:
-    """An instance's run dir: a directory, or a symlink to its claimed member's socket dir."""
-    if path.is_symlink():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    """An instance's run dir: a directory, or a symlink to its claimed member's socket dir (which
+    `remove_tree` removes as a name, never following it)."""
+    remove_tree(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove `path` and everything under it: a directory a tenant could write to (its socket
+    dir, its /data volume), removed by root after the tenant is gone. Errors are ignored, as
+    with ``shutil.rmtree(path, ignore_errors=True)``; a symlink at `path` is removed itself.
+
+    Why not shutil.rmtree: it recurses once per level, holding a directory fd per level, so a
+    tenant that left a chain of a few thousand nested directories (``mkdir d; cd d``, no limit
+    applies) made it raise RecursionError, which killed the fork server and every instance
+    with it. Here nothing recurses and at most two directory fds are open: the entries of each
+    subdirectory of `path` are unlinked, its subdirectories renamed up into `path` itself (so
+    nothing is ever more than one level deep), and the emptied directory removed, until `path`
+    is empty. Every step is relative to a directory fd opened with O_NOFOLLOW: a symlink
+    anywhere in the tree is removed as a name, never followed."""
+    path = os.fspath(path)
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink or a file: remove the name
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return
+    try:
+        _empty_dir(top)
+    finally:
+        os.close(top)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _entries(fd: int) -> list[tuple[str, bool]]:
+    """(name, is a directory, not following symlinks) of each entry of the directory `fd`."""
+    with os.scandir(fd) as it:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+
+
+def _empty_dir(top: int) -> None:
+    names = itertools.count()
+    while True:
+        try:
+            entries = _entries(top)
+        except OSError:
+            return
+        progress = False
+        for name, is_dir in entries:
+            if not is_dir:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=top)
+                    progress = True
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=top)  # already empty
+                progress = True
+                continue
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=top)
+            except OSError:
+                continue
+            try:
+                for child, child_is_dir in _entries(sub):
+                    if child_is_dir:
+                        progress |= _hoist(sub, child, top, names)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(child, dir_fd=sub)
+                            progress = True
+            except OSError:
+                pass
+            finally:
+                os.close(sub)
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=top)
+                progress = True
+        if not progress:  # what is left cannot be removed: leave it, as rmtree would
+            return
+
+
+def _hoist(parent: int, name: str, top: int, names: itertools.count[int]) -> bool:
+    """Rename directory `name` of `parent` up into `top` under a name not taken there."""
+    for _ in range(64):
+        try:
+            os.rename(name, f".dorm-rm-{next(names)}", src_dir_fd=parent, dst_dir_fd=top)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                return False
+    return False
 
 
 def _catches(pid: int, sig: int) -> bool:

@@ -12,7 +12,6 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -27,6 +26,7 @@ from gateway.bundles import BundleLimits, BundleStore
 from gateway.coldstart import ColdStartApi
 from gateway.config import Config, ConfigError, GatewayConfig, load_config, split_host_port
 from gateway.deploy import DeployApi
+from gateway.forkserver import remove_tree
 from gateway.instances import InstanceManager
 from gateway.proxy import DataPlane
 from gateway.registry import Registry
@@ -168,5 +168,5 @@ def _clean_run_dir(cfg: GatewayConfig) -> None:
     run = cfg.run_path
     if run.exists():
         for entry in run.iterdir():
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry)  # tenants wrote in there: no recursion, no symlink followed
     run.mkdir(parents=True, exist_ok=True, mode=0o711)

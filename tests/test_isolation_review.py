@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,107 @@ def test_volume_chown_fallback_never_follows_a_swapped_in_symlink(tmp_path: Path
     finally:
         os.kill(attacker, 9)
         os.waitpid(attacker, 0)
+
+
+# -- what a tenant leaves in its socket dir ---------------------------------------------------
+# A tenant that leaves a chain of nested directories in its socket dir, deeper than Python's
+# recursion limit (nothing limits it: the dir is on the host's filesystem, `mkdir d; cd d`).
+DEEP = """
+import asyncio, os
+os.chdir("/run/dorm")
+for _ in range(int(os.environ["DEPTH"])):
+    os.mkdir("d")
+    os.symlink("/etc", "etc")  # in the host's view, the host's /etc: never to be followed
+    os.chdir("d")
+os.chdir("/")
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 4\\r\\n\\r\\ndeep")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def test_remove_tree_has_no_depth_limit_and_follows_no_symlink(tmp_path: Path) -> None:
+    from gateway.forkserver import remove_tree
+
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "keep").write_text("host")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        level = fd
+        for i in range(3000):
+            os.mkdir("d", dir_fd=level)
+            os.symlink(host, "link", dir_fd=level)
+            if i % 500 == 0:
+                os.mkdir("x", dir_fd=level)
+                os.mkdir("x/y", dir_fd=level)
+                os.symlink(host / "keep", "x/y/l", dir_fd=level)
+                os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=level))
+            deeper = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=level)
+            if level != fd:
+                os.close(level)
+            level = deeper
+        os.close(level)
+    finally:
+        os.close(fd)
+    remove_tree(tree)
+    assert not tree.exists()
+    assert [p.name for p in host.iterdir()] == ["keep"]
+    assert (host / "keep").read_text() == "host"
+    link = tmp_path / "link"
+    link.symlink_to(host)
+    remove_tree(link)  # a symlink is removed as a name
+    assert not link.is_symlink() and (host / "keep").read_text() == "host"
+    remove_tree(tmp_path / "missing")  # nothing there: nothing to do
+
+
+def test_deep_tree_left_in_the_socket_dir_kills_nothing(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    from tests.test_pools import find_forkserver
+
+    gw = sandboxed_gateway(gateway_factory)
+    apps = Path(__file__).parent / "apps"
+    gw.put_app(
+        "bystander",
+        {"runtime": "command", "command": [sys.executable, "echo.py"], "app_dir": str(apps)},
+    )
+    assert gw.request("/", host="bystander.localhost").status == 200
+    bystander = gw.instance("bystander")
+    forkserver = find_forkserver(gw)
+    assert bystander is not None and forkserver is not None
+    before = set(os.listdir(gw.run_dir))
+    gw.put_app("deep", command_app(tmp_path, "deep", DEEP, env={"DEPTH": "3000"}))
+    try:
+        resp = gw.request("/", host="deep.localhost", timeout=60)
+        assert (resp.status, resp.body) == (200, b"deep")
+        assert len(set(os.listdir(gw.run_dir)) - before) == 1
+        assert gw.admin("POST", "/v1/apps/deep/stop")[0] == 200
+        gw.wait_state("deep", "cold")
+        # Its run dir is removed, and the fork server (with every other tenant) is still there.
+        deadline = time.monotonic() + 30
+        while set(os.listdir(gw.run_dir)) != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(os.listdir(gw.run_dir)) == before
+        assert find_forkserver(gw) == forkserver
+        after = gw.instance("bystander")
+        assert after is not None and after["state"] == "ready" and after["pid"] == bystander["pid"]
+        assert gw.request("/", host="bystander.localhost").status == 200
+        assert "fork server died" not in gw.log()
+    finally:
+        from gateway.forkserver import remove_tree
+
+        for entry in set(os.listdir(gw.run_dir)) - before:  # what the gateway did not remove
+            remove_tree(gw.run_dir / entry)
