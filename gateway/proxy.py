@@ -428,6 +428,8 @@ class ClientConnection(asyncio.Protocol):
             if len(self.tunnel_tail) > BUFFER_LIMIT:
                 self.pause(PAUSED_BUFFERING)
             return
+        before = self.parsing
+        received = before.body_received if before is not None else 0
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -446,6 +448,15 @@ class ClientConnection(asyncio.Protocol):
                     self.protocol_error(431, f"request head larger than {limit} bytes")
             elif parsing.head_size > limit:
                 self.protocol_error(431, f"request trailers larger than {limit} bytes")
+            elif parsing is before and parsing.chunked:
+                # A read without a body byte in a chunked body is framing or trailers, which
+                # httptools keeps until a line ends: counted like a head, reset by body bytes.
+                if parsing.body_received != received:
+                    self.head_bytes = 0
+                else:
+                    self.head_bytes += len(data)
+                    if self.head_bytes > limit:
+                        self.protocol_error(431, f"request trailers larger than {limit} bytes")
 
     def eof_received(self) -> bool | None:
         if self.lingering:
@@ -566,6 +577,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         cfg = self.plane.cfg
         ex.method = parser.get_method()
+        self.head_bytes = 0  # from here: bytes of chunk framing and trailers (data_received)
         version = parser.get_http_version()
         ex.http10 = version == "1.0"
         # RFC 9112 §6.1: after an HTTP/1.0 request with Transfer-Encoding, close.

@@ -476,6 +476,35 @@ def test_request_content_length_not_plain_digits_is_refused(value: bytes, status
         assert closed and to_app == b""
 
 
+@pytest.mark.parametrize("reads", [(b"X-T: ",), (b"X-T: a\r\nX-U: ",), (b"X-T: a", b"\r\nX-U: b")])
+def test_request_trailers_without_end_are_431_not_held_in_memory(reads: tuple[bytes, ...]) -> None:
+    """httptools keeps a trailer line until it ends: a client streaming one endless trailer
+    value had the gateway hold all of it until the body deadline."""
+    h = Harness()
+    h.send(POST_TE + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", *reads)
+    sent = 0
+    while not h.client.closed and sent < 4 * h.plane.max_header_size:
+        h.send(b"a" * 1000)
+        sent += 1000
+    assert h.client.closed and sent <= h.plane.max_header_size + 2000
+    out = h.client_t.take()
+    assert out.startswith(b"HTTP/1.1 431 ") and b"trailers" in out, out
+    assert h.up_t.closed  # the request was forwarded in part: that connection is discarded
+
+
+def test_chunked_uploads_in_small_reads_are_not_refused() -> None:
+    h = Harness()
+    limit = h.plane.max_header_size
+    pad = b"X-Pad: " + b"p" * (limit - 300) + b"\r\n"  # a head just under the limit
+    data = POST_TE + pad + b"Transfer-Encoding: chunked\r\n\r\n" + b"1;e=" + b"1" * 1000 + b"\r\n"
+    data += b"x\r\n" + b"1;e=1\r\nx\r\n" * (limit // 4)
+    data += b"0\r\nX-T: " + b"t" * (limit // 2) + b"\r\n\r\n"
+    for at in range(0, len(data), 3):
+        h.send(data[at : at + 3])
+    assert not h.client.closed and h.client_t.take() == b""
+    assert h.up_t.take().endswith(b"1\r\nx\r\n0\r\n\r\n")
+
+
 @pytest.mark.parametrize(
     ("target", "host", "url"),
     [
