@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.admin import MAX_BODY, start_admin_server
+from gateway.admin import MAX_BODY, MAX_CONNECTIONS, start_admin_server
 from gateway.bundles import BundleLimits, BundleStore
 from gateway.client import AdminClient, AdminError
 from gateway.deploy import DeployApi
@@ -555,3 +555,31 @@ def test_json_body_over_the_limit_while_streaming(srv: UploadHarness) -> None:
     status, _, body = split(raw)
     assert (status, error_field(body)) == (413, "body")
     assert srv.state() == before
+
+
+def test_connection_limit_answers_503_and_recovers(tmp_path: Path) -> None:
+    """Past MAX_CONNECTIONS open connections a new one gets a 503 JSON and is closed; once
+    they are gone, connections are served again. (A long header timeout, so the idle ones
+    cannot be timed out while the test is still opening them.)"""
+    h = AdminHarness(tmp_path / "data", header_timeout=60.0)
+    h.start()
+    health = b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", h.port), timeout=10))
+        # The server counts a connection once it has accepted it: poll until it has all.
+        raw = wait_until(
+            lambda: (r := h.raw(health)).startswith(b"HTTP/1.1 503") and r,
+            what="a connection past the limit to be refused",
+        )
+        _, headers, body = split(raw)
+        assert headers["content-type"] == "application/json"
+        assert "too many" in orjson.loads(body)["error"]["message"]
+    finally:
+        for sock in idle:
+            sock.close()
+    try:
+        wait_until(lambda: h.raw(health).startswith(b"HTTP/1.1 200"), what="recovery")
+    finally:
+        h.stop()

@@ -166,9 +166,12 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any) -> None:
+@pytest.mark.parametrize("where", ["bundles", "data"])
+def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any, where: str) -> None:
+    """The bundles dir, or the whole data dir (SQLite and logs included), on a small tmpfs."""
     gw: Gateway = gateway_factory(start=False)
-    with small_tmpfs(gw.data_dir / "bundles", "3m"):
+    mount = gw.data_dir / "bundles" if where == "bundles" else gw.data_dir
+    with small_tmpfs(mount, "3m"):
         try:
             gw.start()
             gw.put_app("site", site_spec(gw))
