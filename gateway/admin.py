@@ -610,6 +610,12 @@ class AdminServer:
     ) -> Response | StreamResponse:
         method = event.method.decode("ascii", "replace")
         headers = list(event.headers)
+        names = {k for k, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # h11 would go by Transfer-Encoding; a proxy in front may have gone by the length.
+            raise ApiError(
+                400, "request", "both Content-Length and Transfer-Encoding: ambiguous framing"
+            )
         route: Route | None = None
         request = Request(method, "", {}, {}, [])
         try:

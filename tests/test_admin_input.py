@@ -583,3 +583,23 @@ def test_connection_limit_answers_503_and_recovers(tmp_path: Path) -> None:
         wait_until(lambda: h.raw(health).startswith(b"HTTP/1.1 200"), what="recovery")
     finally:
         h.stop()
+
+
+def test_content_length_with_transfer_encoding_is_refused(srv: UploadHarness) -> None:
+    """Both framings at once is the request-smuggling shape: a proxy in front may use the
+    other one. Refused before anything is read, and the connection is closed."""
+    before = srv.state()
+    body = orjson.dumps({**SPEC, "max_queue": 3})
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    raw = srv.raw(
+        b"PUT /v1/apps/site HTTP/1.1\r\nhost: x\r\n"
+        + auth(srv)
+        + b"content-length: %d\r\ntransfer-encoding: chunked\r\n\r\n" % len(chunked)
+        + chunked
+        + b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
+    status, headers, answer = split(raw)
+    assert (status, error_field(answer)) == (400, "request")
+    assert headers["connection"] == "close"
+    assert raw.count(b"HTTP/1.1 ") == 1
+    assert srv.state() == before
