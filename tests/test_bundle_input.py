@@ -369,3 +369,36 @@ def test_deleting_the_branch_during_a_deploy(race: RaceHarness) -> None:
     assert answers[0][0] == 201, answers
     assert deleted[0][0] == 200, deleted  # it waited for the deploy, then deleted what it made
     assert race.coherent()["branches"] == {"site/main": body["bundle"]}
+
+
+def test_one_bundle_deployed_to_many_branches_at_once(race: RaceHarness) -> None:
+    data = site_bundle("same")
+    status, body = race.deploy("site", "main", site_bundle("v1"))
+    assert status == 201, body
+    runs = [race.in_background(race.deploy, "site", f"b{i}", data) for i in range(6)]
+    for thread, _ in runs:
+        thread.join(30)
+    answers = [out[0] for _, out in runs]
+    assert [status for status, _ in answers] == [201] * 6, answers
+    digests = {body["bundle"] for _, body in answers}
+    assert len(digests) == 1
+    end = race.coherent()
+    assert {end["branches"][f"site/b{i}"] for i in range(6)} == digests
+    assert list((race.data_dir / "bundles" / "tmp").iterdir()) == []
+
+
+def test_rollback_racing_a_delete_of_its_app(race: RaceHarness) -> None:
+    for version in ("v1", "v2"):
+        status, body = race.deploy("site", "feat", site_bundle(version))
+        assert status in (200, 201), body
+    entered = race.gate("feat")
+    rollback, rolled = race.in_background(race.call, "POST", "/v1/apps/site/branches/feat/rollback")
+    assert entered.wait(10)
+    delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site")
+    delete.join(2)  # it waits for the rollback; by now it has arrived
+    race.release("feat")
+    rollback.join(30)
+    delete.join(30)
+    assert rolled[0][0] == 200, rolled
+    assert deleted[0][0] == 200, deleted
+    assert race.coherent() == {"apps": [], "branches": {}}
