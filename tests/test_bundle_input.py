@@ -43,6 +43,7 @@ from tests.test_bundles import (
     zipped,
 )
 from tests.test_deploy import FakeInstances, fetch, site_bundle, site_spec
+from tests.test_runtime_bundles import EXE, UNIX_TOML, put_runtime
 
 
 # -- archives the extractor cannot read ----------------------------------------------------------
@@ -143,6 +144,12 @@ def test_refusals_leave_the_old_version_serving(gateway_factory: Any) -> None:
         status, answer = upload(gw, "site", "feat", data)
         assert (status, answer["error"]["field"]) == (code, field), (case, answer)
         assert state(gw) == before, case
+    form = {"Content-Type": "multipart/form-data; boundary=x"}
+    status, answer = upload(gw, "site", "feat", site_bundle("v2"), headers=form)
+    assert (status, answer["error"]["field"]) == (415, "content-type"), answer
+    status, answer = put_runtime(gw, "rt", targz(M()), headers=form)
+    assert (status, answer["error"]["field"]) == (415, "content-type"), answer
+    assert state(gw) == before
     # The same instance (same pid) answers: nothing was restarted, let alone replaced.
     assert fetch(gw, "feat--site.localhost") == serving
     assert "Traceback" not in gw.log()
@@ -187,6 +194,16 @@ def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any, where: str
             # Fits as an archive, not once unpacked.
             status, answer = upload(gw, "site", "feat", site_bundle("v3", bytes(5 << 20)))
             assert (status, answer["error"]["field"]) == (507, "bundle"), answer
+            assert state(gw) == before
+            # A runtime bundle goes through the same store.
+            runtime = targz(
+                F("runtime.toml", UNIX_TOML),
+                E("rootfs", "dir"),
+                F("rootfs/bin/server", EXE, 0o755),
+                F("rootfs/big", os.urandom(4 << 20)),
+            )
+            status, answer = put_runtime(gw, "big", runtime)
+            assert (status, answer["error"]["field"]) == (507, "body"), answer
             assert state(gw) == before
             assert fetch(gw, "feat--site.localhost") == serving
             assert gw.admin("GET", "/v1/health") == (200, {"status": "ok"})
