@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import shutil
+import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -51,6 +53,13 @@ FLUSH_INTERVAL = 30.0  # last-request times reach SQLite at least this often
 GC_INTERVAL = 600.0  # bundles are also collected on this period, besides after changes
 HOUSEKEEPING_MAX = 5.0
 HOUSEKEEPING_MIN = 0.25
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLite's "database or disk is full", or the same from the OS."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class _AppLock:
@@ -301,9 +310,27 @@ class DeployApi:
                 base, bundle=record.digest, previous_bundle=previous, deployed_at=time.time()
             )
             known = record.digest in self.registry.bundles
-            await self.registry.set_branch(new, bundle=None if known else record, app=create)
+            await self._record(new, bundle=None if known else record, app=create)
             await self._switch(app, branch, old, created_app=create is not None)
         return old is None, previous
+
+    async def _record(
+        self, branch: BranchSpec, *, bundle: BundleRecord | None = None, app: AppSpec | None = None
+    ) -> None:
+        """`registry.set_branch`, failing with 507 when the registry's disk is full. On any
+        failure the registry is as it was, and a tree activated for this deploy is collected."""
+        try:
+            await self.registry.set_branch(branch, bundle=bundle, app=app)
+        except Exception as exc:
+            self.request_gc()
+            if _disk_full(exc):
+                raise ApiError(
+                    507,
+                    "registry",
+                    "not enough disk space to record the deploy (the registry's database in "
+                    "the data dir is full); nothing was changed",
+                ) from None
+            raise
 
     async def _switch(
         self, app: str, branch: str, old: BranchSpec | None, *, created_app: bool
@@ -350,7 +377,7 @@ class DeployApi:
                 new = replace(
                     old, bundle=target, previous_bundle=old.bundle, deployed_at=time.time()
                 )
-                await self.registry.set_branch(new)
+                await self._record(new)
                 await self._switch(app, branch, old, created_app=False)
         log.info("rolled %s/%s back to %s", app, branch, target[:12])
         return json_response(

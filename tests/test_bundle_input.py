@@ -42,7 +42,7 @@ from tests.test_bundles import (
     zeros_targz,
     zipped,
 )
-from tests.test_deploy import FakeInstances, fetch, site_bundle, site_spec
+from tests.test_deploy import FakeInstances, fetch, site_bundle, site_spec, wait_until
 from tests.test_runtime_bundles import EXE, UNIX_TOML, put_runtime
 
 
@@ -419,3 +419,43 @@ def test_rollback_racing_a_delete_of_its_app(race: RaceHarness) -> None:
     assert rolled[0][0] == 200, rolled
     assert deleted[0][0] == 200, deleted
     assert race.coherent() == {"apps": [], "branches": {}}
+
+
+def test_a_full_registry_disk_is_507_and_changes_nothing(gateway_factory: Any) -> None:
+    """The bundle fits (the store is on its own tmpfs) but the registry cannot record it: 507,
+    the registry as it was, and the tree activated for it collected again."""
+    gw: Gateway = gateway_factory(start=False)
+    with small_tmpfs(gw.data_dir, "1m"), small_tmpfs(gw.data_dir / "bundles", "8m"):
+        try:
+            gw.start()
+            gw.put_app("site", site_spec(gw))
+            status, body = upload(gw, "site", "feat", site_bundle("v1"))
+            assert status == 201, body
+            serving = fetch(gw, "feat--site.localhost")
+            before = state(gw)
+            filler = gw.data_dir / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, bytes(65536))
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"x")
+            finally:
+                os.close(fd)
+            for branch in ("feat", "new"):
+                status, answer = upload(gw, "site", branch, site_bundle("v2"))
+                assert (status, answer["error"]["field"]) == (507, "registry"), answer
+                assert "space" in answer["error"]["message"]
+                wait_until(lambda: state(gw) == before, what="the unrecorded tree to go")
+            assert fetch(gw, "feat--site.localhost") == serving
+            filler.unlink()
+            status, body = upload(gw, "site", "feat", site_bundle("v2"))
+            assert status == 200, body
+            assert fetch(gw, "feat--site.localhost").startswith("v2 feat ")
+            assert "Traceback" not in gw.log()
+        finally:
+            if gw.proc is not None and gw.proc.poll() is None:
+                gw.stop()
+            shutil.rmtree(gw.run_dir, ignore_errors=True)
