@@ -288,6 +288,11 @@ class Exchange:
         )
 
 
+# ClientConnection.parsing once the stream is broken after a complete request that is still being
+# answered: nothing more is read (see protocol_error).
+_BROKEN: Exchange = _new_exchange(Exchange)
+
+
 class ClientConnection(asyncio.Protocol):
     """One client TCP connection; a uvicorn-style Protocol with no task per request."""
 
@@ -421,8 +426,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.send(data)
             return
-        if self.closed:
-            return  # also while lingering: unread input is discarded until EOF or the deadline
+        if self.closed or self.parsing is _BROKEN:
+            # Also while lingering, or finishing a response before a broken request: unread
+            # input is discarded until EOF or the deadline.
+            return
         if self.upgrade_pending:  # bytes after an Upgrade request, before the app answered
             self.tunnel_tail += data
             if len(self.tunnel_tail) > BUFFER_LIMIT:
@@ -465,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             with contextlib.suppress(OSError, RuntimeError):
                 self.tunnel.transport.write_eof()
             return True  # keep our write side open: the app may still answer
-        if self.active is not None and self.parsing is None:
+        if self.active is not None and (self.parsing is None or self.parsing is _BROKEN):
             self.eof = True
             return True  # half-close after a full request: still deliver the response
         return None
@@ -841,10 +848,15 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         ex = self.active
         if ex is not None and broken is not ex:
-            # A response is being relayed for an earlier request; finish it, then close.
+            # An earlier request is being answered (or waits for its upstream connection):
+            # finish it, then close. Not `closed` yet: that means the client is gone, and its
+            # answer would be dropped. Nothing more is read (the fast path wants `parsing` None,
+            # data_received discards input while it is _BROKEN).
             ex.keep_alive = False
             ex.keep_client = False
-            self.closed = True
+            self.parsing = _BROKEN
+            self.deadline_kind = RESPONSE
+            self.deadline = time.monotonic() + self.plane.upstream_timeout
             return
         if ex is not None:
             ex.reject = (status, message)

@@ -506,6 +506,44 @@ def test_chunked_uploads_in_small_reads_are_not_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param(b"XYZ\r\n\r\n", id="garbage"),
+        pytest.param(GET2, id="after-http10-close"),  # llhttp: "Data after Connection: close"
+    ],
+)
+def test_a_request_before_a_broken_one_is_still_answered_when_its_connection_comes_later(
+    after: bytes,
+) -> None:
+    """Bytes that break the stream after a complete request: that request is answered (then
+    the connection closes). It used to be dropped when its upstream connection was not ready
+    yet (a cold start, a busy pool): the client waited for the upstream timeout, and a shutdown
+    for its drain."""
+    h = Harness()
+    h.inst.idle.clear()  # no pooled connection: one is asked for, and attached later
+    first = GET1 if after != GET2 else GET1.replace(b"HTTP/1.1", b"HTTP/1.0")
+    h.send(first + after)
+    [waiter] = h.plane.manager.connects  # type: ignore[attr-defined]
+    assert h.client_t.take() == b"" and not h.client_t.closed
+    h.inst.in_flight += 1
+    waiter.attach(h.up)
+    assert h.up_t.take().startswith(b"GET /1 HTTP/1.1\r\n")
+    h.answer(OK2)
+    assert h.client_t.take() == OK2.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    assert h.client_t.closed
+
+
+def test_after_a_broken_pipelined_request_nothing_more_is_read() -> None:
+    h = Harness()
+    h.inst.idle.clear()
+    h.send(GET1 + b"XYZ\r\n\r\n")
+    h.send(GET2)  # one whole plain head in one read: must not be taken by the fast path
+    h.client.eof_received()  # the client half-closes: its first request is still answered
+    assert [w.url for w in h.plane.manager.connects] == [b"/1"]  # type: ignore[attr-defined]
+    assert not h.client_t.closed and not h.client.pending
+
+
+@pytest.mark.parametrize(
     ("target", "host", "url"),
     [
         (b"http://bench.localhost/x?y", b"bench.localhost", b"/x?y"),
@@ -1004,3 +1042,47 @@ def test_host_forms_route_to_the_app(raw: Gateway, host: str, pieces: int) -> No
         assert c.response()[0::2] == (200, target.encode())
         c.send(f"OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), pieces=pieces)
         assert c.response()[0::2] == (200, b"*")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"Transfer-Encoding: chunked\r\n", id="te"),
+        pytest.param(
+            b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n", id="te-keep-alive"
+        ),
+    ],
+)
+def test_http10_chunked_request_is_answered_then_the_connection_closes(
+    raw: Gateway, head: bytes
+) -> None:
+    """RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing: it is
+    answered, and what followed it on the connection is never read as a request."""
+    first, smuggled = mark("h10"), mark("h10-smuggled")
+    with Conn(raw) as c:
+        c.send(
+            f"POST {first} HTTP/1.0\r\nHost: raw.localhost\r\n".encode()
+            + head
+            + b"\r\n3\r\nabc\r\n0\r\n\r\n"
+            + f"GET {smuggled} HTTP/1.1\r\nHost: raw.localhost\r\n\r\n".encode()
+        )
+        status, headers, body = c.response()
+        assert (status, body, headers.get(b"connection")) == (200, first.encode(), b"close")
+        assert c.closed()
+    assert [b for _, b in reached(raw, first)] == ["3\r\nabc\r\n0\r\n\r\n"]
+    assert reached(raw, smuggled) == []
+
+
+def test_a_request_before_garbage_is_answered_through_a_cold_start(raw: Gateway) -> None:
+    name = f"cold{next(_marks)}"
+    spec = {
+        "runtime": "command",
+        "command": [sys.executable, str(raw.data_dir.parent / "raw_app.py")],
+    }
+    raw.put_app(name, {**spec, "idle_timeout": "5m"})
+    with Conn(raw) as c:
+        c.send(get("/first", host=f"{name}.localhost") + b"XYZ\r\n\r\n" + get("/never"))
+        status, headers, body = c.response()
+        assert (status, body, headers.get(b"connection")) == (200, b"/first", b"close")
+        assert c.closed()
+    assert [h.split(" ")[1] for h, _ in seen(raw, f"{name}.localhost")] == ["/first"]
