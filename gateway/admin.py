@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,6 +169,13 @@ class Route:
     @property
     def segments(self) -> tuple[str, ...]:
         return tuple(self.pattern.strip("/").split("/"))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """SQLite's "database or disk is full", or ENOSPC/EDQUOT from the OS."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -587,9 +596,15 @@ class AdminServer:
             response = Response(exc.status, error_body(exc.field, exc.message), headers=exc.headers)
         except (_Closed, ConnectionError, TimeoutError):
             raise
-        except Exception:
-            log.exception("admin request %s %r failed", event.method, event.target)
-            response = Response(500, error_body(None, "internal error; see the gateway log"))
+        except Exception as exc:
+            if disk_full(exc):
+                # Not a fault of the gateway's: say what to do, without a traceback.
+                log.warning("admin request %s %r: %s", event.method, event.target, exc)
+                message = "no space left in the gateway's data dir; free some and retry"
+                response = Response(507, error_body(None, message))
+            else:
+                log.exception("admin request %s %r failed", event.method, event.target)
+                response = Response(500, error_body(None, "internal error; see the gateway log"))
         if isinstance(response, StreamResponse):
             await self._stream(conn, reader, writer, response)
             return False

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import shutil
-import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -34,7 +32,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
+from gateway.admin import (
+    ApiError,
+    InstanceManager,
+    Request,
+    Response,
+    Route,
+    disk_full,
+    json_response,
+)
 from gateway.appspec import AppSpec, BranchSpec, SpecError, overlay_spec, parse_app_spec
 from gateway.bundles import (
     BundleError,
@@ -53,13 +59,6 @@ FLUSH_INTERVAL = 30.0  # last-request times reach SQLite at least this often
 GC_INTERVAL = 600.0  # bundles are also collected on this period, besides after changes
 HOUSEKEEPING_MAX = 5.0
 HOUSEKEEPING_MIN = 0.25
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """SQLite's "database or disk is full", or the same from the OS."""
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class _AppLock:
@@ -323,7 +322,7 @@ class DeployApi:
             await self.registry.set_branch(branch, bundle=bundle, app=app)
         except Exception as exc:
             self.request_gc()
-            if _disk_full(exc):
+            if disk_full(exc):
                 raise ApiError(
                     507,
                     "registry",

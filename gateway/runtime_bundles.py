@@ -28,7 +28,15 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.admin import ApiError, InstanceManager, Request, Response, Route, json_response
+from gateway.admin import (
+    ApiError,
+    InstanceManager,
+    Request,
+    Response,
+    Route,
+    disk_full,
+    json_response,
+)
 from gateway.appspec import RUNTIMES, SpecError
 from gateway.bundles import (
     BundleError,
@@ -207,8 +215,16 @@ class RuntimeApi:
                     async with self.store.lock:
                         await self.store.activate(extracted, record.digest)
                     created = await self.registry.put_runtime(record)
-            except BaseException:
+            except BaseException as exc:
                 await self.store.discard(extracted.path)  # gone already if it was activated
+                self.request_gc()  # if it was, nothing records it
+                if disk_full(exc):
+                    raise ApiError(
+                        507,
+                        "registry",
+                        "not enough disk space to record the runtime (the registry's database "
+                        "in the data dir is full); nothing was changed",
+                    ) from None
                 raise
             users = self.registry.runtime_users(name)
             if not created:

@@ -423,7 +423,8 @@ def test_rollback_racing_a_delete_of_its_app(race: RaceHarness) -> None:
 
 def test_a_full_registry_disk_is_507_and_changes_nothing(gateway_factory: Any) -> None:
     """The bundle fits (the store is on its own tmpfs) but the registry cannot record it: 507,
-    the registry as it was, and the tree activated for it collected again."""
+    the registry as it was, and the tree activated for it collected again; likewise for a
+    runtime bundle and an app spec."""
     gw: Gateway = gateway_factory(start=False)
     with small_tmpfs(gw.data_dir, "1m"), small_tmpfs(gw.data_dir / "bundles", "8m"):
         try:
@@ -449,6 +450,16 @@ def test_a_full_registry_disk_is_507_and_changes_nothing(gateway_factory: Any) -
                 assert (status, answer["error"]["field"]) == (507, "registry"), answer
                 assert "space" in answer["error"]["message"]
                 wait_until(lambda: state(gw) == before, what="the unrecorded tree to go")
+            # The other writes say the same, naming no field: the data dir as a whole is full.
+            status, answer = gw.admin("PUT", "/v1/apps/other", site_spec(gw))
+            assert (status, answer["error"]["field"]) == (507, None), answer
+            runtime = targz(
+                F("runtime.toml", UNIX_TOML), E("rootfs", "dir"), F("rootfs/bin/server", EXE, 0o755)
+            )
+            status, answer = put_runtime(gw, "rt", runtime)
+            assert (status, answer["error"]["field"]) == (507, "registry"), answer
+            wait_until(lambda: state(gw) == before, what="the unrecorded runtime tree to go")
+            assert gw.admin("GET", "/v1/runtimes/rt")[0] == 404
             assert fetch(gw, "feat--site.localhost") == serving
             filler.unlink()
             status, body = upload(gw, "site", "feat", site_bundle("v2"))
