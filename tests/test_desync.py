@@ -505,6 +505,61 @@ def test_chunked_uploads_in_small_reads_are_not_refused() -> None:
     assert h.up_t.take().endswith(b"1\r\nx\r\n0\r\n\r\n")
 
 
+HOST = b"Host: bench.localhost\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x7fb\r\n\r\n", 400, id="del-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x01b\r\n\r\n", 400, id="ctl-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x0bb\r\n\r\n", 400, id="vt-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x0cb\r\n\r\n", 400, id="ff-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\r\r\n\r\n", 400, id="cr-end-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X[A]: 1\r\n\r\n", 400, id="name-bracket"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X\xe9: 1\r\n\r\n", 400, id="name-8bit"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b": 1\r\n\r\n", 400, id="name-empty"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X:\x00\r\n\r\n", 400, id="nul-first"),
+        pytest.param(b"GET / HTTP/1.1\nHost: bench.localhost\n\n", 400, id="lf-only"),
+        pytest.param(b"GET / HTTP/1.1 \r\n" + HOST + b"\r\n", 400, id="space-after-version"),
+        pytest.param(b"GET / http/1.1\r\n" + HOST + b"\r\n", 400, id="lowercase-version"),
+        pytest.param(b"GET /\xff HTTP/1.1\r\n" + HOST + b"\r\n", 400, id="8bit-target"),
+        pytest.param(b"GET /a\tb HTTP/1.1\r\n" + HOST + b"\r\n", 400, id="tab-target"),
+        pytest.param(b"G(T / HTTP/1.1\r\n" + HOST + b"\r\n", 400, id="method-char"),
+        pytest.param(b"GET" * 3000 + b" / HTTP/1.1\r\n" + HOST + b"\r\n", 400, id="long-method"),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, id="h2-preface"),
+        pytest.param(b"GET * HTTP/1.1\r\n" + HOST + b"\r\n", 400, id="asterisk-get"),
+        pytest.param(
+            b"CONNECT bench.localhost:443 HTTP/1.1\r\n" + HOST + b"\r\n", 405, id="connect"
+        ),
+    ],
+)
+def test_hostile_heads_get_the_same_refusal_on_both_paths(
+    request_bytes: bytes, status: int
+) -> None:
+    for to_app, to_client, closed in forward(request_bytes):
+        assert to_client.startswith(b"HTTP/1.1 %d " % status), to_client
+        assert b"\r\nConnection: close\r\n" in to_client and closed and to_app == b""
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n" + HOST + b"X: a\xffb\r\n\r\n", id="obs-text"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: bench.localhost:8080\r\n\r\n", id="port"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: BENCH.localhost\r\n\r\n", id="uppercase"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: bench.localhost.\r\n\r\n", id="trailing-dot"),
+        pytest.param(b"OPTIONS * HTTP/1.1\r\n" + HOST + b"\r\n", id="options-asterisk"),
+    ],
+)
+def test_odd_but_valid_heads_are_forwarded_alike_on_both_paths(request_bytes: bytes) -> None:
+    (to_app, to_client, closed), _ = forward(request_bytes)
+    assert to_app.startswith(request_bytes.split(b"\r\n")[0] + b"\r\n") and to_app.endswith(
+        b"\r\n\r\n"
+    )
+    assert to_client == b"" and not closed
+
+
 @pytest.mark.parametrize(
     "after",
     [
