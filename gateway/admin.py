@@ -16,6 +16,7 @@ import json
 import logging
 import sqlite3
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -64,6 +65,96 @@ class InstanceManager(Protocol):
     def activity(self) -> list[tuple[str, str, float]]: ...
 
     def busy(self, app: str, branch: str) -> bool: ...
+
+
+class AppLock:
+    """Shared by work on one branch of an app (deploy, rollback, branch delete, expiry);
+    exclusive for what changes the app as a whole: deleting it, or a deploy that creates it
+    (whose undo deletes it). Waiting exclusive holders go before new shared ones."""
+
+    def __init__(self) -> None:
+        self.shared_holders = 0
+        self.exclusive_held = False
+        self.exclusive_waiting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until(self, ready: Any) -> None:
+        while not ready():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    @contextlib.asynccontextmanager
+    async def hold(self, *, exclusive: bool) -> AsyncIterator[None]:
+        if exclusive:
+            self.exclusive_waiting += 1
+            try:
+                await self._until(lambda: not self.exclusive_held and not self.shared_holders)
+            finally:
+                self.exclusive_waiting -= 1
+                self._wake()
+            self.exclusive_held = True
+        else:
+            await self._until(lambda: not self.exclusive_held and not self.exclusive_waiting)
+            self.shared_holders += 1
+        try:
+            yield
+        finally:
+            if exclusive:
+                self.exclusive_held = False
+            else:
+                self.shared_holders -= 1
+            self._wake()
+
+
+class Locks:
+    """The locks that order changes to one registry's apps and branches: an `AppLock` per
+    app, and a lock per branch taken inside it (see `branch_locked`). Shared by the admin
+    routes and the deploy routes (`locks_of`), so an env change, a deploy and a delete of the
+    app never interleave."""
+
+    def __init__(self) -> None:
+        self._apps: weakref.WeakValueDictionary[str, AppLock] = weakref.WeakValueDictionary()
+        self._branches: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def app(self, app: str) -> AppLock:
+        lock = self._apps.get(app)
+        if lock is None:
+            lock = self._apps[app] = AppLock()
+        return lock
+
+    def branch(self, app: str, branch: str) -> asyncio.Lock:
+        """The branch's own lock; take it inside the app's (`branch_locked` does both)."""
+        lock = self._branches.get((app, branch))
+        if lock is None:
+            lock = self._branches[(app, branch)] = asyncio.Lock()
+        return lock
+
+    @contextlib.asynccontextmanager
+    async def branch_locked(self, app: str, branch: str) -> AsyncIterator[None]:
+        """The app shared, then the branch: work on one branch, never beside a change to the
+        app as a whole (which could leave the branch's writes without their app)."""
+        async with self.app(app).hold(exclusive=False), self.branch(app, branch):
+            yield
+
+
+_LOCKS: weakref.WeakKeyDictionary[Registry, Locks] = weakref.WeakKeyDictionary()
+
+
+def locks_of(registry: Registry) -> Locks:
+    """The `Locks` of `registry`, created on first use."""
+    locks = _LOCKS.get(registry)
+    if locks is None:
+        locks = _LOCKS[registry] = Locks()
+    return locks
 
 
 class ApiError(Exception):
@@ -273,6 +364,7 @@ class AdminServer:
         self.registry = registry
         self.instances = instances
         self.token = token
+        self.locks = locks_of(registry)
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
         # Extra routes are matched first, so a subsystem can extend a built-in endpoint (the
@@ -323,15 +415,19 @@ class AdminServer:
             self.registry.check_runtime(spec)  # an uploaded runtime must exist
         except SpecError as exc:
             raise ApiError(400, exc.field, exc.message) from None
-        created = await self.registry.put_app(spec)
-        await self.instances.app_changed(app)
+        # Exclusive: not beside a deploy that creates the app, nor a delete of it.
+        async with self.locks.app(app).hold(exclusive=True):
+            created = await self.registry.put_app(spec)
+            await self.instances.app_changed(app)
         return json_response(201 if created else 200, spec.to_json())
 
     async def delete_app(self, req: Request) -> Response:
         app = self._app(req)
-        # Forget it first so no new request is routed to it, then stop what is running.
-        await self.registry.delete_app(app)
-        await self.instances.app_removed(app)
+        async with self.locks.app(app).hold(exclusive=True):
+            self._app(req)  # it may have gone while this waited
+            # Forget it first so no new request is routed to it, then stop what is running.
+            await self.registry.delete_app(app)
+            await self.instances.app_removed(app)
         return json_response(200, {"deleted": app})
 
     async def list_branches(self, req: Request) -> Response:
@@ -360,20 +456,27 @@ class AdminServer:
             spec = parse_branch_spec(app, branch, req.json(optional=True))
         except SpecError as exc:
             raise ApiError(400, exc.field, exc.message) from None
-        existed = (app, branch) in self.registry.branches
-        await self.registry.put_branch(spec)
-        # A running instance has the old environment: drain it; the next request starts afresh.
-        await self.instances.branch_changed(app, branch)
+        # After a deploy to the branch in progress, whose undo would otherwise put back the
+        # env from before this change; and never beside a delete of the app.
+        async with self.locks.branch_locked(app, branch):
+            self._app(req)  # it may have gone while this waited
+            existed = (app, branch) in self.registry.branches
+            await self.registry.put_branch(spec)
+            # A running instance has the old environment: drain it; the next request starts
+            # afresh.
+            await self.instances.branch_changed(app, branch)
         return json_response(200 if existed else 201, spec.to_json())
 
     async def delete_branch(self, req: Request) -> Response:
         app = self._app(req)
         branch = req.params["branch"]
-        if (app, branch) not in self.registry.branches:
-            what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
-            raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
-        await self.registry.delete_branch(app, branch)
-        await self.instances.branch_changed(app, branch)
+        async with self.locks.branch_locked(app, branch):
+            self._app(req)  # it may have gone while this waited
+            if (app, branch) not in self.registry.branches:
+                what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
+                raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
+            await self.registry.delete_branch(app, branch)
+            await self.instances.branch_changed(app, branch)
         return json_response(200, {"deleted": f"{app}/{branch}"})
 
     async def stop_branch(self, req: Request) -> Response:

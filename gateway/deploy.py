@@ -26,8 +26,6 @@ import contextlib
 import logging
 import shutil
 import time
-import weakref
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from gateway.admin import (
     Route,
     disk_full,
     json_response,
+    locks_of,
 )
 from gateway.appspec import AppSpec, BranchSpec, SpecError, overlay_spec, parse_app_spec
 from gateway.bundles import (
@@ -61,52 +60,6 @@ HOUSEKEEPING_MAX = 5.0
 HOUSEKEEPING_MIN = 0.25
 
 
-class _AppLock:
-    """Shared by work on one branch of an app (deploy, rollback, branch delete, expiry);
-    exclusive for what changes the app as a whole: deleting it, or a deploy that creates it
-    (whose undo deletes it). Waiting exclusive holders go before new shared ones."""
-
-    def __init__(self) -> None:
-        self.shared_holders = 0
-        self.exclusive_held = False
-        self.exclusive_waiting = 0
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _until(self, ready: Any) -> None:
-        while not ready():
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-
-    @contextlib.asynccontextmanager
-    async def hold(self, *, exclusive: bool) -> AsyncIterator[None]:
-        if exclusive:
-            self.exclusive_waiting += 1
-            try:
-                await self._until(lambda: not self.exclusive_held and not self.shared_holders)
-            finally:
-                self.exclusive_waiting -= 1
-                self._wake()
-            self.exclusive_held = True
-        else:
-            await self._until(lambda: not self.exclusive_held and not self.exclusive_waiting)
-            self.shared_holders += 1
-        try:
-            yield
-        finally:
-            if exclusive:
-                self.exclusive_held = False
-            else:
-                self.shared_holders -= 1
-            self._wake()
-
-
 class DeployApi:
     """The deploy endpoints and the housekeeping behind them, for one gateway."""
 
@@ -122,10 +75,7 @@ class DeployApi:
         self.instances = instances
         self.store = store
         self.volumes = Path(cfg.data_dir) / "volumes"
-        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
-        self._app_locks: weakref.WeakValueDictionary[str, _AppLock] = weakref.WeakValueDictionary()
+        self.locks = locks_of(registry)
         self._gc_task: asyncio.Task[None] | None = None
         self._gc_wanted = False
         self._housekeeper: asyncio.Task[None] | None = None
@@ -149,25 +99,6 @@ class DeployApi:
         ]
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _app_lock(self, app: str) -> _AppLock:
-        lock = self._app_locks.get(app)
-        if lock is None:
-            lock = self._app_locks[app] = _AppLock()
-        return lock
-
-    @contextlib.asynccontextmanager
-    async def _branch_locked(self, app: str, branch: str) -> AsyncIterator[None]:
-        """The app shared, then the branch: work on one branch, never beside a delete of the
-        app (which would leave the branch's undo or its writes without their app)."""
-        async with self._app_lock(app).hold(exclusive=False), self._lock(app, branch):
-            yield
-
-    def _lock(self, app: str, branch: str) -> asyncio.Lock:
-        lock = self._locks.get((app, branch))
-        if lock is None:
-            lock = self._locks[(app, branch)] = asyncio.Lock()
-        return lock
-
     def _app(self, req: Request) -> str:
         app = req.params["app"]
         if self.registry.get_app(app) is None:
@@ -279,13 +210,13 @@ class DeployApi:
         A deploy that creates the app holds it exclusively: if its bundle does not start, the
         undo deletes the app, which must not take a concurrent deploy's branch with it.
         """
-        lock = self._app_lock(app)
+        lock = self.locks.app(app)
         while True:
             creates = self.registry.get_app(app) is None
             async with lock.hold(exclusive=creates):
                 if not creates and self.registry.get_app(app) is None:
                     continue  # deleted while this deploy waited: it creates the app now
-                async with self._lock(app, branch):
+                async with self.locks.branch(app, branch):
                     return await self._commit_locked(app, branch, record, extracted)
 
     async def _commit_locked(
@@ -359,7 +290,7 @@ class DeployApi:
         """Make the previous bundle current again (and the current one previous)."""
         app = self._app(req)
         branch = req.params["branch"]
-        async with self._branch_locked(app, branch):
+        async with self.locks.branch_locked(app, branch):
             if self.registry.get_app(app) is None:
                 raise ApiError(404, "app", f"no app named {app!r}")
             old = self.registry.branches.get((app, branch))
@@ -415,7 +346,7 @@ class DeployApi:
     async def delete_branch(self, req: Request) -> Response:
         app = self._app(req)
         branch = req.params["branch"]
-        async with self._branch_locked(app, branch):
+        async with self.locks.branch_locked(app, branch):
             if (app, branch) not in self.registry.branches:
                 what = "overrides to remove" if branch == DEFAULT_BRANCH else "such branch"
                 raise ApiError(404, "branch", f"app {app!r} branch {branch!r}: no {what}")
@@ -434,7 +365,7 @@ class DeployApi:
         app = self._app(req)
         # After the deploys, rollbacks and branch deletes in progress (they finish first), and
         # before any that arrive later.
-        async with self._app_lock(app).hold(exclusive=True):
+        async with self.locks.app(app).hold(exclusive=True):
             if self.registry.get_app(app) is None:
                 raise ApiError(404, "app", f"no app named {app!r}")
             # Forget it first so no new request is routed to it, then stop what is running.
@@ -454,7 +385,7 @@ class DeployApi:
         for (app, name), branch in list(self.registry.branches.items()):
             if name == DEFAULT_BRANCH or not self._expired(app, name, branch, now):
                 continue
-            async with self._branch_locked(app, name):
+            async with self.locks.branch_locked(app, name):
                 current = self.registry.branches.get((app, name))
                 if current is None or not self._expired(app, name, current, now):
                     continue

@@ -470,3 +470,50 @@ def test_a_full_registry_disk_is_507_and_changes_nothing(gateway_factory: Any) -
             if gw.proc is not None and gw.proc.poll() is None:
                 gw.stop()
             shutil.rmtree(gw.run_dir, ignore_errors=True)
+
+
+def test_branch_env_set_during_a_failed_deploy_is_kept(race: RaceHarness) -> None:
+    """PUT of a branch's env while a deploy to it is switching over: the deploy's undo must
+    not put back the env from before (a lost update); the PUT waits for the deploy."""
+    status, body = race.deploy("site", "feat", site_bundle("v1"))
+    assert status == 201, body
+    entered = race.gate("feat")
+    race.instances.failing.add("feat")
+    deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
+    assert entered.wait(10)
+
+    def put_env() -> tuple[int, Any]:
+        with AdminClient(f"http://127.0.0.1:{race.port}", "tok") as client:
+            return client.request("PUT", "/v1/apps/site/branches/feat", {"env": {"X": "1"}})
+
+    put, answered = race.in_background(put_env)
+    put.join(2)  # it may wait for the deploy; either way it has arrived by now
+    race.release("feat")
+    deploy.join(30)
+    put.join(30)
+    assert answers[0][0] == 422, answers
+    assert answered[0][0] == 200, answered
+    feat = race.registry.branches[("site", "feat")]
+    assert (feat.env, feat.bundle) == ({"X": "1"}, body["bundle"])
+    race.coherent()
+
+
+def test_app_spec_put_during_a_creating_deploy(race: RaceHarness) -> None:
+    """PUT of the app while a deploy that creates it is switching over: one after the other,
+    never a 500 from both creating it."""
+    entered = race.gate("main")
+    deploy, answers = race.in_background(race.deploy, "fresh", "main", site_bundle("v1"))
+    assert entered.wait(10)
+
+    def put_app() -> tuple[int, Any]:
+        with AdminClient(f"http://127.0.0.1:{race.port}", "tok") as client:
+            return client.request("PUT", "/v1/apps/fresh", {"command": ["python3", "app.py"]})
+
+    put, answered = race.in_background(put_app)
+    put.join(2)
+    race.release("main")
+    deploy.join(30)
+    put.join(30)
+    assert answers[0][0] == 201, answers
+    assert answered[0][0] == 200, answered  # it found the app the deploy created
+    assert race.coherent()["apps"] == ["fresh"]
