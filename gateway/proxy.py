@@ -791,7 +791,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.active = None
         if not ex.keep_client or ex.upgrade or self.eof:
-            self.close()
+            if ex.request_done or ex.upgrade:
+                self.close()
+            else:  # answered before its body arrived: the rest is in the way (see there)
+                self.close_lingering()
             return
         if self.pending:
             # A response that completes in one read does not push the deadline back (the raw
