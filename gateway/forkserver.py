@@ -57,6 +57,7 @@ _SIGNALS = {s.value for s in signal.Signals}
 # Modules imported before any fork, so zygote-mode children start with them loaded (and share
 # their pages with the fork server): the python runtimes pull in granian and uvloop.
 PRELOAD = ("runtimes.python",)
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # for a spawn whose environment has no PATH
 # Spawns calling MEMBER_CALL can be served by claiming a serving member (MEMBER_TARGET running).
 MEMBER_CALL = "runtimes.python:main"
 MEMBER_TARGET = "runtimes.python:member_main"
@@ -157,8 +158,18 @@ class Shape(PoolSizing):
 
 
 class ForkServer:
-    def __init__(self, control: socket.socket, pool: PoolConfig | None = None) -> None:
+    def __init__(
+        self,
+        control: socket.socket,
+        pool: PoolConfig | None = None,
+        env_channel: socket.socket | None = None,
+    ) -> None:
         self.control = control
+        # Tenants' environments arrive here as memfds (one message per spawn, sent just before
+        # its frame), never as bytes: see `_receive_env`.
+        self.env_channel = env_channel
+        if env_channel is not None:
+            env_channel.settimeout(5.0)
         # Idle pre-confined children per recent sandbox shape, built while nothing else is
         # asked of us: a spawn that finds one skips the namespace/cgroup set-up (~5 vs ~20 ms).
         self.pool = pool or PoolConfig()
@@ -286,10 +297,16 @@ class ForkServer:
     def handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "spawn":
+            message["env_fd"] = -1
             try:
+                if message.get("env_memfd"):
+                    message["env_fd"] = self._receive_env(message["id"])
                 self.spawn(message)  # says "spawned" itself, as early as it can
             except Exception as exc:  # any failure is reported, never fatal to the server
                 self.send({"ev": "spawn_failed", "id": message["id"], "error": str(exc)})
+            finally:
+                if message["env_fd"] >= 0:
+                    os.close(message["env_fd"])
         elif op == "signal":
             found = self.children.get(message["id"])
             if found is not None:
@@ -317,6 +334,29 @@ class ForkServer:
             self.stop()
 
     # -- spawning -----------------------------------------------------------------------------
+    def _receive_env(self, instance_id: str) -> int:
+        """The memfd holding the tenant's environment for the spawn of `instance_id`.
+
+        This process never reads it: every zygote child and pool member is a fork of this
+        process and inherits its memory, freed memory included, so an environment parsed here
+        (tenant A's database password) would be readable by every tenant forked after it. The
+        fd goes on to the one process that needs the contents: the tenant's own (a zygote child
+        or a claimed member reads it before running tenant code) or the C launcher."""
+        if self.env_channel is None:
+            raise RuntimeError("no environment channel to receive the environment on")
+        msg, fds, _flags, _addr = socket.recv_fds(self.env_channel, 256, 1)
+        if msg != instance_id.encode() or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"environment for {instance_id} out of step (got {msg[:40]!r})")
+        return fds[0]
+
+    def _env(self, req: dict[str, Any]) -> Any:
+        """What the sandboxes package takes as the environment: the request's memfd, if any."""
+        if req["env_fd"] >= 0:
+            return self.sandboxes.EnvFile(req["env_fd"], req.get("path") or DEFAULT_PATH)
+        return req["env"]
+
     def spawn(self, req: dict[str, Any]) -> Child:
         instance_id: str = req["id"]
         if instance_id in self.children:
@@ -411,10 +451,11 @@ class ForkServer:
         sb.prepare_socket_dir(str(run_dir), spec.uid)
         if call is not None:
             sandbox = sb.spawn_call(
-                spec, call, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w
+                spec, call, req["argv"], self._env(req), stdout_fd=log_w, stderr_fd=log_w
             )
         else:
-            sandbox = sb.spawn(spec, req["argv"], req["env"], stdout_fd=log_w, stderr_fd=log_w)
+            env = self._env(req)
+            sandbox = sb.spawn(spec, req["argv"], env, stdout_fd=log_w, stderr_fd=log_w)
         if shape is not None:
             self.count_claim(shape, hit=self._claim[1])
         return sandbox, None
@@ -445,8 +486,12 @@ class ForkServer:
                 ids = (member.uid, member.uid)
                 self._fill_name_files(member.names, spec.hostname)  # before it can read them
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
-                claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
-                socket.send_fds(member.channel, [claim], [log_w])
+                if req["env_fd"] >= 0:  # the member reads it: see `_receive_env`
+                    claim = orjson.dumps({"argv": req["argv"]})
+                    socket.send_fds(member.channel, [claim], [log_w, req["env_fd"]])
+                else:
+                    claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
+                    socket.send_fds(member.channel, [claim], [log_w])
                 member.channel.setblocking(False)
                 # The gateway connects to <run_dir>/http.sock, the member's socket dir, once it
                 # hears "spawned": linked after the member was told, which is what it waits on.
@@ -700,7 +745,7 @@ class ForkServer:
             if pid == 0:  # child: never returns
                 self._exec_child(
                     req["argv"],
-                    req["env"],
+                    req["env"] if req["env_fd"] < 0 else req["env_fd"],
                     req["cwd"] or str(run_dir),
                     log_w,
                     err_w,
@@ -718,7 +763,13 @@ class ForkServer:
         return pid
 
     def _exec_child(
-        self, argv: list[str], env: dict[str, str], cwd: str, out: int, err: int, call: str | None
+        self,
+        argv: list[str],
+        env: dict[str, str] | int,
+        cwd: str,
+        out: int,
+        err: int,
+        call: str | None,
     ) -> None:
         """Runs in the forked child: detach, wire stdio, then exec `argv` or call `call`.
 
@@ -727,6 +778,13 @@ class ForkServer:
         """
         step = "setsid"
         try:
+            environ: dict[str, str] = {}
+            if isinstance(env, int):  # a memfd, read only here, in the tenant's own process
+                step = "environment"
+                environ = importlib.import_module("runtimes.python").read_env(env)
+                step = "setsid"
+            else:
+                environ = env
             os.setsid()
             step = "pdeathsig"
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -744,9 +802,9 @@ class ForkServer:
             os.chdir(cwd)
             if call is not None:
                 step = f"call {call}"
-                _call_in_child(_resolve(call), argv, env, err)
+                _call_in_child(_resolve(call), argv, environ, err)
             step = f"exec {argv[0]}"
-            os.execvpe(argv[0], argv, env)
+            os.execvpe(argv[0], argv, environ)
         except BaseException as exc:
             with contextlib.suppress(BaseException):
                 detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -1238,7 +1296,9 @@ def _read_all(fd: int) -> bytes:
 
 
 def main() -> None:
-    fd = int(sys.argv[1])
+    # "<control fd>:<environment channel fd>" (see `ForkServer._receive_env`)
+    fd_text, _, env_text = sys.argv[1].partition(":")
+    fd = int(fd_text)
     # "--sandboxes <cgroup parent>": this gateway confines instances under that cgroup subtree.
     cgroup_parent = sys.argv[3] if sys.argv[2:3] == ["--sandboxes"] else None
     # "--pool <json>": the [pool] settings (min_idle, max_idle, refill_concurrency, shrink_after).
@@ -1269,7 +1329,8 @@ def main() -> None:
     # children's garbage collections from touching (and so privately copying) those pages.
     gc.collect()
     gc.freeze()
-    server = ForkServer(control, pool)
+    env_channel = socket.socket(fileno=int(env_text)) if env_text else None
+    server = ForkServer(control, pool, env_channel)
     server.serve()
     if cgroup_parent is not None:
         # Every instance and idle member is gone: leave no empty cgroup directory behind either.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -36,6 +37,26 @@ MAX_RESTART_DELAY = 5.0
 WARM_SHAPES = 8  # sandbox shapes re-sent to a restarted fork server so it refills their pools
 # The only variables the fork server (and so every instance) inherits from the gateway.
 FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+def env_memfd(env: dict[str, str]) -> int:
+    """A sealed, close-on-exec memfd of "NAME=value\\0" entries (sandboxes.spec.env_file's
+    format; written here so the gateway need not import the sandboxes package)."""
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"invalid environment variable {key!r}")
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    fd = os.memfd_create("dorm-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
@@ -136,6 +157,7 @@ class Launcher:
         self._cgroup_parent = cgroup_parent  # set: instances may be sandboxed under it
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._env_channel: socket.socket | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
@@ -157,10 +179,14 @@ class Launcher:
         death, `_read_loop` keeps trying."""
         self._started_at = asyncio.get_running_loop().time()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Tenants' environments go over their own channel, as memfds (see `spawn`).
+        env_ours, env_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env_ours.setblocking(False)
         env = {k: os.environ[k] for k in FORKSERVER_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         # Popen without preexec_fn uses vfork/exec, which is safe from a threaded process.
-        argv = [sys.executable, "-m", "gateway.forkserver", str(child.fileno())]
+        fds = f"{child.fileno()}:{env_theirs.fileno()}"
+        argv = [sys.executable, "-m", "gateway.forkserver", fds]
         if self._cgroup_parent is not None:
             argv += [
                 "--sandboxes",
@@ -171,16 +197,21 @@ class Launcher:
         try:
             self._proc = subprocess.Popen(
                 argv,
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), env_theirs.fileno()),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
         except BaseException:
             parent.close()
+            env_ours.close()
             raise
         finally:
             child.close()
+            env_theirs.close()
+        if self._env_channel is not None:
+            self._env_channel.close()
+        self._env_channel = env_ours
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_FRAME)
         self._writer = writer
         self._up.set()
@@ -213,7 +244,15 @@ class Launcher:
             raise LaunchError("the start's deadline passed before the fork server was asked")
         future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
         self._pending[spec.id] = future
-        message = {"op": "spawn", **{k: getattr(spec, k) for k in LaunchSpec.__slots__}}
+        # The environment (the tenant's secrets) never enters the fork server's memory, which
+        # every zygote child inherits: it goes as a sealed memfd, just before the frame.
+        message = {
+            "op": "spawn",
+            **{k: getattr(spec, k) for k in LaunchSpec.__slots__ if k != "env"},
+            "env_memfd": True,
+            "path": spec.env.get("PATH"),
+        }
+        self._send_env(spec.id, spec.env)
         if spec.sandbox is not None and spec.pool is not None:
             self._remember_shape(spec)
         self._writer.write(encode_frame(message))
@@ -225,6 +264,19 @@ class Launcher:
             raise LaunchError("the fork server did not answer in time", unanswered=True) from None
         finally:
             self._pending.pop(spec.id, None)
+
+    def _send_env(self, instance_id: str, env: dict[str, str]) -> None:
+        assert self._env_channel is not None
+        try:
+            fd = env_memfd(env)
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"cannot pass the environment: {exc}") from None
+        try:
+            socket.send_fds(self._env_channel, [instance_id.encode()], [fd])
+        except OSError as exc:
+            raise LaunchError(f"cannot pass the environment to the fork server: {exc}") from None
+        finally:
+            os.close(fd)
 
     async def wait_running(self, timeout: float) -> bool:
         """Wait (at most `timeout` seconds) for a fork server to be running; False if none is.

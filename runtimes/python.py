@@ -265,21 +265,43 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
-    """Read the claim from fd 0: the tenant's environment and argv, and its log fd, which
-    becomes stdout and stderr. fd 0 then becomes /dev/null, as in any other instance."""
-    message, fds, _flags, _addr = socket.recv_fds(channel, MAX_CLAIM, 1)
+    """Read the claim from fd 0: the tenant's argv, its log fd, which becomes stdout and stderr,
+    and its environment: a memfd read here and closed (an EnvFile: it never passed through the
+    fork server's memory), or in the message. fd 0 then becomes /dev/null, as in any other
+    instance."""
+    message, fds, _flags, _addr = socket.recv_fds(channel, MAX_CLAIM, 2)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     if not message:
         raise SystemExit(0)  # the fork server dismissed this member
-    if len(fds) != 1:
-        raise ClaimError(f"a claim carries one log fd, got {len(fds)}")
+    if len(fds) not in (1, 2):
+        raise ClaimError(f"a claim carries a log fd and maybe an environment, got {len(fds)} fds")
     for target in (1, 2):
         os.dup2(fds[0], target)
     os.close(fds[0])
     claim = orjson.loads(message)
-    return dict(claim["env"]), list(claim["argv"])
+    if len(fds) == 2:
+        try:
+            env = read_env(fds[1])
+        finally:
+            os.close(fds[1])
+    else:
+        env = dict(claim["env"])
+    return env, list(claim["argv"])
+
+
+def read_env(fd: int) -> dict[str, str]:
+    """The environment in a memfd of "NAME=value\\0" entries (sandboxes.spec.env_file's format;
+    not imported from there: a member drops dorm's packages before the tenant's import)."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0) if size else b""
+    env: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        name, eq, value = entry.partition(b"=")
+        if eq:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
 
 
 async def _member(late: LateApp, socket_dir: str) -> None:

@@ -19,11 +19,12 @@ from .spawn import (
     spawn_call,
     start_call,
 )
-from .spec import Rlimits, SandboxSpec, SandboxSpecError
+from .spec import EnvFile, Rlimits, SandboxSpec, SandboxSpecError, env_file, read_env_file
 
 __all__ = [
     "STEPS",
     "CgroupUnavailable",
+    "EnvFile",
     "PendingSandbox",
     "Rlimits",
     "Sandbox",
@@ -33,10 +34,12 @@ __all__ = [
     "attach",
     "cleanup_stale",
     "detect_isolation",
+    "env_file",
     "host_report",
     "prefork_for",
     "prepare_socket_dir",
     "prewarm",
+    "read_env_file",
     "spawn",
     "spawn_call",
     "start_call",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from . import caps, libc, mounts, netns, seccomp
+from .spec import read_env_file
 
 STEPS: Final = (
     "stdio",
@@ -82,6 +83,7 @@ class ChildPlan:
     cap_last: int
     argv: tuple[bytes, ...]
     env: dict[bytes, bytes]
+    env_fd: int  # an EnvFile's memfd to read the environment from instead of `env`, or -1
     path: tuple[bytes, ...]
     call: str  # "" → execve(argv); "module:qualname" → call it in-process (zygote mode)
     rootless: bool
@@ -115,7 +117,12 @@ class ChildPlan:
         d["join_fds"] = tuple(fds[i] for i in d["join_fds"])
         d["netns_fd"] = fds[d["netns_fd"]] if d["netns_fd"] >= 0 else -1
         d["bind_fds"] = tuple(fds[i] for i in d["bind_fds"])
+        d["env_fd"] = fds[d["env_fd"]] if d["env_fd"] >= 0 else -1
         return cls(**d)
+
+    def environment(self) -> dict[bytes, bytes]:
+        """The tenant's environment: `env`, or read (only now, in this process) from `env_fd`."""
+        return self.env if self.env_fd < 0 else read_env_file(self.env_fd)
 
 
 _NO_KEY: Final[mounts.LayoutKey] = (None, (), b"", False, "")
@@ -194,9 +201,10 @@ def step_execve(p: ChildPlan) -> NoReturn:
     first = p.argv[0]
     candidates = [first] if b"/" in first else [d + b"/" + first for d in p.path if d]
     last = OSError(errno.ENOENT, "not found")
+    env = p.environment()
     for path in candidates:
         try:
-            os.execve(path, p.argv, p.env)
+            os.execve(path, p.argv, env)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR) or last.errno == errno.ENOENT:
                 last = e
@@ -225,7 +233,7 @@ def run_call(p: ChildPlan, target: Callable[[], object]) -> NoReturn:
     garbage collector, so no finalizer can ever close an fd number the tenant reuses.
     """
     os.environ.clear()
-    os.environ.update({k.decode(): v.decode() for k, v in p.env.items()})
+    os.environ.update({k.decode(): v.decode() for k, v in p.environment().items()})
     sys.argv = [a.decode() for a in p.argv]
     for sig in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError, TypeError):

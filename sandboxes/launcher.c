@@ -203,6 +203,35 @@ static void idle_steps(int argc, char **argv) {
     if (write(REPORT, "R", 1) != 1) _exit(0);
 }
 
+/* The environment from an EnvFile memfd ("NAME=value\0" entries), after the n entries the plan
+ * carried: read here, in the launcher, so it never passes through the fork server's memory. */
+static void load_env(int fd, uint32_t n, char **envs) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) fail(errno, "env fstat");
+    if (st.st_size < 0 || st.st_size > (1 << 24)) fail(E2BIG, "env too large");
+    size_t size = (size_t)st.st_size;
+    char *buf = malloc(size + 1);
+    if (!buf) fail(ENOMEM, "env");
+    size_t got = 0;
+    while (got < size) {
+        ssize_t r = pread(fd, buf + got, size - got, (off_t)got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) fail(r < 0 ? errno : EIO, "env read");
+        got += (size_t)r;
+    }
+    buf[size] = 0;
+    close(fd);
+    for (size_t at = 0; at < size;) {
+        size_t entry = strlen(buf + at);
+        if (entry && strchr(buf + at, '=')) {
+            if (n >= MAX_ITEMS) fail(E2BIG, "env has too many entries");
+            envs[n++] = buf + at;
+        }
+        at += entry + 1;
+    }
+    envs[n] = NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "--check") == 0) {
         puts("dorm-launcher ok");
@@ -265,6 +294,7 @@ int main(int argc, char **argv) {
     for (uint32_t i = 0; i < n_argv; i++) args[i] = (char *)str(NULL, 1);
     uint32_t n_env = count();
     for (uint32_t i = 0; i < n_env; i++) envs[i] = (char *)str(NULL, 1);
+    int env_fd = fd_at((int32_t)u32());
     uint32_t n_path = count();
     for (uint32_t i = 0; i < n_path; i++) paths[i] = str(NULL, 1);
     size_t filter_len;
@@ -272,6 +302,7 @@ int main(int argc, char **argv) {
     if (filter_len == 0 || filter_len % sizeof(struct sock_filter) || filter_len / sizeof(struct sock_filter) > 4096)
         fail(0, "bad seccomp program");
     if (pos != len) fail(0, "trailing bytes");
+    if (env_fd >= 0) load_env(env_fd, n_env, envs);
 
     /* ---- stdio ---------------------------------------------------------------------------- */
     step = "stdio";

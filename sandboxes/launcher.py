@@ -155,6 +155,7 @@ def encode(
     env: dict[str, str],
     path: list[str],
     seccomp_program: bytes,
+    env_fd: int = -1,
 ) -> bytes:
     """The launcher's plan (format: see the decoder in launcher.c). fd fields are indexes into
     the SCM_RIGHTS list sent with it; -1 for none."""
@@ -178,6 +179,7 @@ def encode(
     parts.extend(_s(a.encode()) for a in argv)
     parts.append(_U32.pack(len(env)))
     parts.extend(_s(f"{k}={v}".encode()) for k, v in env.items())
+    parts.append(struct.pack("<i", env_fd))  # an EnvFile's memfd: the launcher reads it
     parts.append(_U32.pack(len(path)))
     parts.extend(_s(p.encode()) for p in path)
     if _filter_wire[0] is not seccomp_program:

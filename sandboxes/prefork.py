@@ -148,6 +148,7 @@ def _warmup_wire(mp: mounts.MountPlan) -> bytes:
         cap_last=40,
         argv=(b"/bin/true",),
         env={b"PATH": b"/usr/bin:/bin"},
+        env_fd=-1,
         path=(b"/usr/bin", b"/bin"),
         call="",
         rootless=False,

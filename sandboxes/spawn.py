@@ -70,7 +70,7 @@ from typing import Any, Final
 from . import caps, cgroups, child, launcher, libc, mounts, prefork, seccomp
 from .child import STEPS
 from .errors import SandboxError
-from .spec import SandboxSpec, SandboxSpecError, validate_argv, validate_env
+from .spec import Env, EnvFile, SandboxSpec, SandboxSpecError, validate_argv, validate_env
 
 __all__ = ["STEPS", "Sandbox", "prepare_socket_dir", "prewarm", "spawn", "spawn_call"]
 
@@ -296,13 +296,15 @@ def _parse_errpipe(data: bytes) -> tuple[int | None, tuple[str, int, str] | None
 def _plan(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     mplan: mounts.MountPlan,
     *,
     rootless: bool,
     fds: tuple[int, int, int, int, tuple[int, ...], int, tuple[int, ...]],
     call: str = "",
+    env_fd: int = -1,
 ) -> child.ChildPlan:
+    """`env_fd`: where the child finds an EnvFile's memfd (an fd, or its index on the wire)."""
     stdout_fd, stderr_fd, devnull_fd, report_fd, join_fds, netns_fd, bind_fds = fds
     return child.ChildPlan(
         stdout_fd=stdout_fd,
@@ -326,8 +328,9 @@ def _plan(
         gid=spec.effective_gid,
         cap_last=caps.cap_last_cap(),
         argv=tuple(a.encode() for a in argv),
-        env={k.encode(): v.encode() for k, v in env.items()},
-        path=tuple(p.encode() for p in env.get("PATH", DEFAULT_PATH).split(":")),
+        env={} if isinstance(env, EnvFile) else {k.encode(): v.encode() for k, v in env.items()},
+        env_fd=env_fd if isinstance(env, EnvFile) else -1,
+        path=tuple(p.encode() for p in _path(env).split(":")),
         call=call,
         rootless=rootless,
         outer_uid=os.geteuid(),
@@ -338,7 +341,7 @@ def _plan(
 def _send_plan(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     mplan: mounts.MountPlan,
     stdio: tuple[int, int, int],
     pid: int,
@@ -369,6 +372,11 @@ def _send_plan(
             os.close(fd)
 
 
+def _path(env: Env) -> str:
+    """The PATH execve's lookup uses inside the sandbox."""
+    return env.path if isinstance(env, EnvFile) else env.get("PATH", DEFAULT_PATH)
+
+
 def _kill_unplanned(pid: int) -> None:
     """A pre-forked child that will never get its plan: killed and reaped, not left a zombie."""
     with contextlib.suppress(ProcessLookupError):
@@ -379,7 +387,7 @@ def _kill_unplanned(pid: int) -> None:
 def _wire(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     stdio: tuple[int, int, int],
     mplan: mounts.MountPlan,
     bind_fds: list[int],
@@ -392,6 +400,10 @@ def _wire(
     send = [stdio[0], stdio[1], stdio[2], *bind_fds] + ([netns_fd] if netns_fd >= 0 else [])
     nb = len(bind_fds)
     netns_idx = 3 + nb if netns_fd >= 0 else -1
+    env_idx = -1
+    if isinstance(env, EnvFile):  # the child reads it: its contents never pass through here
+        env_idx = len(send)
+        send.append(env.fd)
     if exec_only:
         wire = launcher.encode(
             devnull=2,
@@ -405,9 +417,10 @@ def _wire(
             gid=spec.effective_gid,
             rlimits=_rlimits(spec),
             argv=argv,
-            env=env,
-            path=env.get("PATH", DEFAULT_PATH).split(":"),
+            env={} if isinstance(env, EnvFile) else env,
+            path=_path(env).split(":"),
             seccomp_program=seccomp.compiled_filter().program,
+            env_fd=env_idx,
         )
     else:
         wire = _plan(
@@ -418,6 +431,7 @@ def _wire(
             rootless=False,
             fds=(0, 1, 2, -1, (), netns_idx, tuple(range(3, 3 + nb))),
             call=call,
+            env_fd=env_idx,
         ).to_wire()
     return wire, send
 
@@ -425,7 +439,7 @@ def _wire(
 def _start_rootless(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     mplan: mounts.MountPlan,
     stdio: tuple[int, int, int],
     netns_fd: int,
@@ -442,6 +456,7 @@ def _start_rootless(
         rootless=True,
         fds=(*stdio, w, (), netns_fd, ()),
         call=call,
+        env_fd=env.fd if isinstance(env, EnvFile) else -1,
     )
     libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
     try:
@@ -459,7 +474,7 @@ def _start_rootless(
 def spawn(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     *,
     stdout_fd: int,
     stderr_fd: int,
@@ -478,7 +493,7 @@ def spawn_call(
     spec: SandboxSpec,
     target: str,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     *,
     stdout_fd: int,
     stderr_fd: int,
@@ -512,7 +527,7 @@ def start_call(
     spec: SandboxSpec,
     target: str,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     *,
     stdout_fd: int,
     stderr_fd: int,
@@ -631,7 +646,7 @@ class PendingSandbox:
 def _spawn(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     stdio: tuple[int, int, int | None],
     call: str,
 ) -> Sandbox:
@@ -641,7 +656,7 @@ def _spawn(
 def _begin(
     spec: SandboxSpec,
     argv: list[str],
-    env: dict[str, str],
+    env: Env,
     stdio: tuple[int, int, int | None],
     call: str,
     idle: prefork.Idle | None = None,
@@ -649,7 +664,11 @@ def _begin(
     """Everything up to the plan reaching the child: ``idle`` if given, else a pooled or newly
     forked child. On failure nothing stays behind (child, cgroup, egress plumbing)."""
     validate_argv(argv)
-    validate_env(env)
+    if isinstance(env, EnvFile):
+        if not isinstance(env.fd, int) or env.fd < 0:
+            raise SandboxSpecError("env", "an EnvFile needs an open fd")
+    else:
+        validate_env(env)
     rootless = os.geteuid() != 0
     out_err_in = (stdio[0], stdio[1], _devnull() if stdio[2] is None else stdio[2])
     seccomp.compiled_filter()  # built once, before any fork

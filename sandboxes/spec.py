@@ -11,6 +11,7 @@ read-only binds).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from dataclasses import dataclass, field
@@ -216,3 +217,52 @@ def validate_argv(argv: list[str]) -> None:
     for i, arg in enumerate(argv):
         if not isinstance(arg, str) or "\0" in arg:
             raise SandboxSpecError(f"argv[{i}]", "must be a NUL-free string")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvFile:
+    """An environment the caller passes on without holding it: `fd` is a sealed memfd of
+    ``NAME=value\\0`` entries (`env_file`), read only by the sandbox's own process (after its
+    fork, or in the C launcher) and closed before the tenant's code runs. `path` is its PATH (no
+    secret) for execve's PATH lookup.
+
+    Why: a zygote child is a fork of its caller and inherits all of its memory, freed memory
+    included. A fork server that parsed tenant A's environment (its database password, say)
+    handed the leftovers to every later fork, and tenant B could read them in its own memory
+    (tests/test_isolation_review.py scans for them). An environment that never enters the
+    caller's memory cannot be inherited."""
+
+    fd: int
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+
+
+Env = dict[str, str] | EnvFile
+
+
+def env_file(env: dict[str, str]) -> int:
+    """A sealed, close-on-exec memfd holding `env` (validated as `validate_env` does)."""
+    validate_env(env)
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    fd = os.memfd_create("dorm-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_env_file(fd: int) -> dict[bytes, bytes]:
+    """The environment in an `env_file` memfd (read from offset 0; the fd is left open)."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0) if size else b""
+    env: dict[bytes, bytes] = {}
+    for entry in data.split(b"\0"):
+        name, eq, value = entry.partition(b"=")
+        if eq:
+            env[name] = value
+    return env

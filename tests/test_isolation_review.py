@@ -13,6 +13,7 @@ can write must never reach a host file or a host socket. What is checked here an
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import sys
@@ -299,3 +300,81 @@ def test_deep_tree_left_in_the_socket_dir_kills_nothing(
 
         for entry in set(os.listdir(gw.run_dir)) - before:  # what the gateway did not remove
             remove_tree(gw.run_dir / entry)
+
+
+# -- what a zygote child inherits ---------------------------------------------------------------
+# A python-asgi tenant that counts how often a string occurs in its own anonymous memory (heap,
+# arenas, stacks): what it inherited from the fork server, of which it is a fork, included. The
+# needles arrive reversed in the query, so the request itself never holds them.
+SCANNER = """
+import ctypes, json
+from urllib.parse import parse_qs
+
+def count(needles):
+    found = dict.fromkeys(needles, 0)
+    with open("/proc/self/maps") as fh:
+        regions = fh.read().splitlines()
+    for line in regions:
+        parts = line.split()
+        anonymous = parts[4] == "0" and parts[-1] not in ("[vvar]", "[vsyscall]")
+        if not parts[1].startswith("rw") or not anonymous:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        data = ctypes.string_at(lo, hi - lo)
+        for needle in needles:
+            found[needle] += data.count(needle)
+    return found
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    query = parse_qs(scope["query_string"].decode())
+    needles = [v[::-1].encode() for v in query["n"]]
+    counts = count(needles)
+    body = json.dumps([counts[n] for n in needles]).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def test_no_tenant_inherits_another_tenants_environment(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    from tests.test_pools import POOL, wait_pool
+
+    gw = sandboxed_gateway(gateway_factory, "321000-322999", POOL)
+    code = readable_app(tmp_path, "scanner", SCANNER)
+    secrets = {name: f"pw-{name}-{os.urandom(12).hex()}" for name in ("pooled", "exec")}
+    control = f"pw-none-{os.urandom(12).hex()}"  # never given to anyone: the baseline
+    spec = {"runtime": "python-asgi", "entry": "main:app", "app_dir": code}
+    # The victims: one exec'd (the C launcher), one a zygote fork or a pool member.
+    apps = str(Path(__file__).parent / "apps")
+    gw.put_app(
+        "victim-exec",
+        {
+            "runtime": "command",
+            "command": [sys.executable, "echo.py"],
+            "app_dir": apps,
+            "env": {"DB_PASSWORD": secrets["exec"]},
+            "limits": {"memory": "200MiB"},  # a shape of its own, never a serving pool's
+        },
+    )
+    assert gw.request("/", host="victim-exec.localhost").status == 200
+    gw.put_app("victim", {**spec, "env": {"DB_PASSWORD": secrets["pooled"]}})
+    query = "&".join(f"n={s[::-1]}" for s in (*secrets.values(), control))
+    own = gw.request(f"/?{query}", host="victim.localhost")
+    assert own.status == 200, own.body
+    assert json.loads(own.body)[0] >= 1  # the victim does hold its own password
+    # Every member built from here on is a fork of a fork server that spawned both victims.
+    wait_pool(gw, lambda p: p["idle"] >= 2)
+    paths = set()
+    for i in range(4):  # pool members, then zygote forks once the pool is empty
+        gw.put_app(f"thief{i}", spec)
+        resp = gw.request(f"/?{query}", host=f"thief{i}.localhost")
+        assert resp.status == 200, resp.body
+        *found, baseline = json.loads(resp.body)
+        assert found == [baseline, baseline], f"thief{i} found another tenant's password"
+        inst = gw.instance(f"thief{i}")
+        assert inst is not None and inst["last_start"] is not None
+        paths.add(inst["last_start"]["path"])
+    assert "pool" in paths

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes import SandboxError, SandboxSpec, launcher, prefork, prewarm, spawn, spawn_call
+from sandboxes import (
+    EnvFile,
+    SandboxError,
+    SandboxSpec,
+    env_file,
+    launcher,
+    prefork,
+    prewarm,
+    spawn,
+    spawn_call,
+)
 
 from . import targets
 from .conftest import ENV, PY, Runner
@@ -239,3 +249,44 @@ def test_glibc_reserved_signals_ignored_by_our_parent_are_not_passed_on(sbx: Run
     finally:
         for sig in libc.GLIBC_RESERVED_SIGNALS:
             libc.default_signal_action(sig)
+
+
+def test_env_file_reaches_the_tenant_on_every_path(sbx: Runner) -> None:
+    """An EnvFile's memfd is read by the launcher child, the Python child and a zygote call
+    alike: the tenant gets exactly that environment, and the memfd is not among its fds."""
+    env = {"PATH": "/usr/bin:/bin", "DB_PASSWORD": "s3cret=with=equals", "EMPTY": ""}
+    code = "import os, json; print(json.dumps([dict(os.environ), os.listdir('/proc/self/fd')]))"
+    for exec_only in (True, False):
+        spec = sbx.spec()
+        prefork.POOL.clear()
+        assert prewarm(spec, 1, exec_only=exec_only) == 1
+        fd = env_file(env)
+        out = sbx.workdir / f"envfile-{exec_only}"
+        fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            argv = ["python3" if exec_only else PY, "-I", "-S", "-c", code]
+            sb = spawn(spec, argv, EnvFile(fd, "/usr/bin:/bin"), stdout_fd=fo, stderr_fd=fo)
+        finally:
+            os.close(fo)
+            os.close(fd)
+        sbx.live.append((sb, spec.uid))
+        r = sbx.finish(sb, out, out)
+        assert r.exit_code == 0, r.out
+        seen, fds = json.loads(r.out)
+        seen.pop("LC_CTYPE", None)  # Python's own C-locale coercion, not the environment's
+        assert seen == env and sorted(fds, key=int) in (["0", "1", "2"], ["0", "1", "2", "3"])
+    spec = sbx.spec()
+    fd = env_file(env)
+    out = sbx.workdir / "envfile-call"
+    fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        target = f"{targets.__name__}:report"
+        sb = spawn_call(spec, target, ["a"], EnvFile(fd), stdout_fd=fo, stderr_fd=fo)
+    finally:
+        os.close(fo)
+        os.close(fd)
+    sbx.live.append((sb, spec.uid))
+    r = sbx.finish(sb, out, out)
+    assert r.exit_code == 3, r.out
+    report = json.loads(r.out)
+    assert report["env"] == env and report["fds"] in ([0, 1, 2], [0, 1, 2, 3])
