@@ -71,7 +71,11 @@ FORMATS = ("tar.gz", "zip")
 # is received, so an upload holds at most about two of them in memory.
 SPOOL_CHUNK = 1024 * 1024
 READ_CHUNK = 256 * 1024
-MAX_NAME = 4096
+# A path in a bundle leaves room under PATH_MAX (4096) for the store's own directory, and is
+# at most MAX_DEPTH directories deep: deeper trees could not be removed again (os.walk and
+# shutil.rmtree recurse once per level, and Python's recursion limit is 1000).
+MAX_NAME = 3072
+MAX_DEPTH = 256
 MAX_COMPONENT = 255
 MAX_LINK_TARGET = 4095
 MAX_SYMLINK_HOPS = 40
@@ -276,8 +280,8 @@ class _Tree:
     # -- checks ----------------------------------------------------------------------------------
     def name(self, raw: str, *, is_dir: bool = False) -> str:
         """The normalized relative path of an entry, or BundleError saying what is wrong."""
-        if not raw or "\0" in raw or len(raw) > MAX_NAME:
-            raise _refuse(raw[:200], "empty, over-long or NUL in the path")
+        if not raw or "\0" in raw or len(raw.encode("utf-8", "surrogateescape")) > MAX_NAME:
+            raise _refuse(raw[:200], f"empty, over-long (over {MAX_NAME} bytes) or NUL in the path")
         if raw.startswith("/"):
             raise _refuse(raw, "absolute paths are not allowed")
         parts = [p for p in raw.split("/") if p not in ("", ".")]
@@ -285,6 +289,8 @@ class _Tree:
             raise _refuse(raw, "'..' in a path is not allowed")
         if any(len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for p in parts):
             raise _refuse(raw, f"a path component is longer than {MAX_COMPONENT} bytes")
+        if len(parts) > MAX_DEPTH:
+            raise _refuse(raw[:200], f"more than {MAX_DEPTH} levels deep")
         if not parts:
             if is_dir:
                 return ""

@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 
 from gateway.admin import start_admin_server
-from gateway.bundles import BundleError, BundleLimits, BundleStore, DeployError, extract
+from gateway.bundles import (
+    MAX_DEPTH,
+    BundleError,
+    BundleLimits,
+    BundleStore,
+    DeployError,
+    extract,
+    remove_tree,
+)
 from gateway.client import AdminClient
 from gateway.config import GatewayConfig
 from gateway.deploy import DeployApi
@@ -110,6 +118,15 @@ def test_other_zip_compression_methods_are_read(tmp_path: Path) -> None:
         archive.write_bytes(buf.getvalue())
         extract(archive, "zip", out, BundleLimits())
         assert (out / "app.py").read_bytes() == b"x = 1\n" * 100
+
+
+def test_the_deepest_tree_allowed_is_extracted_and_removed(tmp_path: Path) -> None:
+    name = "a/" * (MAX_DEPTH - 1) + "f"
+    (tmp_path / "archive").write_bytes(targz(M(), F(name, b"deep")))
+    extract(tmp_path / "archive", "tar.gz", tmp_path / "out", BundleLimits())
+    assert (tmp_path / "out" / name).read_bytes() == b"deep"
+    remove_tree(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["archive"]
 
 
 # -- refusals against a serving branch -----------------------------------------------------------

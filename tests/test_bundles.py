@@ -163,6 +163,10 @@ REFUSED_ENTRIES: dict[str, tuple[tuple[E, ...], str]] = {
     "file-then-child": ((M(), F("a", b"1"), F("a/b", b"2")), "its parent 'a' is a file"),
     "symlink-then-dir": ((M(), E("a", "sym", target="."), E("a", "dir")), "twice"),
     "manifest-twice": ((M(), M(b'runtime = "static"\n')), "twice"),
+    # Deep trees could not be removed again (os.walk and shutil.rmtree recurse per level; 1500
+    # levels fit in the name length), and long names would pass PATH_MAX under the store.
+    "too-deep": ((M(), F("a/" * 300 + "f", b"x")), "levels deep"),
+    "too-long": ((M(), F(("d" * 250 + "/") * 13 + "f", b"x")), "over-long"),
 }
 TAR_ONLY: dict[str, tuple[tuple[E, ...], str]] = {
     "hardlink-outside": ((M(), E("h", "hard", target="../../etc/passwd")), "leaves the bundle"),
