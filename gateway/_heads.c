@@ -49,20 +49,40 @@ init_tables(void)
 /* Header names the gateway acts on. */
 enum { ORDINARY = 0, HOST, CONTENT_LENGTH, SPECIAL };
 
-/* Whether the `len` bytes at `s` are `lower` (a lowercase name), ignoring ASCII case. */
-static int
-name_is(const unsigned char *s, Py_ssize_t len, const char *lower)
+/* Whether the `len` bytes at `s` are `lower` (a lowercase name), ignoring ASCII case; with
+ * `twin`, reading "_" as "-" too. */
+static inline int
+name_matches(const unsigned char *s, Py_ssize_t len, const char *lower, int twin)
 {
     for (Py_ssize_t i = 0; i < len; i++) {
         unsigned char c = s[i];
         if (c >= 'A' && c <= 'Z') {
             c += 32;
         }
+        else if (twin && c == '_') {
+            c = '-';
+        }
         if (c != (unsigned char)lower[i]) {
             return 0;
         }
     }
     return 1;
+}
+
+/* A response header name is what it says (llhttp frames by exactly these names). */
+static int
+name_is(const unsigned char *s, Py_ssize_t len, const char *lower)
+{
+    return name_matches(s, len, lower, 0);
+}
+
+/* A request header name, or its twin with "_" for "-": WSGI servers name "X_Forwarded_For"
+ * and "X-Forwarded-For" alike, so the twin of a header the gateway acts on takes the parsing
+ * path too (which drops it). */
+static int
+twin_is(const unsigned char *s, Py_ssize_t len, const char *lower)
+{
+    return name_matches(s, len, lower, 1);
 }
 
 static int
@@ -78,30 +98,30 @@ starts_proxy(const unsigned char *s, Py_ssize_t len)
 static int
 request_header_kind(const unsigned char *s, Py_ssize_t len)
 {
-    if (starts_proxy(s, len)) {
+    if (len >= 6 && twin_is(s, 6, "proxy-")) {
         return SPECIAL;
     }
     switch (len) {
     case 2:
-        return name_is(s, 2, "te") ? SPECIAL : ORDINARY;
+        return twin_is(s, 2, "te") ? SPECIAL : ORDINARY;
     case 4:
-        return name_is(s, 4, "host") ? HOST : ORDINARY;
+        return twin_is(s, 4, "host") ? HOST : ORDINARY;
     case 6:
-        return name_is(s, 6, "expect") ? SPECIAL : ORDINARY;
+        return twin_is(s, 6, "expect") ? SPECIAL : ORDINARY;
     case 7:
-        return name_is(s, 7, "trailer") || name_is(s, 7, "upgrade") ? SPECIAL : ORDINARY;
+        return twin_is(s, 7, "trailer") || twin_is(s, 7, "upgrade") ? SPECIAL : ORDINARY;
     case 9:
-        return name_is(s, 9, "forwarded") ? SPECIAL : ORDINARY;
+        return twin_is(s, 9, "forwarded") ? SPECIAL : ORDINARY;
     case 10:
-        return name_is(s, 10, "connection") || name_is(s, 10, "keep-alive") ? SPECIAL : ORDINARY;
+        return twin_is(s, 10, "connection") || twin_is(s, 10, "keep-alive") ? SPECIAL : ORDINARY;
     case 14:
-        return name_is(s, 14, "content-length") ? SPECIAL : ORDINARY;
+        return twin_is(s, 14, "content-length") ? SPECIAL : ORDINARY;
     case 15:
-        return name_is(s, 15, "x-forwarded-for") ? SPECIAL : ORDINARY;
+        return twin_is(s, 15, "x-forwarded-for") ? SPECIAL : ORDINARY;
     case 16:
-        return name_is(s, 16, "x-forwarded-host") ? SPECIAL : ORDINARY;
+        return twin_is(s, 16, "x-forwarded-host") ? SPECIAL : ORDINARY;
     case 17:
-        return name_is(s, 17, "transfer-encoding") || name_is(s, 17, "x-forwarded-proto")
+        return twin_is(s, 17, "transfer-encoding") || twin_is(s, 17, "x-forwarded-proto")
                    ? SPECIAL
                    : ORDINARY;
     }

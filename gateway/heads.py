@@ -40,12 +40,13 @@ _NO_CALLBACKS = object()  # a protocol with no callbacks: llhttp validates, Pyth
 # Run over the lowercased head. Every header line starts right after "\n" (llhttp's strict mode
 # refuses bare LF and obs-fold), so one scan sees every header name: a Host with a plain value
 # yields that value; the empty line that ends the head, and any header that needs the parsing
-# path (framing, hop-by-hop, forwarded, Expect, an unusual Host), yield b"". The pattern starts
+# path (framing, hop-by-hop, forwarded, Expect, an unusual Host, and the twins of those names
+# with "_" for "-", which the parsing path drops), yield b"". The pattern starts
 # with a literal "\n" so the regex engine jumps from line to line.
 _PLAIN_SCAN = re.compile(
-    rb"\n(?:\r\n|host:[ \t]*([!-~]+)\r|proxy-[^:\r\n]*:"
-    rb"|(?:host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
-    rb"|upgrade|expect|x-forwarded-for|x-forwarded-host|x-forwarded-proto|forwarded)[ \t]*:)"
+    rb"\n(?:\r\n|host:[ \t]*([!-~]+)\r|proxy[-_][^:\r\n]*:"
+    rb"|(?:host|content[-_]length|transfer[-_]encoding|connection|keep[-_]alive|te|trailer"
+    rb"|upgrade|expect|x[-_]forwarded[-_](?:for|host|proto)|forwarded)[ \t]*:)"
 )
 # One scan over a response head: a plain Content-Length yields its digits; a header that sends
 # the response down the parsing path (hop-by-hop, Transfer-Encoding, an odd Content-Length)

@@ -544,6 +544,10 @@ class ClientConnection(asyncio.Protocol):
             return  # a trailer field (after a chunked body): counted, never forwarded
         lname = name.lower()
         if lname not in _REQ_SPECIAL:
+            if b"_" in lname and lname.replace(b"_", b"-") in _REQ_SPECIAL:
+                # "X_Forwarded_For" and the like: WSGI servers read it as X-Forwarded-For (and
+                # a2wsgi joins the two), so it is dropped like the header it would pass for.
+                return
             ex.lines.append(name + b": " + value + b"\r\n")
             return
         if lname == b"host":

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import pytest
 from httptools import HttpParserError, HttpRequestParser
 
+from gateway import heads
 from gateway.instances import MAX_UPSTREAM_CONNECTIONS
 from gateway.proxy import Exchange, _chunked_last
 from tests.conftest import Gateway, make_gateway
@@ -586,6 +587,34 @@ def test_odd_but_valid_heads_are_forwarded_alike_on_both_paths(request_bytes: by
         b"\r\n\r\n"
     )
     assert to_client == b"" and not closed
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"X_Forwarded_For: 6.6.6.6",
+        b"x_forwarded_host: evil.localhost",
+        b"X-Forwarded_Proto: https",
+        b"Content_Length: 5",
+        b"Transfer_Encoding: chunked",
+        b"Keep_Alive: 5",
+        b"Proxy_Authorization: Basic eA==",
+    ],
+)
+def test_underscore_twins_of_headers_the_gateway_owns_are_not_forwarded(line: bytes) -> None:
+    """WSGI (and CGI-style) servers name headers HTTP_X_FORWARDED_FOR whether they came with
+    dashes or underscores, and a2wsgi (the python-wsgi runtime) joins the two: a client's
+    "X_Forwarded_For: 6.6.6.6" would reach the app as "6.6.6.6,<real peer>". A header whose
+    name is one the gateway sets or strips once underscores are read as dashes is dropped
+    (nginx drops every name with an underscore by default)."""
+    request = b"GET /x HTTP/1.1\r\nHost: bench.localhost\r\n" + line + b"\r\nX_Other: 1\r\n\r\n"
+    (to_app, to_client, closed), _ = forward(request)
+    assert line.split(b":")[0] not in to_app, to_app
+    assert b"\r\nX_Other: 1\r\n" in to_app and to_client == b"" and not closed
+    # Neither fast-path classifier takes it (the C one and the Python fallback alike).
+    assert heads.plain_request(request, 8192, FWD) is None
+    assert heads.plain_request_py(request, 8192, FWD) is None
+    assert heads.plain_request_py(request.replace(line, b"X-Other-Twin: 1"), 8192, FWD)
 
 
 @pytest.mark.parametrize(
