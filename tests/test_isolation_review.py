@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -378,3 +379,81 @@ def test_no_tenant_inherits_another_tenants_environment(
         assert inst is not None and inst["last_start"] is not None
         paths.add(inst["last_start"]["path"])
     assert "pool" in paths
+
+
+# -- file descriptors ---------------------------------------------------------------------------
+FD_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+    return out
+
+
+def _host_unix_sockets() -> set[str]:
+    """ "socket:[inode]" of every unnamed Unix socket of the host's (this test's) network
+    namespace: socketpair ends and clients. (A connection a tenant accepted is in the
+    connecting side's namespace too, but it carries the name of the tenant's listener.)"""
+    out = subprocess.run(["ss", "-xaH"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return {f"socket:[{row[5]}]" for row in rows if len(row) > 5 and row[4] == "*"}
+
+
+def test_no_tenant_shares_an_open_file_with_the_gateway_or_fork_server(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """Seen from the host, by open file: a tenant started on each path (pool member after its
+    claim, zygote fork, fresh interpreter, exec'd command) shares no socket, pipe or file with
+    the gateway or the fork server but its log pipe (fds 1 and 2, whose other end the fork
+    server reads): no listener, control channel, claim channel, name file or database."""
+    from tests.test_pools import POOL, find_forkserver, wait_pool
+
+    gw = sandboxed_gateway(gateway_factory, "323000-324999", POOL)
+    code = readable_app(tmp_path, "fds", FD_APP)
+    spec = {"runtime": "python-asgi", "entry": "main:app", "app_dir": code}
+    apps = str(Path(__file__).parent / "apps")
+    gw.put_app("first", spec)
+    assert gw.request("/", host="first.localhost").status == 200
+    wait_pool(gw, lambda p: p["idle"] >= 1)
+    gw.put_app("pooled", spec)
+    gw.put_app("fresh", {**spec, "start": "fresh"})
+    gw.put_app(
+        "cmd", {"runtime": "command", "command": [sys.executable, "echo.py"], "app_dir": apps}
+    )
+    paths = {}
+    for app in ("first", "pooled", "fresh", "cmd"):
+        assert gw.request("/", host=f"{app}.localhost").status == 200
+        inst = gw.instance(app)
+        assert inst is not None and inst["pid"] and inst["last_start"] is not None
+        paths[app] = inst["last_start"]["path"]
+        forkserver = find_forkserver(gw)
+        assert forkserver is not None and gw.proc is not None
+        theirs = set(_fd_targets(forkserver).values()) | set(_fd_targets(gw.proc.pid).values())
+        mine = _fd_targets(inst["pid"])
+        shared = {
+            fd: target
+            for fd, target in mine.items()
+            if target in theirs and target.startswith(("socket:", "pipe:"))  # by inode
+        }
+        assert set(shared) <= {1, 2}, (app, shared)
+        assert all(t.startswith("pipe:") for t in shared.values()), (app, shared)
+        # A socketpair end (a claim channel, a control channel) has another inode than its
+        # peer, but it was made in the host's network namespace, unnamed; the tenant's own
+        # sockets are in its own namespace or named after its listener.
+        host_sockets = _host_unix_sockets()
+        leaked = {fd: t for fd, t in mine.items() if t in host_sockets}
+        assert leaked == {}, (app, leaked)
+        files = {t for t in mine.values() if t.startswith("/")}
+        assert files <= {"/dev/null"}, (app, files)  # its own /dev/null, nothing of the host
+    assert paths["pooled"] == "pool" and paths["fresh"] == "fresh", paths
