@@ -80,7 +80,10 @@ MAX_COMPONENT = 255
 MAX_LINK_TARGET = 4095
 MAX_SYMLINK_HOPS = 40
 # A pax or GNU long-name header is read whole by tarfile: bound it before it is read.
-MAX_TAR_META = 1024 * 1024
+MAX_TAR_META = 64 * 1024
+# Global pax headers are merged into one dict that tarfile copies into every later member:
+# bound them in all (`git archive` writes one of about 50 bytes).
+MAX_TAR_GLOBAL_META = 16 * 1024
 DEFAULT_MAX_RATIO = 200
 DEFAULT_RATIO_FLOOR = 16 * 1024**2
 _SPECIAL_BITS = ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"), (stat.S_ISVTX, "sticky"))
@@ -256,6 +259,13 @@ class _GuardedTarInfo(tarfile.TarInfo):
         meta = (GNUTYPE_LONGNAME, GNUTYPE_LONGLINK, XHDTYPE, XGLTYPE, SOLARIS_XHDTYPE)
         if self.type in meta and self.size > MAX_TAR_META:
             raise _refuse(self.name, f"metadata header larger than {MAX_TAR_META} bytes")
+        if self.type == XGLTYPE:
+            seen = getattr(tarfile, "dorm_global_meta", 0) + self.size
+            tarfile.dorm_global_meta = seen
+            if seen > MAX_TAR_GLOBAL_META:
+                raise _refuse(
+                    self.name, f"global metadata headers larger than {MAX_TAR_GLOBAL_META} bytes"
+                )
         return super()._proc_member(tarfile)  # type: ignore[misc]
 
 
@@ -448,7 +458,10 @@ def _extract_tar(archive: Path, tree: _Tree, limits: BundleLimits) -> None:
         reader = _LimitedReader(gz, cap)
         stream: Any = reader  # tarfile only calls read(); the stubs want a full file object
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_GuardedTarInfo, errorlevel=2) as tf:
-            for member in tf:
+            while (member := tf.next()) is not None:
+                # tarfile keeps every member it has read, pax headers and all (hundreds of MB
+                # from an archive of a few hundred KB); extraction needs only the current one.
+                tf.members.clear()  # type: ignore[attr-defined]
                 _tar_member(tf, member, tree)
         # Read to the end of the gzip stream: a truncated or corrupt archive must fail even
         # when the damage is after the tar end marker.

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import io
 import os
 import shutil
 import struct
 import subprocess
+import sys
+import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -127,6 +130,90 @@ def test_the_deepest_tree_allowed_is_extracted_and_removed(tmp_path: Path) -> No
     assert (tmp_path / "out" / name).read_bytes() == b"deep"
     remove_tree(tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["archive"]
+
+
+def pax_heavy_targz(members: int, header: int) -> bytes:
+    """A tar.gz of `members` empty files, each with a pax comment of `header` bytes (which
+    compress to almost nothing)."""
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tf,
+    ):
+        info = tarfile.TarInfo("dorm.toml")
+        info.size = len(MANIFEST)
+        tf.addfile(info, io.BytesIO(MANIFEST))
+        for i in range(members):
+            info = tarfile.TarInfo(f"f{i}")
+            info.pax_headers = {"comment": "a" * header}
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+MEASURE = """
+import sys
+from pathlib import Path
+from gateway.bundles import BundleLimits, extract
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+before = peak_kib()
+extract(Path(sys.argv[1]), "tar.gz", Path(sys.argv[2]), BundleLimits())
+print((peak_kib() - before) // 1024)
+"""
+
+
+def test_tar_metadata_is_not_kept_in_memory(tmp_path: Path) -> None:
+    """300 members with 60 KB pax headers each: 18 MB of metadata from an archive of a few
+    hundred KB (with 1 MB headers, 300 MB). tarfile keeps every member it read (pax headers
+    included) unless told not to; the extraction must hold about one at a time."""
+    data = pax_heavy_targz(300, 60_000)
+    assert len(data) < 1 << 20
+    (tmp_path / "archive").write_bytes(data)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "archive"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 8, f"peak RSS grew by {out.stdout.strip()} MiB"
+
+
+def test_oversized_tar_metadata_is_refused(tmp_path: Path) -> None:
+    """One pax header over 64 KiB, or global pax headers (which tarfile merges and copies
+    into every member) over 16 KiB in all."""
+    manifest = tarfile.TarInfo("dorm.toml")
+    manifest.size = len(MANIFEST)
+    member = manifest.tobuf(tarfile.PAX_FORMAT) + MANIFEST + bytes(512 - len(MANIFEST) % 512)
+    globals_ = b"".join(
+        tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
+            {f"k{i}": "v" * 5000}, tarfile.XGLTYPE, "utf-8"
+        )
+        for i in range(4)
+    )
+    cases = {
+        "one big pax header": pax_heavy_targz(1, 70_000),
+        "global headers": gzip.compress(member + globals_ + bytes(1024)),
+    }
+    for case, data in cases.items():
+        (tmp_path / "archive").write_bytes(data)
+        with pytest.raises(BundleError) as info:
+            extract(tmp_path / "archive", "tar.gz", tmp_path / "out", BundleLimits())
+        assert info.value.status == 400, case
+        assert "metadata" in info.value.message, case
+        assert sorted(os.listdir(tmp_path)) == ["archive"], case
+    # A single small global header, as `git archive` writes, is fine.
+    one = tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
+        {"comment": "0" * 40}, tarfile.XGLTYPE, "utf-8"
+    )
+    (tmp_path / "archive").write_bytes(gzip.compress(one + member + bytes(1024)))
+    extract(tmp_path / "archive", "tar.gz", tmp_path / "out", BundleLimits())
+    assert (tmp_path / "out" / "dorm.toml").read_bytes() == MANIFEST
 
 
 # -- refusals against a serving branch -----------------------------------------------------------
