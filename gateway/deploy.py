@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +49,7 @@ from gateway.bundles import (
     upload_format,
 )
 from gateway.config import GatewayConfig, split_host_port
+from gateway.forkserver import remove_tree
 from gateway.registry import DEFAULT_BRANCH, BundleRecord, Registry
 
 log = logging.getLogger("dorm.deploy")
@@ -358,7 +358,7 @@ class DeployApi:
         The caller holds the branch's lock."""
         await self.registry.delete_branch(app, branch)
         await self.instances.branch_changed(app, branch)
-        await asyncio.to_thread(shutil.rmtree, self.volumes / app / branch, True)
+        await asyncio.to_thread(remove_tree, self.volumes / app / branch)  # any depth
         self.request_gc()
 
     async def delete_app(self, req: Request) -> Response:
@@ -371,7 +371,7 @@ class DeployApi:
             # Forget it first so no new request is routed to it, then stop what is running.
             await self.registry.delete_app(app)
             await self.instances.app_removed(app)
-        await asyncio.to_thread(shutil.rmtree, self.volumes / app, True)
+        await asyncio.to_thread(remove_tree, self.volumes / app)  # the tenant's tree: any depth
         self.request_gc()
         return json_response(200, {"deleted": app})
 

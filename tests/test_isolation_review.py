@@ -457,3 +457,52 @@ def test_no_tenant_shares_an_open_file_with_the_gateway_or_fork_server(
         files = {t for t in mine.values() if t.startswith("/")}
         assert files <= {"/dev/null"}, (app, files)  # its own /dev/null, nothing of the host
     assert paths["pooled"] == "pool" and paths["fresh"] == "fresh", paths
+
+
+# -- /data volumes deleted with their app -----------------------------------------------------
+DEEP_VOLUME = """
+import asyncio, os
+
+async def handle(reader, writer):
+    head = await reader.readuntil(b"\\r\\n\\r\\n")
+    if b"GET /fill " in head:
+        open("/data/secret", "w").write("the first tenant's data")
+        os.chdir("/data")
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+        os.chdir("/")
+    body = str(sorted(os.listdir("/data"))).encode()
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def test_deleting_an_app_deletes_a_deep_volume(gateway_factory: Any, tmp_path: Path) -> None:
+    """A tenant's volume holds whatever it wrote, a 3,000-deep directory chain included: deleting
+    the app must delete it all, so a new app of the same name starts with an empty /data."""
+    from gateway.forkserver import remove_tree
+
+    gw = sandboxed_gateway(gateway_factory)
+    spec = command_app(tmp_path, "vol", DEEP_VOLUME, volume=True)
+    gw.put_app("reused", spec)
+    volume = gw.data_dir / "volumes" / "reused"
+    try:
+        filled = gw.request("/fill", host="reused.localhost", timeout=60)
+        assert (filled.status, filled.body) == (200, b"['d', 'secret']")
+        status, body = gw.admin("DELETE", "/v1/apps/reused")
+        assert status == 200, body
+        assert not volume.exists()
+        gw.put_app("reused", spec)  # someone else's app, by the same name
+        fresh = gw.request("/", host="reused.localhost")
+        assert (fresh.status, fresh.body) == (200, b"[]")
+    finally:
+        remove_tree(volume)
