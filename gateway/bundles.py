@@ -84,6 +84,10 @@ MAX_TAR_META = 64 * 1024
 # Global pax headers are merged into one dict that tarfile copies into every later member:
 # bound them in all (`git archive` writes one of about 50 bytes).
 MAX_TAR_GLOBAL_META = 16 * 1024
+# zipfile reads a zip's whole central directory into memory, then each entry's name, extra
+# field and comment again: bound it by this plus 1 KiB per allowed entry (a real directory
+# takes some 100-300 bytes an entry).
+ZIP_DIRECTORY_BASE = 16 * 1024**2
 DEFAULT_MAX_RATIO = 200
 DEFAULT_RATIO_FLOOR = 16 * 1024**2
 _SPECIAL_BITS = ((stat.S_ISUID, "setuid"), (stat.S_ISGID, "setgid"), (stat.S_ISVTX, "sticky"))
@@ -502,6 +506,11 @@ def _zip_count(fp: IO[bytes], limits: BundleLimits) -> None:
         start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
     if start < 0 or offset_cd < 0:
         raise BundleError(400, "bundle", "not a valid zip archive (bad central directory)")
+    max_directory = ZIP_DIRECTORY_BASE + limits.max_files * 1024
+    if size_cd > max_directory:
+        raise BundleError(
+            413, "bundle", f"the zip's central directory is larger than {max_directory} bytes"
+        )
     fp.seek(start)
     seen = count = 0
     header = zipfile.sizeCentralDir  # type: ignore[attr-defined]

@@ -216,6 +216,25 @@ def test_oversized_tar_metadata_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "dorm.toml").read_bytes() == MANIFEST
 
 
+def test_an_oversized_zip_central_directory_is_refused(tmp_path: Path) -> None:
+    """zipfile reads the whole central directory into memory, and then each entry's comment
+    and extra field again: a directory of 60 KB comments is refused by its size, before that."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("dorm.toml", MANIFEST)
+        for i in range(300):
+            entry = zipfile.ZipInfo(f"f{i}")
+            entry.comment = b"c" * 60_000
+            zf.writestr(entry, b"")
+    (tmp_path / "archive").write_bytes(buf.getvalue())
+    limits = BundleLimits(max_files=400)
+    with pytest.raises(BundleError) as info:
+        extract(tmp_path / "archive", "zip", tmp_path / "out", limits)
+    assert info.value.status == 413
+    assert "central directory is larger than" in info.value.message
+    assert sorted(os.listdir(tmp_path)) == ["archive"]
+
+
 # -- refusals against a serving branch -----------------------------------------------------------
 REFUSALS: dict[str, tuple[bytes, int, str]] = {
     "traversal": (targz(M(), F("../../evil", b"x")), 400, "bundle"),
