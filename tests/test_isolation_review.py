@@ -506,3 +506,55 @@ def test_deleting_an_app_deletes_a_deep_volume(gateway_factory: Any, tmp_path: P
         assert (fresh.status, fresh.body) == (200, b"[]")
     finally:
         remove_tree(volume)
+
+
+# -- log flooding ---------------------------------------------------------------------------------
+FLOOD = """
+import asyncio, os, threading
+
+def flood():
+    line = b"x" * 4095 + b"\\n"
+    while True:
+        os.write(1, line * 16)
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nflood")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    threading.Thread(target=flood, daemon=True).start()
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def test_a_flooded_log_stays_within_its_cap_and_others_still_start(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    gw: Gateway = gateway_factory(
+        'isolation = "auto"\nuid_range = "325000-325999"\nlog_max_bytes = "64KiB"\nlog_keep = 2'
+    )
+    gw.put_app("flood", command_app(tmp_path, "flood", FLOOD))
+    assert gw.request("/", host="flood.localhost").status == 200
+    logs = gw.data_dir / "logs" / "flood" / "main"
+    deadline = time.monotonic() + 30
+    while not (logs / "instance.log.2").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (logs / "instance.log.2").exists()  # it has rotated through all it may keep
+    apps = str(Path(__file__).parent / "apps")
+    for n in range(3):  # the fork server that pumps the flood still starts other tenants
+        gw.put_app(
+            f"calm{n}",
+            {"runtime": "command", "command": [sys.executable, "echo.py"], "app_dir": apps},
+        )
+        assert gw.request("/", host=f"calm{n}.localhost", timeout=30).status == 200
+    assert gw.admin("POST", "/v1/apps/flood/stop")[0] == 200
+    gw.wait_state("flood", "cold")  # the log is still now: measure it
+    files = list(logs.iterdir())
+    assert {p.name for p in files} <= {"instance.log", "instance.log.1", "instance.log.2"}
+    assert sum(p.stat().st_size for p in files) <= 3 * 64 * 1024
