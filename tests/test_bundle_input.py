@@ -640,3 +640,24 @@ def test_app_spec_put_during_a_creating_deploy(race: RaceHarness) -> None:
     assert answers[0][0] == 201, answers
     assert answered[0][0] == 200, answered  # it found the app the deploy created
     assert race.coherent()["apps"] == ["fresh"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"network": "egress"}, "manifest.network"),
+        ({"volume": True}, "manifest.volume"),
+        ({"app_dir": "/etc"}, "manifest.app_dir"),
+        ({"isolation": "process"}, "manifest.isolation"),
+    ],
+)
+def test_a_deploy_cannot_create_an_app_with_operator_grants(
+    race: RaceHarness, extra: dict[str, Any], field: str
+) -> None:
+    """A first deploy creates the app from its manifest, but never with what only an operator
+    may grant (egress, a volume, a host directory, no sandbox). (Limits above the defaults
+    are not refused but capped: tests/test_deploy.py pins that.)"""
+    status, body = race.deploy("new", "main", site_bundle("v1", **extra))
+    assert (status, body["error"]["field"]) == (400, field), body
+    assert race.coherent() == {"apps": [], "branches": {}}
+    assert list((race.data_dir / "bundles" / "tmp").iterdir()) == []
