@@ -172,6 +172,21 @@ def upload_format(query: dict[str, str]) -> str | None:
     return fmt
 
 
+_SINGLE_HEADERS = ("content-type", "x-content-sha256", "digest", "content-digest")
+
+
+def upload_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """An upload's headers by lower-cased name. The ones an upload is checked by (its digest,
+    its content type) may be given once: which of two would count is ambiguous."""
+    headers: dict[str, str] = {}
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if name in headers and name in _SINGLE_HEADERS:
+            raise BundleError(400, name, "given more than once")
+        headers[name] = value.decode("latin-1")
+    return headers
+
+
 def check_content_type(headers: dict[str, str]) -> None:
     """Refuse an archive sent as a form (curl -F, an HTML form): the body must be the archive's
     bytes. Any other Content-Type is not consulted, since the format is named or sniffed
@@ -959,4 +974,5 @@ __all__ = [
     "remove_tree",
     "sniff_format",
     "upload_format",
+    "upload_headers",
 ]

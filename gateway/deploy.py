@@ -47,6 +47,7 @@ from gateway.bundles import (
     Extracted,
     check_content_type,
     upload_format,
+    upload_headers,
 )
 from gateway.config import GatewayConfig, split_host_port
 from gateway.forkserver import remove_tree
@@ -128,9 +129,9 @@ class DeployApi:
     async def upload(self, req: Request) -> Response:
         """Receive an archive, validate it, and make it the branch's current bundle."""
         app, branch = req.params["app"], req.params["branch"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         assert req.stream is not None
         try:
+            headers = upload_headers(req.headers)
             check_content_type(headers)
             fmt = upload_format(req.query)
             spooled = await self.store.receive(req.stream, headers)

@@ -44,6 +44,7 @@ from gateway.bundles import (
     Extracted,
     check_content_type,
     upload_format,
+    upload_headers,
 )
 from gateway.names import InvalidName, check_branch_name
 from gateway.registry import Registry
@@ -175,10 +176,10 @@ class RuntimeApi:
     async def upload(self, req: Request) -> Response:
         """Receive a runtime bundle, validate it, and make it the runtime `name`."""
         name = check_runtime_name(req.params["name"])
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req.headers}
         assert req.stream is not None
         extracted: Extracted | None = None
         try:
+            headers = upload_headers(req.headers)
             check_content_type(headers)
             fmt = upload_format(req.query)
             spooled = await self.store.receive(req.stream, headers)

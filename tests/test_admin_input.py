@@ -10,6 +10,8 @@ tests/test_bundle_input.py."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import logging
 import os
@@ -602,4 +604,36 @@ def test_content_length_with_transfer_encoding_is_refused(srv: UploadHarness) ->
     assert (status, error_field(answer)) == (400, "request")
     assert headers["connection"] == "close"
     assert raw.count(b"HTTP/1.1 ") == 1
+    assert srv.state() == before
+
+
+@pytest.mark.parametrize("name", [b"x-content-sha256", b"digest", b"content-type"])
+def test_an_upload_header_given_twice_is_refused(srv: UploadHarness, name: bytes) -> None:
+    """Which of two digests (or content types) counts would be ambiguous: neither does."""
+    data = targz(M(), F("app.py", b"twice"))
+    digest = hashlib.sha256(data).digest()
+    value = {
+        b"x-content-sha256": digest.hex().encode(),
+        b"digest": b"sha-256=" + base64.b64encode(digest),
+        b"content-type": b"application/gzip",
+    }[name]
+    before = srv.state()
+    raw = srv.raw(
+        UPLOAD
+        + b"connection: close\r\n"
+        + auth(srv)
+        + name
+        + b": "
+        + value
+        + b"\r\n"
+        + name
+        + b": "
+        + value
+        + b"\r\n"
+        + b"content-length: %d\r\n\r\n" % len(data)
+        + data
+    )
+    status, _, body = split(raw)
+    assert (status, error_field(body)) == (400, name.decode()), body
+    assert "more than once" in orjson.loads(body)["error"]["message"]
     assert srv.state() == before
