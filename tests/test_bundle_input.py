@@ -255,6 +255,15 @@ REFUSALS: dict[str, tuple[bytes, int, str]] = {
 }
 
 
+def data_files(gw: Gateway) -> list[str]:
+    """Every path in the data dir but the instance logs and SQLite's files, which change."""
+    return sorted(
+        str(p.relative_to(gw.data_dir))
+        for p in gw.data_dir.rglob("*")
+        if not p.name.startswith("dorm.sqlite") and "logs" not in p.relative_to(gw.data_dir).parts
+    )
+
+
 def test_refusals_leave_the_old_version_serving(gateway_factory: Any) -> None:
     gw: Gateway = gateway_factory(BUNDLE_LIMITS)
     gw.put_app("site", site_spec(gw))
@@ -263,10 +272,12 @@ def test_refusals_leave_the_old_version_serving(gateway_factory: Any) -> None:
     serving = fetch(gw, "feat--site.localhost")
     assert serving.startswith("v1 feat ")
     before = state(gw)
+    files = data_files(gw)
     for case, (data, code, field) in REFUSALS.items():
         status, answer = upload(gw, "site", "feat", data)
         assert (status, answer["error"]["field"]) == (code, field), (case, answer)
         assert state(gw) == before, case
+        assert data_files(gw) == files, case
     form = {"Content-Type": "multipart/form-data; boundary=x"}
     status, answer = upload(gw, "site", "feat", site_bundle("v2"), headers=form)
     assert (status, answer["error"]["field"]) == (415, "content-type"), answer
