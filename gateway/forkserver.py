@@ -1141,6 +1141,7 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     is empty. Every step is relative to a directory fd opened with O_NOFOLLOW: a symlink
     anywhere in the tree is removed as a name, never followed."""
     path = os.fspath(path)
+    _unmount(path, os.path.dirname(path) or ".")
     try:
         top = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
@@ -1158,6 +1159,26 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         os.rmdir(path)
 
 
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+
+def _unmount(path: str, parent: str) -> None:
+    """Detach the mount at `path` if it is a mount point (a socket dir is a tmpfs of its own:
+    sandboxes.prepare_socket_dir); `parent` is where its st_dev is compared (a path, or a
+    /proc/self/fd link to a directory fd). Never follows a symlink at `path`."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_dev == os.stat(parent).st_dev:
+            return
+    except OSError:
+        return
+    if _libc.umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
+        _say(f"cannot unmount {path}: {os.strerror(ctypes.get_errno())}")
+
+
 def _entries(fd: int) -> list[tuple[str, bool]]:
     """(name, is a directory, not following symlinks) of each entry of the directory `fd`."""
     with os.scandir(fd) as it:
@@ -1166,6 +1187,11 @@ def _entries(fd: int) -> list[tuple[str, bool]]:
 
 def _empty_dir(top: int) -> None:
     names = itertools.count()
+    here = f"/proc/self/fd/{top}"
+    with contextlib.suppress(OSError):
+        for name, is_dir in _entries(top):
+            if is_dir:  # a member's socket dir in the pool's dir is a mount point: detach it
+                _unmount(f"{here}/{name}", here)
     while True:
         try:
             entries = _entries(top)

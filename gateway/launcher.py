@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from gateway.forkserver import FRAME, MAX_FRAME, encode_frame
+from gateway.forkserver import FRAME, MAX_FRAME, encode_frame, remove_tree
 
 log = logging.getLogger("dorm.launcher")
 
@@ -161,6 +161,9 @@ class Launcher:
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
+        # Each spawn's run dir, until the fork server has removed it: if it dies first, the
+        # gateway does (a sandbox's run dir is a tmpfs mounted on the host).
+        self._run_dirs: dict[str, str] = {}
         self._abandoned: set[str] = set()  # spawns `spawn` stopped waiting for, not yet over
         self._closing = False
         self._up = asyncio.Event()  # set while a fork server is running and connected
@@ -253,6 +256,7 @@ class Launcher:
             "path": spec.env.get("PATH"),
         }
         self._send_env(spec.id, spec.env)
+        self._run_dirs[spec.id] = spec.run_dir
         if spec.sandbox is not None and spec.pool is not None:
             self._remember_shape(spec)
         self._writer.write(encode_frame(message))
@@ -446,7 +450,9 @@ class Launcher:
             elif instance_id in self._abandoned:  # given up on, and never started: over
                 self._abandoned.discard(instance_id)
                 self._on_exit(instance_id, ExitInfo(None, None))
+            self._run_dirs.pop(instance_id, None)
         elif ev == "exited":
+            self._run_dirs.pop(instance_id, None)
             self._running.discard(instance_id)
             self._abandoned.discard(instance_id)
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
@@ -466,6 +472,10 @@ class Launcher:
         abandoned, self._abandoned = self._abandoned, set()
         for instance_id in running | abandoned:  # the fork server's sandboxes die with it
             self._on_exit(instance_id, ExitInfo(None, None, lost=True))
+        run_dirs, self._run_dirs = self._run_dirs, {}
+        for run_dir in run_dirs.values():  # the dead fork server cannot remove them any more
+            with contextlib.suppress(OSError):
+                remove_tree(run_dir)
 
     async def _reap_proc(self) -> None:
         proc = self._proc

@@ -766,8 +766,29 @@ def _limits(spec: SandboxSpec) -> cgroups.Limits:
     )
 
 
+SOCKET_DIR_SIZE: Final = 1 << 20  # bytes a tenant may keep in its /run/dorm
+SOCKET_DIR_INODES: Final = 256  # and files (a socket, the name files, a pid file...)
+
+
 def prepare_socket_dir(path: str, uid: int, gid: int | None = None) -> None:
-    """Create the per-instance socket dir owned by the instance uid, mode 0700 (host side)."""
+    """Create the per-instance socket dir owned by the instance uid, mode 0700 (host side).
+
+    As root it is a tmpfs of its own, mounted on the host at `path` (SOCKET_DIR_SIZE bytes,
+    SOCKET_DIR_INODES files, nosuid nodev noexec): the tenant writes there, and a directory of
+    the host's filesystem let it fill the host's disk (RLIMIT_FSIZE caps a file, not how many;
+    a tenant with a 256 MiB memory limit wrote 256 MiB to the gateway's disk in the test). Its
+    pages are charged to whoever writes them: the tenant's memory cgroup. Whoever removes the
+    dir unmounts it first (gateway.forkserver.remove_tree)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chown(path, uid, uid if gid is None else gid)
+    gid = uid if gid is None else gid
+    if os.geteuid() == 0 and not os.path.ismount(path):
+        options = f"size={SOCKET_DIR_SIZE},nr_inodes={SOCKET_DIR_INODES},mode=0700"
+        libc.mount(
+            b"tmpfs",
+            path.encode(),
+            b"tmpfs",
+            libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+            f"{options},uid={uid},gid={gid}".encode(),
+        )
+    os.chown(path, uid, gid)
     os.chmod(path, 0o700)

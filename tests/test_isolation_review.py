@@ -200,20 +200,31 @@ def test_volume_chown_fallback_never_follows_a_swapped_in_symlink(tmp_path: Path
 
 
 # -- what a tenant leaves in its socket dir ---------------------------------------------------
-# A tenant that leaves a chain of nested directories in its socket dir, deeper than Python's
-# recursion limit (nothing limits it: the dir is on the host's filesystem, `mkdir d; cd d`).
+# A tenant that leaves a chain of nested directories in its socket dir (`mkdir d; cd d`), as
+# deep as it can: 3,000 levels (past Python's recursion limit) when the dir was a directory of
+# the host's filesystem; its inode cap stops it at a few hundred now, but the removal must not
+# depend on that (rootless sandboxes get a plain directory; volumes have no cap).
 DEEP = """
 import asyncio, os
-os.chdir("/run/dorm")
-for _ in range(int(os.environ["DEPTH"])):
-    os.mkdir("d")
-    os.symlink("/etc", "etc")  # in the host's view, the host's /etc: never to be followed
-    os.chdir("d")
-os.chdir("/")
+
+def dig():
+    os.chdir("/run/dorm")
+    depth = 0
+    try:
+        for _ in range(int(os.environ["DEPTH"])):
+            os.mkdir("d")
+            os.symlink("/etc", "etc")  # in the host's view, the host's /etc: never followed
+            os.chdir("d")
+            depth += 1
+    except OSError:
+        pass  # the socket dir's inode cap (sandboxes.prepare_socket_dir) stops it first
+    os.chdir("/")
+    return str(depth).encode()
 
 async def handle(reader, writer):
     await reader.readuntil(b"\\r\\n\\r\\n")
-    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 4\\r\\n\\r\\ndeep")
+    body = dig()
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
     await writer.drain()
     writer.close()
 
@@ -282,7 +293,8 @@ def test_deep_tree_left_in_the_socket_dir_kills_nothing(
     gw.put_app("deep", command_app(tmp_path, "deep", DEEP, env={"DEPTH": "3000"}))
     try:
         resp = gw.request("/", host="deep.localhost", timeout=60)
-        assert (resp.status, resp.body) == (200, b"deep")
+        assert resp.status == 200, resp.body
+        assert 100 <= int(resp.body) < 3000  # as deep as the socket dir's inode cap allows
         assert len(set(os.listdir(gw.run_dir)) - before) == 1
         assert gw.admin("POST", "/v1/apps/deep/stop")[0] == 200
         gw.wait_state("deep", "cold")
@@ -558,3 +570,55 @@ def test_a_flooded_log_stays_within_its_cap_and_others_still_start(
     files = list(logs.iterdir())
     assert {p.name for p in files} <= {"instance.log", "instance.log.1", "instance.log.2"}
     assert sum(p.stat().st_size for p in files) <= 3 * 64 * 1024
+
+
+# -- disk: the socket dir ------------------------------------------------------------------------
+FILL_RUN = """
+import asyncio, errno, os
+
+def fill():
+    written = 0
+    try:
+        for n in range(64):  # 64 files of 4 MiB: far over the cap, far under RLIMIT_FSIZE
+            with open(f"/run/dorm/fill{n}", "wb") as fh:
+                for _ in range(4):
+                    fh.write(b"x" * (1 << 20))
+                    fh.flush()
+                    written += 1 << 20
+    except OSError as exc:
+        return written, errno.errorcode[exc.errno]
+    return written, None
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    written, error = fill()
+    body = f"{written} {error}".encode()
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def test_the_socket_dir_cannot_fill_the_hosts_disk(gateway_factory: Any, tmp_path: Path) -> None:
+    """/run/dorm is the tenant's to write, on the host's side of a bind: capped, never the host's
+    filesystem (here the same disk as data_dir, the registry and the logs)."""
+    gw = sandboxed_gateway(gateway_factory)
+    gw.put_app("filler", command_app(tmp_path, "filler", FILL_RUN, limits={"memory": "512MiB"}))
+    resp = gw.request("/", host="filler.localhost", timeout=60)
+    assert resp.status == 200, resp.body
+    written, error = resp.body.decode().split()
+    assert error == "ENOSPC" and int(written) <= 2 << 20, resp.body
+    assert gw.admin("POST", "/v1/apps/filler/stop")[0] == 200
+    gw.wait_state("filler", "cold")
+    deadline = time.monotonic() + 15  # its run dir (a mount of its own) is gone with it
+    while os.listdir(gw.run_dir) != ["pool"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e for e in os.listdir(gw.run_dir) if e != "pool"] == []
+    assert str(gw.run_dir) not in Path("/proc/self/mountinfo").read_text()
