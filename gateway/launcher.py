@@ -40,8 +40,11 @@ FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
 
 
 def env_memfd(env: dict[str, str]) -> int:
-    """A sealed, close-on-exec memfd of "NAME=value\\0" entries (sandboxes.spec.env_file's
-    format; written here so the gateway need not import the sandboxes package)."""
+    """A sealed, close-on-exec memfd of "NAME=value\\0" entries.
+
+    A twin of sandboxes.spec.env_file, which must write the same bytes (tests/test_launcher.py
+    checks): `import sandboxes.spec` runs sandboxes/__init__, about 60 ms the gateway's CLI
+    commands should not pay, and sandboxes imports nothing from gateway."""
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise ValueError(f"invalid environment variable {key!r}")
@@ -57,6 +60,12 @@ def env_memfd(env: dict[str, str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _remove_trees(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            remove_tree(path)
 
 
 @contextlib.contextmanager
@@ -245,8 +254,6 @@ class Launcher:
         if timeout is not None and timeout <= 0:
             # Sent anyway, the fork server would start it only for it to be killed as late.
             raise LaunchError("the start's deadline passed before the fork server was asked")
-        future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
-        self._pending[spec.id] = future
         # The environment (the tenant's secrets) never enters the fork server's memory, which
         # every zygote child inherits: it goes as a sealed memfd, just before the frame.
         message = {
@@ -255,7 +262,9 @@ class Launcher:
             "env_memfd": True,
             "path": spec.env.get("PATH"),
         }
-        self._send_env(spec.id, spec.env)
+        self._send_env(spec.id, spec.env)  # before anything is pending: it may raise
+        future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
+        self._pending[spec.id] = future
         self._run_dirs[spec.id] = spec.run_dir
         if spec.sandbox is not None and spec.pool is not None:
             self._remember_shape(spec)
@@ -377,7 +386,9 @@ class Launcher:
             pass
         if not self._closing:
             log.error("the fork server died; its instances are gone; restarting it")
-        self._fail_all()
+        run_dirs = self._fail_all()
+        if run_dirs:
+            await asyncio.to_thread(_remove_trees, run_dirs)
         if not self._closing:
             await self._reap_proc()
             # One that keeps dying at once (a broken host, say) is restarted ever more slowly,
@@ -457,7 +468,8 @@ class Launcher:
             self._abandoned.discard(instance_id)
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
 
-    def _fail_all(self) -> None:
+    def _fail_all(self) -> list[str]:
+        """Fail whatever waits on the dead fork server; returns the run dirs left to remove."""
         self._up.clear()
         if self._writer is not None and not self._closing:
             self._writer.close()
@@ -472,10 +484,10 @@ class Launcher:
         abandoned, self._abandoned = self._abandoned, set()
         for instance_id in running | abandoned:  # the fork server's sandboxes die with it
             self._on_exit(instance_id, ExitInfo(None, None, lost=True))
-        run_dirs, self._run_dirs = self._run_dirs, {}
-        for run_dir in run_dirs.values():  # the dead fork server cannot remove them any more
-            with contextlib.suppress(OSError):
-                remove_tree(run_dir)
+        # The dead fork server cannot remove their run dirs any more: the gateway does, on a
+        # thread (a tenant may have filled one; it is no work for the event loop).
+        run_dirs, self._run_dirs = list(self._run_dirs.values()), {}
+        return run_dirs
 
     async def _reap_proc(self) -> None:
         proc = self._proc

@@ -292,8 +292,10 @@ def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
 
 
 def read_env(fd: int) -> dict[str, str]:
-    """The environment in a memfd of "NAME=value\\0" entries (sandboxes.spec.env_file's format;
-    not imported from there: a member drops dorm's packages before the tenant's import)."""
+    """The environment in a memfd of "NAME=value\\0" entries: sandboxes.spec.read_env_file's
+    twin (decoded), which must agree (tests/test_launcher.py checks). Not imported from there:
+    a fork server without sandboxes never imports that costly package, and a member may have
+    dropped it from sys.modules (`forget_host_packages`)."""
     size = os.fstat(fd).st_size
     data = os.pread(fd, size, 0) if size else b""
     env: dict[str, str] = {}

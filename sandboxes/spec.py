@@ -240,7 +240,10 @@ Env = dict[str, str] | EnvFile
 
 
 def env_file(env: dict[str, str]) -> int:
-    """A sealed, close-on-exec memfd holding `env` (validated as `validate_env` does)."""
+    """A sealed, close-on-exec memfd holding `env` (validated as `validate_env` does).
+
+    gateway.launcher.env_memfd is a twin that must write the same bytes (tests/test_launcher.py
+    checks): the gateway does not import this package (its __init__ costs ~60 ms)."""
     validate_env(env)
     data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
     fd = os.memfd_create("dorm-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -257,7 +260,8 @@ def env_file(env: dict[str, str]) -> int:
 
 
 def read_env_file(fd: int) -> dict[bytes, bytes]:
-    """The environment in an `env_file` memfd (read from offset 0; the fd is left open)."""
+    """The environment in an `env_file` memfd (read from offset 0; the fd is left open).
+    runtimes.python.read_env is its twin for the Python runtime, which must agree."""
     size = os.fstat(fd).st_size
     data = os.pread(fd, size, 0) if size else b""
     env: dict[bytes, bytes] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec
+from gateway.launcher import ExitInfo, Launcher, LaunchError, LaunchSpec, env_memfd
 
 
 def pid_of(marker: Path, timeout: float) -> int | None:
@@ -147,6 +147,76 @@ def test_a_given_up_spawn_that_then_fails_is_reported_over(tmp_path: Path) -> No
             # Heard from the running fork server, not from close() giving up on everything.
             assert [instance_id for instance_id, _ in exits] == ["late2"], exits
             assert not exits[0][1].lost
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_env_memfd_and_env_file_write_the_same_bytes() -> None:
+    """gateway.launcher.env_memfd and sandboxes.spec.env_file are twins (the gateway does not
+    import sandboxes): the same bytes, read back alike by both readers."""
+    from runtimes.python import read_env
+    from sandboxes.spec import env_file, read_env_file
+
+    env = {"PATH": "/usr/bin:/bin", "EMPTY": "", "DB_PASSWORD": "a=b c;\t\u00e9\u4e2d", "X_1": "v"}
+    fds = [env_memfd(env), env_file(env)]
+    try:
+        ours, theirs = (os.pread(fd, 1 << 16, 0) for fd in fds)
+        assert ours == theirs == b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        assert read_env(fds[0]) == env
+        assert read_env_file(fds[0]) == {k.encode(): v.encode() for k, v in env.items()}
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_spawn_whose_environment_cannot_be_sent_leaves_nothing_pending(tmp_path: Path) -> None:
+    """An environment the memfd refuses is a LaunchError before anything is sent or awaited:
+    no future is left behind for the fork server's death to fail later (never retrieved)."""
+    spec = dataclasses.replace(python_spec(tmp_path, "badenv", "pass"), env={"A=B": "x"})
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: None)
+        await launcher.start()
+        try:
+            with pytest.raises(LaunchError, match="cannot pass the environment"):
+                await launcher.spawn(spec)
+            assert launcher._pending == {} and launcher._run_dirs == {}
+            good = python_spec(tmp_path, "goodenv", "pass")
+            assert (await launcher.spawn(good)).pid > 0  # the channel is still in step
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_run_dirs_of_a_dead_fork_server_are_removed(tmp_path: Path) -> None:
+    """A fork server that dies cannot remove its instances' run dirs: the gateway does (off its
+    event loop), however deep the tenant made them."""
+    spec = python_spec(tmp_path, "orphan", "import time; time.sleep(60)")
+    exits: list[tuple[str, ExitInfo]] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
+        await launcher.start()
+        try:
+            await launcher.spawn(spec)
+            deep = Path(spec.run_dir)
+            for _ in range(50):
+                deep = deep / "d"
+            deep.mkdir(parents=True)
+            (deep / "f").write_bytes(b"x")
+            forkserver = launcher.pid
+            assert forkserver is not None
+            os.kill(forkserver, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not exits and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert [(i, info.lost) for i, info in exits] == [("orphan", True)]
+            while os.path.exists(spec.run_dir) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not os.path.exists(spec.run_dir)
         finally:
             await launcher.close()
 
