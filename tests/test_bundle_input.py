@@ -26,19 +26,15 @@ from typing import Any
 
 import pytest
 
-from gateway.admin import start_admin_server
 from gateway.bundles import (
     MAX_DEPTH,
     BundleError,
     BundleLimits,
-    BundleStore,
     DeployError,
     extract,
     remove_tree,
 )
 from gateway.client import AdminClient
-from gateway.config import GatewayConfig
-from gateway.deploy import DeployApi
 from gateway.registry import Registry
 from tests.conftest import Gateway
 from tests.test_bundles import (
@@ -53,7 +49,14 @@ from tests.test_bundles import (
     zeros_targz,
     zipped,
 )
-from tests.test_deploy import FakeInstances, fetch, site_bundle, site_spec, wait_until
+from tests.test_deploy import (
+    FakeInstances,
+    Harness,
+    fetch,
+    site_bundle,
+    site_spec,
+    wait_until,
+)
 from tests.test_runtime_bundles import EXE, UNIX_TOML, put_runtime
 
 
@@ -373,44 +376,25 @@ class GatedInstances(FakeInstances):
             raise DeployError(f"{branch} did not start")
 
 
-class RaceHarness:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.cfg = GatewayConfig(admin_listen="127.0.0.1:0", data_dir=str(data_dir))
-        self.instances = GatedInstances()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+class RaceHarness(Harness):
+    """test_deploy's Harness with `GatedInstances`: a switch-over can be held mid-deploy."""
 
-    def run(self, coro: Any, timeout: float = 20.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    instances: GatedInstances
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, GatedInstances())
 
     def __enter__(self) -> RaceHarness:
-        self.thread.start()
-        self.run(self._start())
+        super().__enter__()
         return self
 
-    async def _start(self) -> None:
-        self.registry = Registry(self.data_dir / "dorm.sqlite")
-        await self.registry.open()
-        self.store = BundleStore(self.data_dir / "bundles")
-        self.api = DeployApi(self.cfg, self.registry, self.instances, self.store)
-        await self.api.start()
-        self.server = await start_admin_server(
-            self.cfg, self.registry, self.instances, "tok", extra_routes=self.api.routes()
-        )
-        self.port = self.server.sockets[0].getsockname()[1]
-
     def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
+        async def open_gates() -> None:
             for gate in self.instances.gates.values():
                 gate.set()
-            self.server.close()
-            await self.api.close()
-            await self.registry.close()
 
-        self.run(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.run(open_gates())
+        super().__exit__(*exc)
 
     def gate(self, branch: str) -> threading.Event:
         """Hold `branch`'s next switch-over until `release(branch)`; returns an event set

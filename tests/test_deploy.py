@@ -452,10 +452,10 @@ class FakeInstances:
 class Harness:
     """Registry, store, deploy routes and admin server on an event loop in a thread."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, instances: FakeInstances | None = None) -> None:
         self.data_dir = data_dir
         self.cfg = GatewayConfig(admin_listen="127.0.0.1:0", data_dir=str(data_dir))
-        self.instances = FakeInstances()
+        self.instances = instances if instances is not None else FakeInstances()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
