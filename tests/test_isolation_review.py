@@ -199,12 +199,32 @@ def test_volume_chown_fallback_never_follows_a_swapped_in_symlink(tmp_path: Path
         os.waitpid(attacker, 0)
 
 
+def served(source: str) -> str:
+    """An app's source whose `handle` ends having made `body`: it answers `body` and serves
+    `handle` on the instance's socket (the end every app below shares)."""
+    return source + SERVED
+
+
+SERVED = """\
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
 # -- what a tenant leaves in its socket dir ---------------------------------------------------
 # A tenant that leaves a chain of nested directories in its socket dir (`mkdir d; cd d`), as
 # deep as it can: 3,000 levels (past Python's recursion limit) when the dir was a directory of
 # the host's filesystem; its inode cap stops it at a few hundred now, but the removal must not
 # depend on that (rootless sandboxes get a plain directory; volumes have no cap).
-DEEP = """
+DEEP = served("""
 import asyncio, os
 
 def dig():
@@ -224,17 +244,7 @@ def dig():
 async def handle(reader, writer):
     await reader.readuntil(b"\\r\\n\\r\\n")
     body = dig()
-    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
-    await writer.drain()
-    writer.close()
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
+""")
 
 
 def test_remove_tree_has_no_depth_limit_and_follows_no_symlink(tmp_path: Path) -> None:
@@ -472,7 +482,7 @@ def test_no_tenant_shares_an_open_file_with_the_gateway_or_fork_server(
 
 
 # -- /data volumes deleted with their app -----------------------------------------------------
-DEEP_VOLUME = """
+DEEP_VOLUME = served("""
 import asyncio, os
 
 async def handle(reader, writer):
@@ -485,17 +495,7 @@ async def handle(reader, writer):
             os.chdir("d")
         os.chdir("/")
     body = str(sorted(os.listdir("/data"))).encode()
-    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
-    await writer.drain()
-    writer.close()
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
+""")
 
 
 def test_deleting_an_app_deletes_a_deep_volume(gateway_factory: Any, tmp_path: Path) -> None:
@@ -573,7 +573,7 @@ def test_a_flooded_log_stays_within_its_cap_and_others_still_start(
 
 
 # -- disk: the socket dir ------------------------------------------------------------------------
-FILL_RUN = """
+FILL_RUN = served("""
 import asyncio, errno, os
 
 def fill():
@@ -593,17 +593,7 @@ async def handle(reader, writer):
     await reader.readuntil(b"\\r\\n\\r\\n")
     written, error = fill()
     body = f"{written} {error}".encode()
-    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
-    await writer.drain()
-    writer.close()
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
+""")
 
 
 def test_the_socket_dir_cannot_fill_the_hosts_disk(gateway_factory: Any, tmp_path: Path) -> None:
