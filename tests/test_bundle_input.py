@@ -310,49 +310,55 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@contextlib.contextmanager
+def serving_site(gw: Gateway) -> Iterator[str]:
+    """Start `gw` with app "site" deployed to branch feat; yields what feat--site answers (its
+    instance's pid included). The gateway is stopped on leaving (before a tmpfs under it goes)."""
+    try:
+        gw.start()
+        gw.put_app("site", site_spec(gw))
+        status, body = upload(gw, "site", "feat", site_bundle("v1"))
+        assert status == 201, body
+        yield fetch(gw, "feat--site.localhost")
+    finally:
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.stop()
+        shutil.rmtree(gw.run_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("where", ["bundles", "data"])
 def test_a_full_disk_is_507_and_changes_nothing(gateway_factory: Any, where: str) -> None:
     """The bundles dir, or the whole data dir (SQLite and logs included), on a small tmpfs."""
     gw: Gateway = gateway_factory(start=False)
     mount = gw.data_dir / "bundles" if where == "bundles" else gw.data_dir
-    with small_tmpfs(mount, "3m"):
-        try:
-            gw.start()
-            gw.put_app("site", site_spec(gw))
-            status, body = upload(gw, "site", "feat", site_bundle("v1"))
-            assert status == 201, body
-            serving = fetch(gw, "feat--site.localhost")
-            before = state(gw)
-            # Does not fit while it is received (random bytes do not compress).
-            status, answer = upload(gw, "site", "feat", site_bundle("v2", os.urandom(4 << 20)))
-            assert (status, answer["error"]["field"]) == (507, "body"), answer
-            assert "space" in answer["error"]["message"]
-            assert state(gw) == before
-            # Fits as an archive, not once unpacked.
-            status, answer = upload(gw, "site", "feat", site_bundle("v3", bytes(5 << 20)))
-            assert (status, answer["error"]["field"]) == (507, "bundle"), answer
-            assert state(gw) == before
-            # A runtime bundle goes through the same store.
-            runtime = targz(
-                F("runtime.toml", UNIX_TOML),
-                E("rootfs", "dir"),
-                F("rootfs/bin/server", EXE, 0o755),
-                F("rootfs/big", os.urandom(4 << 20)),
-            )
-            status, answer = put_runtime(gw, "big", runtime)
-            assert (status, answer["error"]["field"]) == (507, "body"), answer
-            assert state(gw) == before
-            assert fetch(gw, "feat--site.localhost") == serving
-            assert gw.admin("GET", "/v1/health") == (200, {"status": "ok"})
-            # The gateway is healthy: a bundle that fits deploys.
-            status, body = upload(gw, "site", "feat", site_bundle("v4"))
-            assert status == 200, body
-            assert fetch(gw, "feat--site.localhost").startswith("v4 feat ")
-            assert "Traceback" not in gw.log()
-        finally:
-            if gw.proc is not None and gw.proc.poll() is None:
-                gw.stop()
-            shutil.rmtree(gw.run_dir, ignore_errors=True)
+    with small_tmpfs(mount, "3m"), serving_site(gw) as serving:
+        before = state(gw)
+        # Does not fit while it is received (random bytes do not compress).
+        status, answer = upload(gw, "site", "feat", site_bundle("v2", os.urandom(4 << 20)))
+        assert (status, answer["error"]["field"]) == (507, "body"), answer
+        assert "space" in answer["error"]["message"]
+        assert state(gw) == before
+        # Fits as an archive, not once unpacked.
+        status, answer = upload(gw, "site", "feat", site_bundle("v3", bytes(5 << 20)))
+        assert (status, answer["error"]["field"]) == (507, "bundle"), answer
+        assert state(gw) == before
+        # A runtime bundle goes through the same store.
+        runtime = targz(
+            F("runtime.toml", UNIX_TOML),
+            E("rootfs", "dir"),
+            F("rootfs/bin/server", EXE, 0o755),
+            F("rootfs/big", os.urandom(4 << 20)),
+        )
+        status, answer = put_runtime(gw, "big", runtime)
+        assert (status, answer["error"]["field"]) == (507, "body"), answer
+        assert state(gw) == before
+        assert fetch(gw, "feat--site.localhost") == serving
+        assert gw.admin("GET", "/v1/health") == (200, {"status": "ok"})
+        # The gateway is healthy: a bundle that fits deploys.
+        status, body = upload(gw, "site", "feat", site_bundle("v4"))
+        assert status == 200, body
+        assert fetch(gw, "feat--site.localhost").startswith("v4 feat ")
+        assert "Traceback" not in gw.log()
 
 
 # -- deploys racing each other and deletes (stand-in instance manager) ---------------------------
@@ -544,50 +550,44 @@ def test_a_full_registry_disk_is_507_and_changes_nothing(gateway_factory: Any) -
     the registry as it was, and the tree activated for it collected again; likewise for a
     runtime bundle and an app spec."""
     gw: Gateway = gateway_factory(start=False)
-    with small_tmpfs(gw.data_dir, "1m"), small_tmpfs(gw.data_dir / "bundles", "8m"):
+    with (
+        small_tmpfs(gw.data_dir, "1m"),
+        small_tmpfs(gw.data_dir / "bundles", "8m"),
+        serving_site(gw) as serving,
+    ):
+        before = state(gw)
+        filler = gw.data_dir / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            gw.start()
-            gw.put_app("site", site_spec(gw))
-            status, body = upload(gw, "site", "feat", site_bundle("v1"))
-            assert status == 201, body
-            serving = fetch(gw, "feat--site.localhost")
-            before = state(gw)
-            filler = gw.data_dir / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, bytes(65536))
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, b"x")
-            finally:
-                os.close(fd)
-            for branch in ("feat", "new"):
-                status, answer = upload(gw, "site", branch, site_bundle("v2"))
-                assert (status, answer["error"]["field"]) == (507, "registry"), answer
-                assert "space" in answer["error"]["message"]
-                wait_until(lambda: state(gw) == before, what="the unrecorded tree to go")
-            # The other writes say the same, naming no field: the data dir as a whole is full.
-            status, answer = gw.admin("PUT", "/v1/apps/other", site_spec(gw))
-            assert (status, answer["error"]["field"]) == (507, None), answer
-            runtime = targz(
-                F("runtime.toml", UNIX_TOML), E("rootfs", "dir"), F("rootfs/bin/server", EXE, 0o755)
-            )
-            status, answer = put_runtime(gw, "rt", runtime)
-            assert (status, answer["error"]["field"]) == (507, "registry"), answer
-            wait_until(lambda: state(gw) == before, what="the unrecorded runtime tree to go")
-            assert gw.admin("GET", "/v1/runtimes/rt")[0] == 404
-            assert fetch(gw, "feat--site.localhost") == serving
-            filler.unlink()
-            status, body = upload(gw, "site", "feat", site_bundle("v2"))
-            assert status == 200, body
-            assert fetch(gw, "feat--site.localhost").startswith("v2 feat ")
-            assert "Traceback" not in gw.log()
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(65536))
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x")
         finally:
-            if gw.proc is not None and gw.proc.poll() is None:
-                gw.stop()
-            shutil.rmtree(gw.run_dir, ignore_errors=True)
+            os.close(fd)
+        for branch in ("feat", "new"):
+            status, answer = upload(gw, "site", branch, site_bundle("v2"))
+            assert (status, answer["error"]["field"]) == (507, "registry"), answer
+            assert "space" in answer["error"]["message"]
+            wait_until(lambda: state(gw) == before, what="the unrecorded tree to go")
+        # The other writes say the same, naming no field: the data dir as a whole is full.
+        status, answer = gw.admin("PUT", "/v1/apps/other", site_spec(gw))
+        assert (status, answer["error"]["field"]) == (507, None), answer
+        runtime = targz(
+            F("runtime.toml", UNIX_TOML), E("rootfs", "dir"), F("rootfs/bin/server", EXE, 0o755)
+        )
+        status, answer = put_runtime(gw, "rt", runtime)
+        assert (status, answer["error"]["field"]) == (507, "registry"), answer
+        wait_until(lambda: state(gw) == before, what="the unrecorded runtime tree to go")
+        assert gw.admin("GET", "/v1/runtimes/rt")[0] == 404
+        assert fetch(gw, "feat--site.localhost") == serving
+        filler.unlink()
+        status, body = upload(gw, "site", "feat", site_bundle("v2"))
+        assert status == 200, body
+        assert fetch(gw, "feat--site.localhost").startswith("v2 feat ")
+        assert "Traceback" not in gw.log()
 
 
 def test_branch_env_set_during_a_failed_deploy_is_kept(race: RaceHarness) -> None:
