@@ -31,6 +31,7 @@ from gateway.deploy import DeployApi
 from gateway.registry import Registry
 from tests.test_admin import SPEC, AdminHarness, _read_all
 from tests.test_bundles import F, M, targz
+from tests.test_deploy import wait_until
 
 LIMITS = BundleLimits(max_size=1 << 20, max_unpacked=2 << 20, max_files=40)
 TIMEOUT = 1.0  # header_timeout and body_timeout of the server under test
@@ -118,17 +119,6 @@ def split(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def error_field(body: bytes) -> Any:
     return orjson.loads(body)["error"]["field"]
-
-
-def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 UPLOAD = b"PUT /v1/apps/site/branches/keep/bundle HTTP/1.1\r\nhost: x\r\n"
