@@ -62,6 +62,11 @@ def env_memfd(env: dict[str, str]) -> int:
     return fd
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _remove_trees(paths: list[str]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
@@ -167,6 +172,9 @@ class Launcher:
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._env_channel: socket.socket | None = None
+        # Held from sending a spawn's environment to writing its frame: the fork server pairs
+        # them by order, and sending may wait for room (see `_send_env`).
+        self._send_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
         self._running: set[str] = set()
@@ -254,6 +262,9 @@ class Launcher:
         if timeout is not None and timeout <= 0:
             # Sent anyway, the fork server would start it only for it to be killed as late.
             raise LaunchError("the start's deadline passed before the fork server was asked")
+        loop = asyncio.get_running_loop()
+        limit = SPAWN_TIMEOUT if timeout is None else min(max(timeout, 0.0), SPAWN_TIMEOUT)
+        deadline = loop.time() + limit
         # The environment (the tenant's secrets) never enters the fork server's memory, which
         # every zygote child inherits: it goes as a sealed memfd, just before the frame.
         message = {
@@ -262,32 +273,59 @@ class Launcher:
             "env_memfd": True,
             "path": spec.env.get("PATH"),
         }
-        self._send_env(spec.id, spec.env)  # before anything is pending: it may raise
-        future: asyncio.Future[Spawned] = asyncio.get_running_loop().create_future()
-        self._pending[spec.id] = future
-        self._run_dirs[spec.id] = spec.run_dir
-        if spec.sandbox is not None and spec.pool is not None:
-            self._remember_shape(spec)
-        self._writer.write(encode_frame(message))
+        async with self._send_lock:  # uncontended (the usual case), this does not yield
+            await self._send_env(spec.id, spec.env, deadline)  # before anything is pending
+            if self._writer is None:  # the fork server died while this waited for room
+                raise LaunchError("the fork server died", lost=True)
+            future: asyncio.Future[Spawned] = loop.create_future()
+            self._pending[spec.id] = future
+            self._run_dirs[spec.id] = spec.run_dir
+            if spec.sandbox is not None and spec.pool is not None:
+                self._remember_shape(spec)
+            self._writer.write(encode_frame(message))
         try:
-            limit = SPAWN_TIMEOUT if timeout is None else min(max(timeout, 0.0), SPAWN_TIMEOUT)
-            return await asyncio.wait_for(future, limit)
+            return await asyncio.wait_for(future, max(deadline - loop.time(), 0.0))
         except TimeoutError:
             self._abandoned.add(spec.id)
             raise LaunchError("the fork server did not answer in time", unanswered=True) from None
         finally:
             self._pending.pop(spec.id, None)
 
-    def _send_env(self, instance_id: str, env: dict[str, str]) -> None:
-        assert self._env_channel is not None
+    async def _send_env(self, instance_id: str, env: dict[str, str], deadline: float) -> None:
+        """Send the spawn's environment as a memfd. When the channel is full (a few hundred
+        spawns the fork server has not read yet: a burst of cold starts while it is busy), wait
+        for room until `deadline` (loop time), never fail at once: the frames wait in the
+        control socket's buffer just the same."""
+        channel = self._env_channel
+        assert channel is not None
         try:
             fd = env_memfd(env)
         except (OSError, ValueError) as exc:
             raise LaunchError(f"cannot pass the environment: {exc}") from None
+        loop = asyncio.get_running_loop()
         try:
-            socket.send_fds(self._env_channel, [instance_id.encode()], [fd])
-        except OSError as exc:
-            raise LaunchError(f"cannot pass the environment to the fork server: {exc}") from None
+            while True:
+                if self._env_channel is not channel:  # a new fork server: the frame would
+                    raise LaunchError("the fork server died", lost=True)  # go to it, out of step
+                try:
+                    socket.send_fds(channel, [instance_id.encode()], [fd])
+                    return
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    why = f"cannot pass the environment to the fork server: {exc}"
+                    raise LaunchError(why, lost=True) from None
+                room: asyncio.Future[None] = loop.create_future()
+                fileno = channel.fileno()
+                loop.add_writer(fileno, _wake, room)
+                try:
+                    await asyncio.wait_for(room, max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    raise LaunchError(
+                        "the fork server did not take the environment in time"
+                    ) from None
+                finally:
+                    loop.remove_writer(fileno)
         finally:
             os.close(fd)
 

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -219,5 +220,43 @@ def test_the_run_dirs_of_a_dead_fork_server_are_removed(tmp_path: Path) -> None:
             assert not os.path.exists(spec.run_dir)
         finally:
             await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_spawns_waits_for_room_on_the_environment_channel(tmp_path: Path) -> None:
+    """More spawns than the environment channel holds (a burst of cold starts while the fork
+    server is busy: a few hundred at the default buffer size, a handful here) wait for room
+    instead of failing, and each still gets its own environment."""
+    exits: list[str] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append(instance_id))
+        await launcher.start()
+        forkserver = launcher.pid
+        assert forkserver is not None and launcher._env_channel is not None
+        launcher._env_channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        specs = []
+        for n in range(24):
+            spec = python_spec(tmp_path, f"burst{n}", "import os; print(os.environ['N'])")
+            specs.append(dataclasses.replace(spec, env={**spec.env, "N": str(n)}))
+        os.kill(forkserver, signal.SIGSTOP)
+        try:
+            spawns = [asyncio.ensure_future(launcher.spawn(spec)) for spec in specs]
+            await asyncio.sleep(0.2)
+            assert not any(s.done() for s in spawns)  # waiting, not failed
+        finally:
+            os.kill(forkserver, signal.SIGCONT)
+        try:
+            await asyncio.gather(*spawns)
+            deadline = time.monotonic() + 20
+            while len(exits) < len(specs) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sorted(exits) == sorted(spec.id for spec in specs)
+        finally:
+            await launcher.close()
+        for n, spec in enumerate(specs):
+            lines = Path(spec.log_path).read_text().splitlines()
+            assert [line for line in lines if not line.startswith("[dorm]")] == [str(n)], lines
 
     asyncio.run(scenario())
