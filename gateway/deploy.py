@@ -372,7 +372,9 @@ class DeployApi:
             # Forget it first so no new request is routed to it, then stop what is running.
             await self.registry.delete_app(app)
             await self.instances.app_removed(app)
-        await asyncio.to_thread(remove_tree, self.volumes / app)  # the tenant's tree: any depth
+            # Still locked: a deploy that re-creates the app waits, and never finds (or has
+            # removed under it) the old tenant's data.
+            await asyncio.to_thread(remove_tree, self.volumes / app)  # any depth
         self.request_gc()
         return json_response(200, {"deleted": app})
 

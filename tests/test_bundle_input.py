@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+import gateway.deploy as deploy_module
 from gateway.bundles import (
     MAX_DEPTH,
     BundleError,
@@ -494,6 +496,39 @@ def test_deleting_the_app_during_a_deploy(race: RaceHarness) -> None:
         assert deleted[0][0] == 200, deleted
         assert race.coherent() == {"apps": [], "branches": {}}, failing
         race.instances.failing.discard("feat")
+
+
+def test_a_deploy_recreating_a_deleted_app_waits_for_its_volume_to_go(
+    race: RaceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting an app removes its volumes before a deploy may create the app again: one that
+    arrives meanwhile waits, and its tenant never finds the old tenant's data (nor has its own
+    removed under it)."""
+    status, body = race.deploy("site", "main", site_bundle("v1"))
+    assert status == 201, body
+    volume = race.data_dir / "volumes" / "site" / "main"
+    volume.mkdir(parents=True)
+    (volume / "secret").write_text("the old tenant's")
+    events: list[str] = []
+    removing = threading.Event()
+    remove = deploy_module.remove_tree
+
+    def slow_remove(path: Path) -> None:
+        removing.set()
+        time.sleep(0.5)  # long enough for the re-creating deploy to arrive meanwhile
+        remove(path)
+        events.append("removed")
+
+    monkeypatch.setattr(deploy_module, "remove_tree", slow_remove)
+    delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site")
+    assert removing.wait(10)
+    status, body = race.deploy("site", "main", site_bundle("v2"))
+    events.append("deployed")
+    delete.join(30)
+    assert deleted[0][0] == 200, deleted
+    assert status == 201, body
+    assert events == ["removed", "deployed"]
+    assert not volume.exists()
 
 
 def test_deleting_the_branch_during_a_deploy(race: RaceHarness) -> None:
