@@ -269,6 +269,17 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def registry_full(what: str) -> ApiError:
+    """The 507 for a write `what` ("the deploy") that the registry could not record because the
+    data dir is full (`disk_full`)."""
+    return ApiError(
+        507,
+        "registry",
+        f"not enough disk space to record {what} (the registry's database in the data dir is "
+        "full); nothing was changed",
+    )
+
+
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
     return Response(status, orjson.dumps(obj) + b"\n", headers=list(headers))
 

@@ -38,6 +38,7 @@ from gateway.admin import (
     disk_full,
     json_response,
     locks_of,
+    registry_full,
 )
 from gateway.appspec import AppSpec, BranchSpec, SpecError, overlay_spec, parse_app_spec
 from gateway.bundles import (
@@ -255,12 +256,7 @@ class DeployApi:
         except Exception as exc:
             self.request_gc()
             if disk_full(exc):
-                raise ApiError(
-                    507,
-                    "registry",
-                    "not enough disk space to record the deploy (the registry's database in "
-                    "the data dir is full); nothing was changed",
-                ) from None
+                raise registry_full("the deploy") from None
             raise
 
     async def _switch(

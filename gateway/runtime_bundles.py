@@ -36,6 +36,7 @@ from gateway.admin import (
     Route,
     disk_full,
     json_response,
+    registry_full,
 )
 from gateway.appspec import RUNTIMES, SpecError
 from gateway.bundles import (
@@ -220,12 +221,7 @@ class RuntimeApi:
                 await self.store.discard(extracted.path)  # gone already if it was activated
                 self.request_gc()  # if it was, nothing records it
                 if disk_full(exc):
-                    raise ApiError(
-                        507,
-                        "registry",
-                        "not enough disk space to record the runtime (the registry's database "
-                        "in the data dir is full); nothing was changed",
-                    ) from None
+                    raise registry_full("the runtime") from None
                 raise
             users = self.registry.runtime_users(name)
             if not created:
