@@ -425,8 +425,10 @@ class Launcher:
         if not self._closing:
             log.error("the fork server died; its instances are gone; restarting it")
         run_dirs = self._fail_all()
-        if run_dirs:
-            await asyncio.to_thread(_remove_trees, run_dirs)
+        # Beside the restart, not before it: a tenant may have filled its run dir.
+        cleanup = (
+            asyncio.create_task(asyncio.to_thread(_remove_trees, run_dirs)) if run_dirs else None
+        )
         if not self._closing:
             await self._reap_proc()
             # One that keeps dying at once (a broken host, say) is restarted ever more slowly,
@@ -434,6 +436,8 @@ class Launcher:
             ran = asyncio.get_running_loop().time() - self._started_at
             self._restart_delay = 0.0 if ran > STABLE_RUN else self._longer_delay()
             await self._restart()
+        if cleanup is not None:
+            await cleanup
 
     def _longer_delay(self) -> float:
         return min(max(0.1, self._restart_delay * 2), MAX_RESTART_DELAY)

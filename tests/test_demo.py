@@ -93,7 +93,7 @@ def test_make_demo_serves_its_app_and_the_guide_works(tmp_path: Path) -> None:
         assert b"greeting: welcome to dorm" in body
         status, body = _get(port, "hello.localhost", "/stream")
         assert status == 200
-        assert [ln for ln in body.decode().splitlines()] == [f"tick {i}" for i in range(5)]
+        assert body.decode().splitlines() == [f"tick {i}" for i in range(5)]
 
         # The guide's branch preview, as printed: PUT the branch with its env, then visit it.
         token = token_file.read_text().strip()
