@@ -24,7 +24,7 @@ from sandboxes import (
 )
 
 from . import targets
-from .conftest import ENV, PY, Runner
+from .conftest import ENV, PY, Result, Runner
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() == 0 and not launcher.available(),
@@ -256,37 +256,34 @@ def test_env_file_reaches_the_tenant_on_every_path(sbx: Runner) -> None:
     alike: the tenant gets exactly that environment, and the memfd is not among its fds."""
     env = {"PATH": "/usr/bin:/bin", "DB_PASSWORD": "s3cret=with=equals", "EMPTY": ""}
     code = "import os, json; print(json.dumps([dict(os.environ), os.listdir('/proc/self/fd')]))"
-    for exec_only in (True, False):
-        spec = sbx.spec()
-        prefork.POOL.clear()
-        assert prewarm(spec, 1, exec_only=exec_only) == 1
+
+    def run(name: str, spec: SandboxSpec, argv: list[str], call: str | None = None) -> Result:
+        """`argv` (or `call`) started with `env` in a fresh memfd; its result."""
         fd = env_file(env)
-        out = sbx.workdir / f"envfile-{exec_only}"
+        out = sbx.workdir / f"envfile-{name}"
         fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            argv = ["python3" if exec_only else PY, "-I", "-S", "-c", code]
-            sb = spawn(spec, argv, EnvFile(fd, "/usr/bin:/bin"), stdout_fd=fo, stderr_fd=fo)
+            e = EnvFile(fd, "/usr/bin:/bin")
+            if call is None:
+                sb = spawn(spec, argv, e, stdout_fd=fo, stderr_fd=fo)
+            else:
+                sb = spawn_call(spec, call, argv, e, stdout_fd=fo, stderr_fd=fo)
         finally:
             os.close(fo)
             os.close(fd)
         sbx.live.append((sb, spec.uid))
-        r = sbx.finish(sb, out, out)
+        return sbx.finish(sb, out, out)
+
+    for exec_only in (True, False):
+        spec = sbx.spec()
+        prefork.POOL.clear()
+        assert prewarm(spec, 1, exec_only=exec_only) == 1
+        r = run(str(exec_only), spec, ["python3" if exec_only else PY, "-I", "-S", "-c", code])
         assert r.exit_code == 0, r.out
         seen, fds = json.loads(r.out)
         seen.pop("LC_CTYPE", None)  # Python's own C-locale coercion, not the environment's
         assert seen == env and sorted(fds, key=int) in (["0", "1", "2"], ["0", "1", "2", "3"])
-    spec = sbx.spec()
-    fd = env_file(env)
-    out = sbx.workdir / "envfile-call"
-    fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        target = f"{targets.__name__}:report"
-        sb = spawn_call(spec, target, ["a"], EnvFile(fd), stdout_fd=fo, stderr_fd=fo)
-    finally:
-        os.close(fo)
-        os.close(fd)
-    sbx.live.append((sb, spec.uid))
-    r = sbx.finish(sb, out, out)
+    r = run("call", sbx.spec(), ["a"], call=f"{targets.__name__}:report")
     assert r.exit_code == 3, r.out
     report = json.loads(r.out)
     assert report["env"] == env and report["fds"] in ([0, 1, 2], [0, 1, 2, 3])
