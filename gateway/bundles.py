@@ -661,7 +661,8 @@ def extract(
 
 def remove_tree(path: Path) -> None:
     """Delete a (possibly read-only) tree: directories are made writable first, links are
-    never followed. Missing paths are fine."""
+    never followed. Missing paths are fine. For trees this module wrote (at most MAX_DEPTH
+    deep: os.walk and rmtree recurse); one a tenant wrote goes by gateway.forkserver's."""
     if not path.exists() and not path.is_symlink():
         return
     if path.is_dir() and not path.is_symlink():
