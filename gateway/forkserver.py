@@ -644,7 +644,7 @@ class ForkServer:
         shape.idle.insert(0, member)  # claims take the most recently built last
         shape.count_built(1, time.monotonic())
         self.refill_pending = True
-        if self.shapes.get(self._shape_key(shape.spec)) is not shape:
+        if self.shapes.get(self._shape_key(shape.spec, shape.runtime)) is not shape:
             self._dismiss(shape, 0)  # its shape was dropped while it was being built
 
     def _abandon_build(self, build: Build) -> None:
@@ -841,7 +841,7 @@ class ForkServer:
         low, high = self._limits_for(runtime)
         if high <= 0:
             return None
-        key = self._shape_key(spec)
+        key = self._shape_key(spec, runtime)
         shape = self.shapes.pop(key, None)
         if shape is None:
             serving = (
@@ -861,12 +861,15 @@ class ForkServer:
         return shape
 
     @staticmethod
-    def _shape_key(spec: Any) -> tuple[Any, ...]:
+    def _shape_key(spec: Any, runtime: str) -> tuple[Any, ...]:
         """Every field of the spec but the tenant's own: members of a pool are built from the
-        shape's spec and must differ from a tenant's sandbox only in what the claim sets."""
-        return tuple(
-            getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in TENANT_FIELDS
-        )
+        shape's spec and must differ from a tenant's sandbox only in what the claim sets. And
+        the kind of member: a python runtime's pool holds serving members (granian, no app)
+        and another runtime's half-confined ones, which a python start never claims, so a
+        command app and a python app of the same layout and limits get a pool each (one key
+        for both made the shape whichever kind came first, for good)."""
+        fields = [f.name for f in dataclasses.fields(spec) if f.name not in TENANT_FIELDS]
+        return (runtime in SERVING_RUNTIMES, *(getattr(spec, name) for name in fields))
 
     def count_claim(self, shape: Shape, *, hit: bool) -> None:
         """Account a spawn: a claim, or a miss that grows the pool's target (reactive prewarm)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -333,3 +334,25 @@ def test_forkserver_death_restarts_it_and_refills_pools(gw: Gateway, tmp_path: P
     assert hit(gw, "phoenix")[0] == "phoenix"
     status, inst = gw.admin("GET", "/v1/instances/phoenix/main")
     assert status == 200 and inst["last_start"]["path"] == "pool", inst
+
+
+def test_a_command_app_of_the_same_shape_leaves_the_python_pool_alone(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """Pools are per sandbox shape *and* kind: a command app started first with the same layout
+    and limits as a python-asgi app must not make that shape a pool of half-confined members,
+    which python starts never claim (every python start then forked from the zygote)."""
+    apps = str(Path(__file__).parent / "apps")
+    gw.put_app(
+        "cmd", {"runtime": "command", "command": [sys.executable, "echo.py"], "app_dir": apps}
+    )
+    assert gw.request("/", host="cmd.localhost").status == 200
+    code = app_dir(tmp_path)
+    gw.put_app("first", spec(code))
+    gw.put_app("second", spec(code))
+    hit(gw, "first")
+    wait_pool(gw, lambda p: p["idle"] >= 2)
+    hit(gw, "second")
+    status, inst = gw.admin("GET", "/v1/instances/second/main")
+    assert status == 200 and inst["last_start"]["path"] == "pool", inst
+    assert gw.request("/", host="cmd.localhost").status == 200  # still served as before
