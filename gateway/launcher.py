@@ -253,9 +253,10 @@ class Launcher:
         """Start an instance; returns once it has exec'd (or is calling its entry point), or
         raises LaunchError.
 
-        `timeout` (at most SPAWN_TIMEOUT): how long to wait for the fork server's answer, so a
-        start can stop waiting at its own deadline; an instance the fork server starts after
-        that is killed when it reports it (see `_dispatch`)."""
+        `timeout` (at most SPAWN_TIMEOUT): how long to wait for the fork server's answer (and
+        for room to send the environment, see `_send_env`), so a start can stop waiting at its
+        own deadline; an instance the fork server starts after that is killed when it reports
+        it (see `_dispatch`)."""
         if self._writer is None:
             why = f" (starting it failed: {self._start_error})" if self._start_error else ""
             raise LaunchError(f"the fork server is not running{why}", lost=not self._closing)
