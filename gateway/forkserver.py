@@ -1271,10 +1271,48 @@ def _own_tree(path: str, uid: int) -> None:
     # By directory fds, never by path: a tenant still running on this volume (an instance of the
     # same branch that is stopping) can swap a directory for a symlink to a host directory
     # between the listing and the descent, and a path walk would then chown the host's files.
-    for _root, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
-        for name in dirs + files:
+    # Each directory is opened relative to its parent's fd with O_NOFOLLOW. Iterative, not
+    # os.fwalk: that recursed once per level (RecursionError on a tenant's 3,000-deep chain, and
+    # the start failed) holding an fd per level; here a directory's fd stays open only while
+    # some of its subdirectories are still to be visited.
+    pending: dict[int, int] = {}  # open directory fd -> its subdirectories not yet opened
+    todo: list[tuple[int, str]] = []
+
+    def visit(fd: int) -> None:
+        subdirs = 0
+        try:
+            entries = _entries(fd)
+        except OSError:
+            entries = []
+        for name, is_dir in entries:
             with contextlib.suppress(OSError):
-                os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
+                os.chown(name, uid, uid, dir_fd=fd, follow_symlinks=False)
+            if is_dir:
+                todo.append((fd, name))
+                subdirs += 1
+        if subdirs:
+            pending[fd] = subdirs
+        else:
+            os.close(fd)
+
+    try:
+        with contextlib.suppress(OSError):
+            visit(os.open(path, _DIR_FLAGS))
+        while todo:
+            parent, name = todo.pop()
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except OSError:
+                fd = -1
+            pending[parent] -= 1
+            if not pending[parent]:
+                del pending[parent]
+                os.close(parent)
+            if fd >= 0:
+                visit(fd)
+    finally:
+        for fd in pending:
+            os.close(fd)
     os.chown(path, uid, uid, follow_symlinks=False)
 
 

@@ -199,6 +199,47 @@ def test_volume_chown_fallback_never_follows_a_swapped_in_symlink(tmp_path: Path
         os.waitpid(attacker, 0)
 
 
+def test_volume_chown_fallback_has_no_depth_limit(tmp_path: Path) -> None:
+    """A tenant's 3,000-deep directory chain in its volume is chowned whole for the next start
+    (os.fwalk raised RecursionError there, and the start failed), a symlink in it is not
+    followed, and no fd is left open."""
+    from gateway.forkserver import _own_tree, remove_tree
+
+    def chain(volume: Path, visit: Any) -> None:
+        """`visit(dir fd)` for each directory of the chain under `volume`, by fds (its path
+        is longer than PATH_MAX, and os.makedirs recurses)."""
+        fd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(3000):
+                visit(fd)
+                nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            visit(fd)
+        finally:
+            os.close(fd)
+
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    (host / "h").write_text("host")
+    volume = tmp_path / "volume"
+    (volume / "wide").mkdir(parents=True)
+    for i in range(50):
+        (volume / "wide" / f"w{i}").mkdir()
+    (volume / "wide" / "s").symlink_to(host)
+    try:
+        chain(volume, lambda fd: os.mkdir("d", dir_fd=fd))
+        fds = len(os.listdir("/proc/self/fd"))
+        _own_tree(str(volume), 330123)
+        assert len(os.listdir("/proc/self/fd")) == fds
+        owners = {p.lstat().st_uid for p in (volume, volume / "wide", *(volume / "wide").iterdir())}
+        chain(volume, lambda fd: owners.add(os.stat("d", dir_fd=fd, follow_symlinks=False).st_uid))
+        assert owners == {330123}
+    finally:
+        remove_tree(volume)  # pytest's own clean-up recurses
+    assert {p.stat().st_uid for p in (host, *host.iterdir())} == {0}
+
+
 def served(source: str) -> str:
     """An app's source whose `handle` ends having made `body`: it answers `body` and serves
     `handle` on the instance's socket (the end every app below shares)."""
