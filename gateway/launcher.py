@@ -274,6 +274,9 @@ class Launcher:
             "env_memfd": True,
             "path": spec.env.get("PATH"),
         }
+        # Encoded first: once its environment is sent, nothing may stop the frame from following
+        # (an environment without its frame would put every later spawn out of step).
+        frame = encode_frame(message)
         async with self._send_lock:  # uncontended (the usual case), this does not yield
             await self._send_env(spec.id, spec.env, deadline)  # before anything is pending
             if self._writer is None:  # the fork server died while this waited for room
@@ -281,9 +284,9 @@ class Launcher:
             future: asyncio.Future[Spawned] = loop.create_future()
             self._pending[spec.id] = future
             self._run_dirs[spec.id] = spec.run_dir
-            if spec.sandbox is not None and spec.pool is not None:
-                self._remember_shape(spec)
-            self._writer.write(encode_frame(message))
+            self._writer.write(frame)
+        if spec.sandbox is not None and spec.pool is not None:
+            self._remember_shape(spec)
         try:
             return await asyncio.wait_for(future, max(deadline - loop.time(), 0.0))
         except TimeoutError:

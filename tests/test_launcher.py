@@ -260,3 +260,23 @@ def test_a_burst_of_spawns_waits_for_room_on_the_environment_channel(tmp_path: P
             assert [line for line in lines if not line.startswith("[dorm]")] == [str(n)], lines
 
     asyncio.run(scenario())
+
+
+def test_a_spawn_whose_frame_cannot_be_encoded_sends_no_environment(tmp_path: Path) -> None:
+    """A spawn that fails while its frame is built sends nothing: an environment sent without
+    its frame would have put every later spawn out of step with the fork server."""
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: None)
+        await launcher.start()
+        try:
+            bad = dataclasses.replace(python_spec(tmp_path, "badframe", "pass"), sandbox={"x": {1}})
+            with pytest.raises(TypeError):
+                await launcher.spawn(bad)
+            assert launcher._pending == {}
+            good = python_spec(tmp_path, "afterbad", "pass")
+            assert (await launcher.spawn(good, timeout=10)).pid > 0
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
