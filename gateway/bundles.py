@@ -38,7 +38,6 @@ import logging
 import lzma
 import os
 import secrets
-import shutil
 import stat
 import struct
 import tarfile
@@ -72,8 +71,9 @@ FORMATS = ("tar.gz", "zip")
 SPOOL_CHUNK = 1024 * 1024
 READ_CHUNK = 256 * 1024
 # A path in a bundle leaves room under PATH_MAX (4096) for the store's own directory, and is
-# at most MAX_DEPTH directories deep: deeper trees could not be removed again (os.walk and
-# shutil.rmtree recurse once per level, and Python's recursion limit is 1000).
+# at most MAX_DEPTH directories deep: no app needs more, and whatever walks a stored tree with
+# os.walk (one recursion per level in Python 3.11, against a limit of 1000) stays far from the
+# limit. remove_tree does not depend on it: a deeper tree stored by an older version goes too.
 MAX_NAME = 3072
 MAX_DEPTH = 256
 MAX_COMPONENT = 255
@@ -660,24 +660,35 @@ def extract(
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a (possibly read-only) tree: directories are made writable first, links are
-    never followed. Missing paths are fine. For trees this module wrote (at most MAX_DEPTH
-    deep: os.walk and rmtree recurse); one a tenant wrote goes by gateway.forkserver's."""
+    """Delete a (possibly read-only) tree of the store: links are never followed, missing paths
+    are fine, and any depth goes (a tree an older version stored beyond today's MAX_DEPTH
+    included). The removal itself is the fork server's, which walks by directory fds without
+    recursing; this adds only what a gateway that is not root needs first, write permission on
+    the store's read-only directories (root deletes from them regardless)."""
     if not path.exists() and not path.is_symlink():
         return
     if path.is_dir() and not path.is_symlink():
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o700)
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                full = os.path.join(dirpath, d)
-                if not os.path.islink(full):
-                    with contextlib.suppress(OSError):
-                        os.chmod(full, 0o700)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.geteuid() != 0:
+            _make_writable(path)
+        from gateway.forkserver import remove_tree as remove_any_depth  # not for the CLI's import
+
+        remove_any_depth(path)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _make_writable(top: Path) -> None:
+    """chmod 0700 every directory under `top` (never through a symlink), with a list of paths to
+    visit rather than os.walk, which recurses once per level in Python 3.11. By path: the
+    store's trees are written by this module, never by a tenant."""
+    pending = [str(top)]
+    while pending:
+        directory = pending.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o700)
+            with os.scandir(directory) as entries:
+                pending += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
 
 
 # -- packing (the CLI side) ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zipfile
@@ -135,6 +136,64 @@ def test_the_deepest_tree_allowed_is_extracted_and_removed(tmp_path: Path) -> No
     assert (tmp_path / "out" / name).read_bytes() == b"deep"
     remove_tree(tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["archive"]
+
+
+# A store tree deeper than today's MAX_DEPTH (an older version stored up to ~1,200 levels) with
+# read-only directories and files, as the store keeps its trees; built by dir fd, then removed.
+DEEP_READ_ONLY_TREE = """
+import os, sys
+sys.path.insert(0, sys.argv[3])
+from pathlib import Path
+from gateway.bundles import remove_tree
+import gateway.forkserver  # imported while root: this interpreter may live under /root (0700)
+if int(sys.argv[2]):
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+top = Path(sys.argv[1]) / "tree"
+top.mkdir()
+level = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+for _ in range(1200):
+    os.mkdir("d", dir_fd=level)
+    fd = os.open("f", os.O_CREAT | os.O_WRONLY, 0o444, dir_fd=level)
+    os.close(fd)
+    deeper = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=level)
+    os.fchmod(level, 0o555)
+    os.close(level)
+    level = deeper
+os.fchmod(level, 0o555)
+os.close(level)
+remove_tree(top)
+print("gone" if not top.exists() else "left")
+"""
+
+
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["root", "not-root"])
+def test_a_stored_tree_deeper_than_the_cap_is_still_removed(unprivileged: bool) -> None:
+    """os.walk and shutil.rmtree recurse once per level: a 1,200-level tree raised
+    RecursionError, so GC could never remove it. A gateway that is not root must also make
+    the read-only directories writable first (as its own uid: nobody, here)."""
+    work = Path(tempfile.mkdtemp(prefix="dorm-deep-store-"))  # reachable by uid 65534
+    try:
+        os.chown(work, 65534, 65534)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                DEEP_READ_ONLY_TREE,
+                str(work),
+                str(int(unprivileged)),
+                str(Path(__file__).resolve().parent.parent),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "gone"), done.stderr[-2000:]
+        assert os.listdir(work) == []
+    finally:
+        from gateway.forkserver import remove_tree as remove_any_depth
+
+        remove_any_depth(work)
 
 
 def pax_heavy_targz(members: int, header: int) -> bytes:
