@@ -30,6 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 ECHO_APP = str(ROOT / "tests" / "apps" / "echo.py")
 
 
+# The end of a test app's source (a string a test writes to main.py) that serves its
+# `async def handle(reader, writer)` on the instance's socket, as a command app must.
+SERVE_ON_DORM_SOCKET = """
+async def main():
+    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
 def free_port() -> int:
     """A loopback port reserved for this test process (see tests/ports.py: concurrent test runs
     on one machine are never handed the same one, and no outgoing connection can take it)."""

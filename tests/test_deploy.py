@@ -30,7 +30,7 @@ from gateway.client import AdminClient
 from gateway.config import GatewayConfig
 from gateway.deploy import DeployApi
 from gateway.registry import BundleRecord, Registry
-from tests.conftest import Gateway
+from tests.conftest import SERVE_ON_DORM_SOCKET, Gateway
 from tests.test_bundles import F, M, state, targz, upload
 
 # The tenant: a stdlib HTTP server on $DORM_SOCKET answering "<version> <branch> <pid>", where
@@ -53,14 +53,7 @@ async def handle(reader, writer):
         pass
     finally:
         writer.close()
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
+""" + SERVE_ON_DORM_SOCKET.encode()
 
 
 def toml_value(value: Any) -> str:

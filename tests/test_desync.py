@@ -31,7 +31,7 @@ from httptools import HttpParserError, HttpRequestParser
 from gateway import heads
 from gateway.instances import MAX_UPSTREAM_CONNECTIONS
 from gateway.proxy import Exchange, _chunked_last
-from tests.conftest import Gateway, make_gateway
+from tests.conftest import SERVE_ON_DORM_SOCKET, Gateway, make_gateway
 from tests.test_fastpath import Harness as _Harness
 
 pytestmark = pytest.mark.timeout(120)
@@ -699,7 +699,8 @@ def test_absolute_form_on_http10_needs_no_host() -> None:
 # The app: answers GET /r/<name> with RESPONSES[name] in one write; GET /seen with every request
 # it has received (head and body, latin-1, as JSON); anything else with a 200 whose body is the
 # request's target. Request bodies are read by Content-Length or chunked framing.
-RAW_APP = r"""
+RAW_APP = (
+    r"""
 import asyncio, json, os
 
 RESPONSES = RESPONSES_LITERAL
@@ -750,16 +751,9 @@ async def handle(reader, writer):
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
-
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-
-asyncio.run(main())
 """
+    + SERVE_ON_DORM_SOCKET
+)
 
 RESPONSES: dict[str, bytes] = {
     "chunked-extra": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from sandboxes import detect_isolation
-from tests.conftest import Gateway, readable_app
+from tests.conftest import SERVE_ON_DORM_SOCKET, Gateway, readable_app
 
 LEVEL = detect_isolation()
 pytestmark = pytest.mark.skipif(
@@ -246,18 +246,14 @@ def served(source: str) -> str:
     return source + SERVED
 
 
-SERVED = """\
+SERVED = (
+    """\
     writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
     await writer.drain()
     writer.close()
-
-async def main():
-    server = await asyncio.start_unix_server(handle, os.environ["DORM_SOCKET"])
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
 """
+    + SERVE_ON_DORM_SOCKET
+)
 
 
 # -- what a tenant leaves in its socket dir ---------------------------------------------------
