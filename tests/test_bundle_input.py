@@ -473,9 +473,9 @@ class RaceHarness(Harness):
     def release(self, branch: str) -> None:
         self.loop.call_soon_threadsafe(self.instances.gates[branch].set)
 
-    def call(self, method: str, path: str) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         with AdminClient(f"http://127.0.0.1:{self.port}", "tok") as client:
-            return client.request(method, path)
+            return client.request(method, path, body)
 
     def deploy(self, app: str, branch: str, data: bytes) -> tuple[int, Any]:
         with AdminClient(f"http://127.0.0.1:{self.port}", "tok", timeout=30) as client:
@@ -488,6 +488,22 @@ class RaceHarness(Harness):
         thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
         thread.start()
         return thread, out
+
+    def overlap(
+        self, branch: str, first: tuple[Any, ...], second: tuple[Any, ...]
+    ) -> tuple[tuple[int, Any], tuple[int, Any]]:
+        """Run `first` (a call and its arguments) until `branch`'s switch-over has begun and
+        hold it there; start `second`, give it time to arrive (it may wait for the first), then
+        let both finish. Returns their answers, (status, body) each."""
+        entered = self.gate(branch)
+        one, first_out = self.in_background(*first)
+        assert entered.wait(10)
+        two, second_out = self.in_background(*second)
+        two.join(2)  # it may wait for the first; either way it has arrived by now
+        self.release(branch)
+        one.join(30)
+        two.join(30)
+        return first_out[0], second_out[0]
 
     def coherent(self) -> dict[str, Any]:
         """The registry in memory and on disk agree, and every branch belongs to an app and
@@ -518,17 +534,13 @@ def race(tmp_path: Path) -> Iterator[RaceHarness]:
 def test_a_failed_first_deploy_does_not_undo_a_concurrent_one(race: RaceHarness) -> None:
     """Two first deploys to a new app: the one that created the app fails to start after the
     other succeeded. Undoing it must not delete the app the other deploy was answered 201 for."""
-    entered = race.gate("one")
     race.instances.failing.add("one")
-    first, answers = race.in_background(race.deploy, "new", "one", site_bundle("a"))
-    assert entered.wait(10)
-    second, seconds = race.in_background(race.deploy, "new", "two", site_bundle("b"))
-    second.join(2)  # it may wait for the first; either way it has arrived by now
-    race.release("one")
-    first.join(30)
-    second.join(30)
-    assert answers[0][0] == 422, answers
-    status, body = seconds[0]
+    first, (status, body) = race.overlap(
+        "one",
+        (race.deploy, "new", "one", site_bundle("a")),
+        (race.deploy, "new", "two", site_bundle("b")),
+    )
+    assert first[0] == 422, first
     assert status == 201, body
     assert race.coherent() == {"apps": ["new"], "branches": {"new/two": body["bundle"]}}
 
@@ -541,18 +553,15 @@ def test_deleting_the_app_during_a_deploy(race: RaceHarness) -> None:
         for branch in ("main", "feat"):
             status, body = race.deploy("site", branch, site_bundle(f"v1-{failing}"))
             assert status in (200, 201), body
-        entered = race.gate("feat")
         if failing:
             race.instances.failing.add("feat")
-        deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
-        assert entered.wait(10)
-        delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site")
-        delete.join(2)  # it may wait for the deploy; either way it has arrived by now
-        race.release("feat")
-        deploy.join(30)
-        delete.join(30)
-        assert answers[0][0] == (422 if failing else 200), answers
-        assert deleted[0][0] == 200, deleted
+        deployed, deleted = race.overlap(
+            "feat",
+            (race.deploy, "site", "feat", site_bundle("v2")),
+            (race.call, "DELETE", "/v1/apps/site"),
+        )
+        assert deployed[0] == (422 if failing else 200), deployed
+        assert deleted[0] == 200, deleted
         assert race.coherent() == {"apps": [], "branches": {}}, failing
         race.instances.failing.discard("feat")
 
@@ -593,16 +602,13 @@ def test_a_deploy_recreating_a_deleted_app_waits_for_its_volume_to_go(
 def test_deleting_the_branch_during_a_deploy(race: RaceHarness) -> None:
     status, body = race.deploy("site", "main", site_bundle("v1"))
     assert status == 201, body
-    entered = race.gate("feat")
-    deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
-    assert entered.wait(10)
-    delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site/branches/feat")
-    delete.join(2)  # it waits for the deploy; by now it has arrived
-    race.release("feat")
-    deploy.join(30)
-    delete.join(30)
-    assert answers[0][0] == 201, answers
-    assert deleted[0][0] == 200, deleted  # it waited for the deploy, then deleted what it made
+    deployed, deleted = race.overlap(
+        "feat",
+        (race.deploy, "site", "feat", site_bundle("v2")),
+        (race.call, "DELETE", "/v1/apps/site/branches/feat"),
+    )
+    assert deployed[0] == 201, deployed
+    assert deleted[0] == 200, deleted  # it waited for the deploy, then deleted what it made
     assert race.coherent()["branches"] == {"site/main": body["bundle"]}
 
 
@@ -626,16 +632,13 @@ def test_rollback_racing_a_delete_of_its_app(race: RaceHarness) -> None:
     for version in ("v1", "v2"):
         status, body = race.deploy("site", "feat", site_bundle(version))
         assert status in (200, 201), body
-    entered = race.gate("feat")
-    rollback, rolled = race.in_background(race.call, "POST", "/v1/apps/site/branches/feat/rollback")
-    assert entered.wait(10)
-    delete, deleted = race.in_background(race.call, "DELETE", "/v1/apps/site")
-    delete.join(2)  # it waits for the rollback; by now it has arrived
-    race.release("feat")
-    rollback.join(30)
-    delete.join(30)
-    assert rolled[0][0] == 200, rolled
-    assert deleted[0][0] == 200, deleted
+    rolled, deleted = race.overlap(
+        "feat",
+        (race.call, "POST", "/v1/apps/site/branches/feat/rollback"),
+        (race.call, "DELETE", "/v1/apps/site"),
+    )
+    assert rolled[0] == 200, rolled
+    assert deleted[0] == 200, deleted
     assert race.coherent() == {"apps": [], "branches": {}}
 
 
@@ -689,22 +692,14 @@ def test_branch_env_set_during_a_failed_deploy_is_kept(race: RaceHarness) -> Non
     not put back the env from before (a lost update); the PUT waits for the deploy."""
     status, body = race.deploy("site", "feat", site_bundle("v1"))
     assert status == 201, body
-    entered = race.gate("feat")
     race.instances.failing.add("feat")
-    deploy, answers = race.in_background(race.deploy, "site", "feat", site_bundle("v2"))
-    assert entered.wait(10)
-
-    def put_env() -> tuple[int, Any]:
-        with AdminClient(f"http://127.0.0.1:{race.port}", "tok") as client:
-            return client.request("PUT", "/v1/apps/site/branches/feat", {"env": {"X": "1"}})
-
-    put, answered = race.in_background(put_env)
-    put.join(2)  # it may wait for the deploy; either way it has arrived by now
-    race.release("feat")
-    deploy.join(30)
-    put.join(30)
-    assert answers[0][0] == 422, answers
-    assert answered[0][0] == 200, answered
+    deployed, answered = race.overlap(
+        "feat",
+        (race.deploy, "site", "feat", site_bundle("v2")),
+        (race.call, "PUT", "/v1/apps/site/branches/feat", {"env": {"X": "1"}}),
+    )
+    assert deployed[0] == 422, deployed
+    assert answered[0] == 200, answered
     feat = race.registry.branches[("site", "feat")]
     assert (feat.env, feat.bundle) == ({"X": "1"}, body["bundle"])
     race.coherent()
@@ -713,21 +708,13 @@ def test_branch_env_set_during_a_failed_deploy_is_kept(race: RaceHarness) -> Non
 def test_app_spec_put_during_a_creating_deploy(race: RaceHarness) -> None:
     """PUT of the app while a deploy that creates it is switching over: one after the other,
     never a 500 from both creating it."""
-    entered = race.gate("main")
-    deploy, answers = race.in_background(race.deploy, "fresh", "main", site_bundle("v1"))
-    assert entered.wait(10)
-
-    def put_app() -> tuple[int, Any]:
-        with AdminClient(f"http://127.0.0.1:{race.port}", "tok") as client:
-            return client.request("PUT", "/v1/apps/fresh", {"command": ["python3", "app.py"]})
-
-    put, answered = race.in_background(put_app)
-    put.join(2)
-    race.release("main")
-    deploy.join(30)
-    put.join(30)
-    assert answers[0][0] == 201, answers
-    assert answered[0][0] == 200, answered  # it found the app the deploy created
+    deployed, answered = race.overlap(
+        "main",
+        (race.deploy, "fresh", "main", site_bundle("v1")),
+        (race.call, "PUT", "/v1/apps/fresh", {"command": ["python3", "app.py"]}),
+    )
+    assert deployed[0] == 201, deployed
+    assert answered[0] == 200, answered  # it found the app the deploy created
     assert race.coherent()["apps"] == ["fresh"]
 
 
