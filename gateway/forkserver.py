@@ -1132,7 +1132,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Remove `path` and everything under it: a directory a tenant could write to (its socket
-    dir, its /data volume), removed by root after the tenant is gone. Errors are ignored, as
+    dir, its /data volume), removed by root after the tenant is gone, or a tree of the bundle
+    store at any depth (`gateway.bundles.remove_tree`, which makes read-only directories
+    writable first when the gateway is not root). Errors are ignored, as
     with ``shutil.rmtree(path, ignore_errors=True)``; a symlink at `path` is removed itself.
 
     Why not shutil.rmtree: it recurses once per level, holding a directory fd per level, so a
