@@ -27,6 +27,7 @@ import io
 import json
 import os
 import random
+import select
 import signal
 import socket
 import sys
@@ -222,6 +223,44 @@ def _reap_everything() -> None:
             return
 
 
+def _wait_interactive(ctl: socket.socket, pid: int) -> int:
+    """Wait for the program while relaying signals: each byte the service sends on the control
+    socket after the files is a signal number for the program (pid 2, our child: its pid cannot
+    be reused before we reap it). Returns its wait status."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # no pidfd (old kernel): poll its exit every 20 ms instead
+        pidfd = -1
+    poller = select.poll()
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
+    poller.register(ctl.fileno(), select.POLLIN)
+    try:
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                return status
+            for fd, _events in poller.poll(None if pidfd >= 0 else 20):
+                if fd != ctl.fileno():
+                    continue
+                try:
+                    data = ctl.recv(256)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # the service closed its side: nothing more to relay
+                    poller.unregister(fd)
+                    continue
+                for number in data:
+                    if 0 < number < signal.NSIG:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, number)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
 def _artifacts(job: dict[str, Any]) -> list[tuple[str, bytes]]:
     out = []
     limit = int(job.get("max_artifact", 64 << 20))
@@ -266,7 +305,10 @@ def main() -> int:
         _child(job, fds)
     for fd in fds:
         os.close(fd)
-    _, status, _usage = os.wait4(pid, 0)
+    if job.get("interactive"):
+        status = _wait_interactive(ctl, pid)
+    else:
+        _, status, _usage = os.wait4(pid, 0)
     wall_us = int((time.monotonic() - started) * 1e6)
     _reap_everything()
     result: dict[str, Any] = {"code": None, "signal": None, "wall_us": wall_us, "artifacts": []}

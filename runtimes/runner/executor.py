@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,107 @@ QUERY_TIMEOUT = 2.0  # a spawner answers between two builds (<= ~25 ms each) or 
 
 class SpawnerGone(RuntimeError):
     """The spawner process died; the executions it had are lost."""
+
+
+class StdinFull(Exception):
+    """An interactive client sent more stdin than the program has read, beyond the bound."""
+
+
+MAX_PENDING_SIGNALS = 64  # signals asked for before the stage's init can take them
+
+
+class Live:
+    """An interactive execution (Piston's `/api/v2/connect`), as the executor sees it.
+
+    The session (connect.py) subclasses it: `stage`, `output` and `exit` are called as the
+    execution goes; `write`, `signal` and `kill` are what the client asks for. Stdin goes to the
+    run stage only (a compile stage gets EOF at once); what arrives before the run stage has
+    started waits here. Pending stdin — here or in the pipe's write buffer, not yet read by the
+    program — is bounded by `max_stdin` (StdinFull). Signals go to the current stage's program
+    through its init (boot.py), queued while the stage is starting.
+    """
+
+    def __init__(self, max_stdin: int) -> None:
+        self.max_stdin = max_stdin
+        self.buffered = bytearray()
+        self.eof = False
+        self.signals: list[int] = []
+        self.killed = False
+        self._stdin: asyncio.WriteTransport | None = None
+        self._ctl: socket.socket | None = None
+        self._killer: Callable[[], None] | None = None
+
+    # -- called by the executor ---------------------------------------------------------------
+    def stage(self, name: str) -> None:
+        """A stage ("compile", "run") starts."""
+
+    def output(self, stream: str, data: bytes) -> None:
+        """Bytes the program wrote to "stdout" or "stderr" (already within the cap)."""
+
+    def exit(self, name: str, result: dict[str, Any]) -> None:
+        """A stage ended; `result` is its Piston stage result."""
+
+    def attach(self, killer: Callable[[], None]) -> None:
+        self._killer = killer
+        if self.killed:
+            killer()
+
+    def attach_stdin(self, transport: asyncio.WriteTransport) -> None:
+        self._stdin = transport
+        if self.buffered:
+            transport.write(bytes(self.buffered))
+            self.buffered.clear()
+        if self.eof:
+            transport.close()
+
+    def attach_ctl(self, ctl: socket.socket) -> None:
+        self._ctl = ctl
+        signals, self.signals = self.signals, []
+        for number in signals:
+            self.signal(number)
+
+    def detach(self) -> None:
+        self._stdin = None
+        self._ctl = None
+        self._killer = None
+
+    # -- called by the session ----------------------------------------------------------------
+    def pending_stdin(self) -> int:
+        stdin = self._stdin
+        waiting = stdin.get_write_buffer_size() if stdin is not None else 0
+        return len(self.buffered) + waiting
+
+    def write(self, data: bytes, eof: bool = False) -> None:
+        if self.pending_stdin() + len(data) > self.max_stdin:
+            raise StdinFull(
+                f"more than {self.max_stdin} bytes of stdin are waiting for the program to read"
+            )
+        if self.eof:
+            return
+        self.eof = eof
+        stdin = self._stdin
+        if stdin is None:
+            self.buffered += data
+            return
+        if data and not stdin.is_closing():
+            stdin.write(data)
+        if eof:
+            stdin.close()
+
+    def signal(self, number: int) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            if len(self.signals) < MAX_PENDING_SIGNALS:
+                self.signals.append(number)
+            return
+        with contextlib.suppress(OSError):  # a full buffer (a signal flood) or a gone init
+            ctl.send(bytes([number]))
+
+    def kill(self) -> None:
+        """Kill the current stage's sandbox and start no further stage."""
+        self.killed = True
+        if self._killer is not None:
+            self._killer()
 
 
 @dataclass
@@ -255,10 +358,17 @@ class Capture:
 
 
 class _Reader(asyncio.Protocol):
-    def __init__(self, capture: Capture, on_over: Any, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        capture: Capture,
+        on_over: Any,
+        done: asyncio.Future[None],
+        forward: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.capture = capture
         self.on_over = on_over
         self.done = done
+        self.forward = forward
 
     def data_received(self, data: bytes) -> None:
         cap = self.capture
@@ -268,6 +378,8 @@ class _Reader(asyncio.Protocol):
         piece = data if len(data) <= room else data[:room]
         cap.data += piece
         cap.output += piece
+        if self.forward is not None and piece:
+            self.forward(piece)
         if len(data) > room:
             cap.over = True
             self.on_over()
@@ -355,8 +467,9 @@ class Executor:
         order = self.spawners[self.turn :] + self.spawners[: self.turn]
         return min(order, key=lambda s: (s.busy, s.load))
 
-    async def execute(self, job: Job) -> dict[str, Any]:
-        """The full Piston response body for one job."""
+    async def execute(self, job: Job, live: Live | None = None) -> dict[str, Any]:
+        """The full Piston response body for one job; with `live`, interactively (its
+        callbacks see each stage start, its output as it comes and its result)."""
         lang = job.language
         if not self.free_uids:
             raise RuntimeError("no free sandbox uid (widen runner.uid_range)")
@@ -367,10 +480,23 @@ class Executor:
             result: dict[str, Any] = {"language": lang.name, "version": lang.version}
             files = list(job.files)
             if lang.compile is not None:
+                if live is not None:
+                    live.stage("compile")
                 compiled, artifacts = await self._stage(
-                    spawner, uid, "compile", lang, lang.compile, job, files, b"", job.compile_limits
+                    spawner,
+                    uid,
+                    "compile",
+                    lang,
+                    lang.compile,
+                    job,
+                    files,
+                    b"",
+                    job.compile_limits,
+                    live,
                 )
                 result["compile"] = compiled
+                if live is not None:
+                    live.exit("compile", compiled)
                 if compiled["code"] != 0 or compiled["status"] is not None:
                     result["run"] = compiled  # Piston: run = compile when the run never started
                     return result
@@ -379,9 +505,15 @@ class Executor:
             mode = "exec"
             if lang.zygote and self.settings.python_mode == "zygote":
                 mode = "python"
+            if live is not None:
+                if live.killed:
+                    return result
+                live.stage("run")
             result["run"], _ = await self._stage(
-                spawner, uid, mode, lang, run_argv, job, files, job.stdin, job.run_limits
+                spawner, uid, mode, lang, run_argv, job, files, job.stdin, job.run_limits, live
             )
+            if live is not None:
+                live.exit("run", result["run"])
             return result
         finally:
             spawner.load -= 1
@@ -412,6 +544,7 @@ class Executor:
         files: list[JobFile],
         stdin: bytes,
         limits: StageLimits,
+        live: Live | None = None,
     ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
         loop = asyncio.get_running_loop()
         sid = f"{next(self.ids)}"
@@ -433,6 +566,7 @@ class Executor:
             "max_artifact": limits.file_size,
             "python_path": self.python_path,
             "work_dir": WORK_DIR,
+            "interactive": live is not None,
         }
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pipes: list[int] = []
@@ -468,21 +602,31 @@ class Executor:
         out_done: asyncio.Future[None] = loop.create_future()
         err_done: asyncio.Future[None] = loop.create_future()
         transports: list[asyncio.BaseTransport] = []
+        out_fwd = err_fwd = None
+        if live is not None:
+            out_fwd = functools.partial(live.output, "stdout")
+            err_fwd = functools.partial(live.output, "stderr")
+            live.attach(lambda: over("killed"))
         try:
             out_t, _ = await loop.connect_read_pipe(
-                lambda: _Reader(out_cap, lambda: over("OL"), out_done), os.fdopen(out_r, "rb", 0)
+                lambda: _Reader(out_cap, lambda: over("OL"), out_done, out_fwd),
+                os.fdopen(out_r, "rb", 0),
             )
             transports.append(out_t)
             err_t, _ = await loop.connect_read_pipe(
-                lambda: _Reader(err_cap, lambda: over("EL"), err_done), os.fdopen(err_r, "rb", 0)
+                lambda: _Reader(err_cap, lambda: over("EL"), err_done, err_fwd),
+                os.fdopen(err_r, "rb", 0),
             )
             transports.append(err_t)
             writer, _ = await loop.connect_write_pipe(_Writer, os.fdopen(stdin_w, "wb", 0))
             transports.append(writer)
-            if stdin:
-                writer.write(stdin)
-            writer.close()  # EOF once written (or dropped if the program never reads it)
-            status_task = loop.create_task(self._send_and_receive(ctl, body, files))
+            if live is not None and mode != "compile":
+                live.attach_stdin(writer)  # the client's stdin, as it comes
+            else:
+                if stdin and live is None:
+                    writer.write(stdin)
+                writer.close()  # EOF once written (or dropped if the program never reads it)
+            status_task = loop.create_task(self._send_and_receive(ctl, body, files, live))
             try:
                 await pending.spawned
             except Exception as exc:
@@ -505,6 +649,8 @@ class Executor:
             log.exception("stage %s failed", sid)
             return error_stage(f"internal error: {exc}"), []
         finally:
+            if live is not None:
+                live.detach()
             for t in transports:
                 t.close()
             ctl.close()
@@ -513,15 +659,18 @@ class Executor:
         )
 
     async def _send_and_receive(
-        self, ctl: socket.socket, body: bytes, files: list[JobFile]
+        self, ctl: socket.socket, body: bytes, files: list[JobFile], live: Live | None = None
     ) -> tuple[dict[str, Any], list[tuple[str, bytes]]] | None:
-        """Send the header and files to the init, then read its report until EOF."""
+        """Send the header and files to the init, then read its report until EOF (an
+        interactive stage's signals go on the same socket once the files are sent)."""
         loop = asyncio.get_running_loop()
         try:
             await loop.sock_sendall(ctl, body)
             for f in files:
                 if f.data:
                     await loop.sock_sendall(ctl, f.data)
+            if live is not None:
+                live.attach_ctl(ctl)
         except OSError:
             pass  # the sandbox died early: its exit report says why
         data = bytearray()

@@ -34,6 +34,7 @@ import orjson
 import uvloop
 
 from runtimes.runner.api import ApiError, parse_job
+from runtimes.runner.connect import CONNECT_PATHS, accept, handshake_error
 from runtimes.runner.executor import Executor, SpawnerGone, error_stage
 from runtimes.runner.languages import Language, load_languages, python_interpreter, python_path
 from runtimes.runner.limits import Settings
@@ -168,6 +169,9 @@ class RunnerService:
                 request, body = await self._read_request(conn, reader)
                 if request is None:
                     return
+                if request.target.split(b"?", 1)[0].decode("latin-1") in CONNECT_PATHS:
+                    await self._connect(conn, request, reader, writer)
+                    return
                 status, payload, headers = await self._respond(request, body)
                 out = conn.send(
                     h11.Response(
@@ -190,6 +194,36 @@ class RunnerService:
             return
         finally:
             writer.close()
+
+    async def _connect(
+        self,
+        conn: h11.Connection,
+        request: h11.Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """`/api/v2/connect`: a WebSocket session (connect.py), or an HTTP error and close."""
+        internal = self._internal(request)
+        refused = handshake_error(request)
+        if refused is None and self.keys and not internal and not self._authorized(request):
+            refused = 401, "a valid API key is required in the Authorization header"
+        if refused is None:
+            await accept(self, conn, request, reader, writer, self._client(request, internal))
+            return
+        status, message = refused
+        payload = orjson.dumps({"message": message})
+        headers = [
+            ("content-type", "application/json; charset=utf-8"),
+            ("content-length", str(len(payload))),
+            ("connection", "close"),
+        ]
+        if status == 426:
+            headers.append(("upgrade", "websocket"))
+        out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        out += conn.send(h11.Data(data=payload)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        writer.write(out)
+        await writer.drain()
 
     async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader

@@ -5,7 +5,9 @@ from the service (SCM_RIGHTS), so no host directory is ever writable by untruste
 spawner (the zygote every sandbox is forked from) never holds request data.
 
 Service → boot: PREFIX (magic, header length) carrying three fds (stdin read end, stdout and
-stderr write ends), then the JSON header, then each file's bytes in header order.
+stderr write ends), then the JSON header, then each file's bytes in header order; for an
+interactive stage (`"interactive": true` in the header), then any number of single bytes, each a
+signal number the init sends the program.
 Boot → service: STATUS (length), JSON status, then each artifact's bytes; then EOF.
 """
 
