@@ -8,7 +8,9 @@ process isolation because it is root and confines every execution in a sandbox o
 The admin listener answers `/api/v2/runtimes` and `/api/v2/execute` too, behind the admin token:
 those requests are forwarded to the service's Unix socket (waking it if cold) with a per-start
 internal token instead of the caller's Authorization header, so the admin token never reaches the
-runner and API keys are not needed there.
+runner and API keys are not needed there. Interactive executions (`/api/v2/connect`, a
+WebSocket) are served on `run.<domain>` only: the data plane tunnels the Upgrade to the service
+like any app's, while the admin listener is request/response.
 
 The runner's warm pools are shown and set through the gateway's pool routes (coldstart.py):
 `pool_state` and `configure_pool` talk to the service's internal `/dorm/pools` endpoint with the
