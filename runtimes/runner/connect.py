@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import signal
 import time
@@ -176,6 +177,10 @@ class Session(Live):
                 self._events()
         except (ConnectionError, OSError, LocalProtocolError):
             self.gone = True
+        except Exception:  # a bug of ours: logged here, a well-formed close for the client
+            log.exception("interactive session failed")
+            with contextlib.suppress(Exception):
+                self.close(1011, "internal error")
         finally:
             timer.cancel()
             if read is not None:
@@ -213,7 +218,8 @@ class Session(Live):
                     message, self.message = bytes(self.message), bytearray()
                     self._handle(message)
             elif isinstance(event, Ping):
-                self._send_frame(self.ws.send(event.response()))
+                if self.ws.state is ConnectionState.OPEN:
+                    self._send_frame(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 if self.ws.state is ConnectionState.REMOTE_CLOSING:
                     self._send_frame(self.ws.send(event.response()))
