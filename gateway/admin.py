@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import sqlite3
 import time
 import weakref
@@ -39,7 +40,14 @@ MAX_BODY = 1024 * 1024
 MAX_HEAD = 16 * 1024
 MAX_TAIL_LINES = 10_000
 DEFAULT_TAIL_LINES = 100
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256  # the default of `admin_max_connections`
+# Requests served on one keep-alive connection; the last one's answer closes it.
+MAX_REQUESTS_PER_CONNECTION = 1000
+# Response bodies are written (and drained) in pieces of this size, so a slow reader holds at
+# most one piece plus the transport's high-water mark in memory, and every piece has its deadline.
+_WRITE_PIECE = 64 * 1024
+# A connection the server closes while the client may still be sending is drained this long.
+_LINGER = 1.0
 # Reads are no bigger than the head cap, so h11 sees an over-long head while it is incomplete
 # (it only enforces max_incomplete_event_size then) and answers 431.
 _READ_SIZE = MAX_HEAD
@@ -358,6 +366,78 @@ class _Closed(Exception):
     """The connection is finished (EOF, timeout already answered, or unrecoverable)."""
 
 
+class _TooSlow(Exception):
+    """A body did not move in time: `by_rate` if below the minimum rate, else idle too long."""
+
+    def __init__(self, by_rate: bool) -> None:
+        super().__init__("too slow")
+        self.by_rate = by_rate
+
+
+@dataclass(slots=True)
+class _Pace:
+    """The minimum average rate of one body, in either direction.
+
+    Only the time spent waiting for the client counts (`waited`: reads that had to wait for
+    its bytes, drains that had to wait for it to read), not the time the server itself took
+    between two pieces (spooling to disk, a quiet log). Each wait may last at most `idle`; and
+    once `grace` seconds have been waited in all, `moved / waited` must stay at least `rate`
+    bytes per second (`rate` 0: no minimum).
+    """
+
+    rate: int
+    grace: float
+    idle: float
+    moved: int = 0
+    waited: float = 0.0
+
+    def allowance(self) -> tuple[float, bool]:
+        """How long the next wait may last, and whether the rate (not `idle`) sets that."""
+        if self.rate > 0:
+            left = max(self.grace, self.moved / self.rate) - self.waited
+            if left < self.idle:
+                return left, True
+        return self.idle, False
+
+    async def wait(self, aw: Awaitable[Any], deadline: float | None = None) -> Any:
+        """Await `aw` within the allowance (and `deadline`); `_TooSlow` if it does not end."""
+        allowed, by_rate = self.allowance()
+        if deadline is not None and deadline - time.monotonic() < allowed:
+            allowed, by_rate = deadline - time.monotonic(), False
+        if allowed <= 0:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise _TooSlow(by_rate)
+        start = time.monotonic()
+        try:
+            return await asyncio.wait_for(aw, allowed)
+        except TimeoutError:
+            raise _TooSlow(by_rate) from None
+        finally:
+            self.waited += time.monotonic() - start
+
+    def too_slow(self, what: str) -> str:
+        """The 408 message for a body below the minimum rate."""
+        return (
+            f"{what} too slow: {self.moved} bytes in {self.waited:.1f}s, under the minimum of "
+            f"{self.rate} bytes/s (admin_min_upload_rate) after the first {self.grace:g}s"
+        )
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """One admitted connection: when it was accepted, whether it ever sent the right token
+    (until then it may be replaced by a newcomer when all slots are taken), how many
+    requests it sent, and whether it should be drained before it is closed."""
+
+    task: asyncio.Task[Any] | None
+    accepted: float
+    authenticated: bool = False
+    requests: int = 0
+    evicted: bool = False
+    linger: bool = False
+
+
 class AdminServer:
     """Routes and per-connection HTTP handling; one instance per admin listener."""
 
@@ -377,7 +457,9 @@ class AdminServer:
         self.token = token
         self.locks = locks_of(registry)
         self.server: asyncio.base_events.Server | None = None
-        self.connections = 0
+        # Admitted connections, oldest first, and those of them without a token yet.
+        self._slots: dict[_Slot, None] = {}
+        self._anonymous: dict[_Slot, None] = {}
         # Extra routes are matched first, so a subsystem can extend a built-in endpoint (the
         # bundle code adds deploy state to the branch listing and cleanup to branch deletion).
         self.routes: list[Route] = [*extra_routes, *self._builtin_routes()]
@@ -517,7 +599,9 @@ class AdminServer:
         except InvalidName as exc:
             raise ApiError(400, "branch", str(exc)) from None
         tail_text = req.query.get("tail", str(DEFAULT_TAIL_LINES))
-        if not tail_text.isdigit() or int(tail_text) > MAX_TAIL_LINES:
+        # ASCII digits only, and few: str.isdigit() takes "²" (which int() refuses) and int()
+        # refuses more than 4300 digits, each of which was a 500.
+        if not re.fullmatch(r"[0-9]{1,9}", tail_text) or int(tail_text) > MAX_TAIL_LINES:
             raise ApiError(400, "tail", f"expected a whole number from 0 to {MAX_TAIL_LINES}")
         tail = int(tail_text)
         follow_text = req.query.get("follow", "0").lower()
@@ -583,26 +667,67 @@ class AdminServer:
     def _serving(self) -> bool:
         return self.server is not None and self.server.is_serving()
 
+    @property
+    def connections(self) -> int:
+        """Connections holding a slot (those refused with a 503 hold none)."""
+        return len(self._slots)
+
+    def _admit(self, slot: _Slot) -> bool:
+        """Give `slot` one of the `admin_max_connections` slots. When all are taken, the oldest
+        connection that never sent the right token gives its slot up (it is closed at once);
+        False if every slot is held by an authenticated connection."""
+        if len(self._slots) >= self.cfg.admin_max_connections and self._anonymous:
+            oldest = next(iter(self._anonymous))
+            self._release(oldest)
+            oldest.evicted = True
+            if oldest.task is not None:
+                oldest.task.cancel()
+        if len(self._slots) >= self.cfg.admin_max_connections:
+            return False
+        self._slots[slot] = None
+        self._anonymous[slot] = None
+        return True
+
+    def _release(self, slot: _Slot) -> None:
+        self._slots.pop(slot, None)
+        self._anonymous.pop(slot, None)
+
+    def _authenticated(self, slot: _Slot) -> None:
+        """`slot` sent the right token: it keeps its slot from now on."""
+        slot.authenticated = True
+        self._anonymous.pop(slot, None)
+
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Serve requests on one connection until it closes, times out or errs."""
-        self.connections += 1
+        slot = _Slot(asyncio.current_task(), time.monotonic())
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
-            if self.connections > MAX_CONNECTIONS:
-                await self._raw_error(writer, 503, None, "too many admin connections")
-            first = True
-            while await self._exchange(conn, reader, writer, first):
-                first = False
+            if not self._admit(slot):
+                slot.linger = True
+                await self._raw_error(
+                    writer,
+                    503,
+                    None,
+                    f"too many admin connections (all {self.cfg.admin_max_connections} are in "
+                    "use by authenticated clients); retry shortly",
+                    headers=[("retry-after", "1")],
+                )
+            while await self._exchange(slot, conn, reader, writer):
                 conn.start_next_cycle()
+        except asyncio.CancelledError:
+            if not slot.evicted:
+                raise
         except (_Closed, ConnectionError, TimeoutError):
             pass
         except Exception:
             log.exception("admin connection failed")
         finally:
-            self.connections -= 1
-            if conn.their_state in (h11.SEND_BODY, h11.ERROR):
+            # The slot is free from here on: lingering is bounded by _LINGER, not by the client.
+            self._release(slot)
+            lingering = slot.linger or conn.their_state in (h11.SEND_BODY, h11.ERROR)
+            if lingering and not slot.evicted:
                 await self._linger(reader, writer)
             writer.close()
             with contextlib.suppress(Exception):
@@ -617,7 +742,7 @@ class AdminServer:
         with contextlib.suppress(Exception):
             if writer.can_write_eof():
                 writer.write_eof()
-            deadline = time.monotonic() + 1.0
+            deadline = time.monotonic() + _LINGER
             discarded = 0
             while discarded < 4 * MAX_BODY and time.monotonic() < deadline:
                 data = await asyncio.wait_for(reader.read(_READ_SIZE), deadline - time.monotonic())
@@ -626,14 +751,20 @@ class AdminServer:
                 discarded += len(data)
 
     async def _raw_error(
-        self, writer: asyncio.StreamWriter, status: int, fld: str | None, message: str
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        fld: str | None,
+        message: str,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> NoReturn:
         """An error written without h11, for when the exchange is beyond saving; then close."""
         body = error_body(fld, message)
         reason = HTTPStatus(status).phrase
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n"
         )
         with contextlib.suppress(Exception):
             writer.write(head.encode() + body)
@@ -656,13 +787,11 @@ class AdminServer:
         conn.receive_data(data)
 
     async def _wait_idle(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, first: bool
+        self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
     ) -> bool:
         """Wait for the first byte of the next request. False: close quietly (EOF, idle, stop)."""
         if conn.trailing_data[0]:
             return True
-        timeout = self.cfg.header_timeout if first else self.cfg.keepalive_timeout
-        deadline = time.monotonic() + timeout
         while self._serving():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -684,18 +813,35 @@ class AdminServer:
                 return event
             await self._receive(conn, reader, deadline)
 
+    def _pace(self) -> _Pace:
+        cfg = self.cfg
+        return _Pace(cfg.admin_min_upload_rate, cfg.admin_upload_grace, cfg.body_timeout)
+
     async def _exchange(
         self,
+        slot: _Slot,
         conn: h11.Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        first: bool,
     ) -> bool:
-        """One request and its response. Returns True if the connection can be reused."""
-        if not await self._wait_idle(conn, reader, first):
-            return False
+        """One request and its response. Returns True if the connection can be reused.
+
+        The first request's head must be complete within `header_timeout` of the accept, so a
+        client that has not authenticated holds its slot no longer than that (and never past
+        its response: only an authorized request keeps a connection open). Later heads have
+        `header_timeout` from their first byte, after up to `keepalive_timeout` idle.
+        """
+        if slot.requests == 0:
+            deadline = slot.accepted + self.cfg.header_timeout
+            if not await self._wait_idle(conn, reader, deadline):
+                return False
+        else:
+            idle_deadline = time.monotonic() + self.cfg.keepalive_timeout
+            if not await self._wait_idle(conn, reader, idle_deadline):
+                return False
+            deadline = time.monotonic() + self.cfg.header_timeout
         try:
-            event = await self._next_event(conn, reader, time.monotonic() + self.cfg.header_timeout)
+            event = await self._next_event(conn, reader, deadline)
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             await self._raw_error(writer, status, "request", f"malformed request: {exc}")
@@ -704,8 +850,12 @@ class AdminServer:
         if isinstance(event, h11.ConnectionClosed):
             return False
         assert isinstance(event, h11.Request), event
+        slot.requests += 1
+        authorized = self._authorized(list(event.headers))
+        if authorized:
+            self._authenticated(slot)
         try:
-            response = await self._dispatch(conn, reader, writer, event)
+            response = await self._dispatch(conn, reader, writer, event, authorized)
         except ApiError as exc:
             response = Response(exc.status, error_body(exc.field, exc.message), headers=exc.headers)
         except (_Closed, ConnectionError, TimeoutError):
@@ -727,7 +877,12 @@ class AdminServer:
             # the connection stays usable for the next request.
             with contextlib.suppress(h11.ProtocolError):
                 conn.next_event()
-        await self._send(conn, writer, response, head_only=event.method == b"HEAD")
+        keep_alive = authorized and slot.requests < MAX_REQUESTS_PER_CONNECTION
+        if not keep_alive and not _client_closes(event):
+            slot.linger = True  # the client may have sent more: drain it before closing
+        await self._send(
+            conn, writer, response, head_only=event.method == b"HEAD", keep_alive=keep_alive
+        )
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE and self._serving()
 
     async def _dispatch(
@@ -736,6 +891,7 @@ class AdminServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         event: h11.Request,
+        authorized: bool,
     ) -> Response | StreamResponse:
         method = event.method.decode("ascii", "replace")
         headers = list(event.headers)
@@ -750,9 +906,9 @@ class AdminServer:
         try:
             route, request = self._resolve(method, event.target)
         except ApiError as exc:
-            if exc.status >= 500 or self._authorized(headers):
+            if exc.status >= 500 or authorized:
                 raise
-        if (route is None or route.auth) and not self._authorized(headers):
+        if (route is None or route.auth) and not authorized:
             auth = next((v for k, v in headers if k == b"authorization"), None)
             message = "missing bearer token" if auth is None else "invalid bearer token"
             raise ApiError(
@@ -786,6 +942,37 @@ class AdminServer:
         values = [v for k, v in headers if k == b"authorization"]
         return len(values) == 1 and check_bearer(values[0], self.token)
 
+    async def _body_event(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pace: _Pace,
+        deadline: float | None = None,
+    ) -> Any:
+        """The next event of a request body, read under `pace` (and `deadline`). A malformed
+        body or one that does not arrive in time is answered here (400, 408) and ends the
+        connection (`_Closed`)."""
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._raw_error(writer, 400, "body", f"malformed request body: {exc}")
+            if event is not h11.NEED_DATA:
+                if isinstance(event, h11.Data):
+                    pace.moved += len(event.data)
+                return event
+            try:
+                data = await pace.wait(reader.read(_READ_SIZE), deadline)
+            except _TooSlow as exc:
+                message = (
+                    pace.too_slow("request body")
+                    if exc.by_rate
+                    else "timed out reading the request body"
+                )
+                await self._raw_error(writer, 408, "body", message)
+            conn.receive_data(data)
+
     async def _read_body(
         self,
         conn: h11.Connection,
@@ -793,18 +980,16 @@ class AdminServer:
         writer: asyncio.StreamWriter,
         limit: int,
     ) -> bytes:
+        """The whole body (at most `limit` bytes), within `body_timeout` in all and at the
+        minimum rate."""
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         chunks: list[bytes] = []
         size = 0
         deadline = time.monotonic() + self.cfg.body_timeout
+        pace = self._pace()
         while True:
-            try:
-                event = await self._next_event(conn, reader, deadline)
-            except h11.RemoteProtocolError as exc:
-                await self._raw_error(writer, 400, "body", f"malformed request body: {exc}")
-            except TimeoutError:
-                await self._raw_error(writer, 408, "body", "timed out reading the request body")
+            event = await self._body_event(conn, reader, writer, pace, deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -823,19 +1008,15 @@ class AdminServer:
         limit: int,
     ) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives. A malformed body, a stall longer than
-        `body_timeout` or a client that goes away ends the connection (`_Closed`) after an error
-        answer where one can still be sent; past `limit` bytes it is a 413."""
+        `body_timeout`, an average rate under `admin_min_upload_rate` after
+        `admin_upload_grace` or a client that goes away ends the connection (`_Closed`) after
+        an error answer where one can still be sent; past `limit` bytes it is a 413."""
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         size = 0
+        pace = self._pace()
         while True:
-            deadline = time.monotonic() + self.cfg.body_timeout
-            try:
-                event = await self._next_event(conn, reader, deadline)
-            except h11.RemoteProtocolError as exc:
-                await self._raw_error(writer, 400, "body", f"malformed request body: {exc}")
-            except TimeoutError:
-                await self._raw_error(writer, 408, "body", "timed out reading the request body")
+            event = await self._body_event(conn, reader, writer, pace)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -846,6 +1027,22 @@ class AdminServer:
             else:
                 raise _Closed
 
+    async def _write(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, data: bytes, pace: _Pace
+    ) -> None:
+        """Send `data` as body in pieces, each drained under `pace` (`TimeoutError` if the
+        client does not read it in time): memory held for a slow reader stays bounded."""
+        for start in range(0, len(data), _WRITE_PIECE):
+            piece = data[start : start + _WRITE_PIECE]
+            writer.write(conn.send(h11.Data(data=piece)))
+            pace.moved += len(piece)
+            try:
+                await pace.wait(writer.drain())
+            except _TooSlow as exc:
+                if exc.by_rate:
+                    log.info("admin response closed: %s", pace.too_slow("the client reads"))
+                raise TimeoutError from None
+
     async def _send(
         self,
         conn: h11.Connection,
@@ -853,9 +1050,10 @@ class AdminServer:
         resp: Response,
         *,
         head_only: bool = False,
+        keep_alive: bool = True,
     ) -> None:
         """Send `resp` whole; `head_only` (a HEAD request) sends its head, Content-Length
-        included, without the body."""
+        included, without the body; without `keep_alive` the connection closes after it."""
         headers = [
             ("content-type", resp.content_type),
             ("content-length", str(len(resp.body))),
@@ -864,7 +1062,7 @@ class AdminServer:
             *resp.headers,
         ]
         # A request whose body we did not read cannot be followed by another on this connection.
-        if conn.their_state is not h11.DONE or not self._serving():
+        if conn.their_state is not h11.DONE or not self._serving() or not keep_alive:
             headers.append(("connection", "close"))
         writer.write(
             conn.send(
@@ -876,7 +1074,7 @@ class AdminServer:
             )
         )
         if resp.body and not head_only:
-            writer.write(conn.send(h11.Data(data=resp.body)))
+            await self._write(conn, writer, resp.body, self._pace())
         writer.write(conn.send(h11.EndOfMessage()))
         await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
 
@@ -887,7 +1085,12 @@ class AdminServer:
         writer: asyncio.StreamWriter,
         resp: StreamResponse,
     ) -> None:
-        """Send `resp.chunks` until they end, the client leaves, or the server stops serving."""
+        """Send `resp.chunks` until they end, the client leaves, or the server stops serving.
+
+        Each chunk is drained before the next is taken (`_write`), so a client that stops
+        reading makes the producer wait, holds at most a piece plus the transport's buffer,
+        and is cut off after `body_timeout` (or when under the minimum rate).
+        """
         headers = [
             ("content-type", resp.content_type),
             ("cache-control", "no-store"),
@@ -906,10 +1109,10 @@ class AdminServer:
                 )
             )
             await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+            pace = self._pace()
             async for chunk in resp.chunks:
                 if chunk:
-                    writer.write(conn.send(h11.Data(data=chunk)))
-                    await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+                    await self._write(conn, writer, chunk, pace)
             writer.write(conn.send(h11.EndOfMessage()))
             await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
 
@@ -939,6 +1142,16 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 writer.write(conn.send(h11.EndOfMessage()))
                 await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+
+
+def _client_closes(event: h11.Request) -> bool:
+    """Whether the client said this is its last request (`Connection: close`, or HTTP/1.0)."""
+    if event.http_version == b"1.0":
+        return True
+    return any(
+        key == b"connection" and b"close" in (t.strip() for t in value.lower().split(b","))
+        for key, value in event.headers
+    )
 
 
 async def start_admin_server(

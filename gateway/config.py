@@ -29,8 +29,16 @@ VOLUME_OWNER_UID: Final = 2147483646
 DEFAULT_CONFIG_PATHS = ("dorm.toml", "/etc/dorm/dorm.toml")
 ISOLATION_MODES = ("auto", "process", "sandbox")
 _SIZE_KEYS = frozenset(
-    {"max_header_size", "log_max_bytes", "max_bundle_size", "max_bundle_unpacked"}
+    {
+        "max_header_size",
+        "log_max_bytes",
+        "max_bundle_size",
+        "max_bundle_unpacked",
+        "admin_min_upload_rate",
+    }
 )
+# Durations whose name does not end in "_timeout" (those are durations too).
+_DURATION_KEYS = frozenset({"admin_upload_grace"})
 
 
 class ConfigError(ValueError):
@@ -68,6 +76,14 @@ class GatewayConfig:
     max_bundle_size: int = 512 * 1024**2  # an uploaded archive, as sent
     max_bundle_unpacked: int = 2 * 1024**3  # its file contents once extracted
     max_bundle_files: int = 20_000  # entries (files, directories, links) in one bundle
+    # The admin API (gateway/admin.py). Connections at once; when all are taken, a new one
+    # replaces the oldest that has not yet sent an authenticated request, else it is a 503.
+    admin_max_connections: int = 256
+    # Request (and response) bodies must average at least this many bytes per second, counted
+    # over the time spent waiting for the client, once `admin_upload_grace` of it has passed;
+    # a slower one is a 408 and the connection is closed. 0: only header/body_timeout apply.
+    admin_min_upload_rate: int = 16 * 1024
+    admin_upload_grace: float = 10.0
 
     @property
     def run_path(self) -> Path:
@@ -232,7 +248,7 @@ def _coerce(key: str, raw: Any, *, from_env: bool) -> Any:
         key,
         raw,
         getattr(GatewayConfig(), key),
-        duration=key.endswith("_timeout"),
+        duration=key.endswith("_timeout") or key in _DURATION_KEYS,
         size=key in _SIZE_KEYS,
         from_env=from_env,
         lower_lists=True,  # domain suffixes are case-insensitive
@@ -324,6 +340,10 @@ def _validate(cfg: GatewayConfig) -> None:
         raise ConfigError("max_bundle_size and max_bundle_unpacked: must be at least 1KiB")
     if cfg.max_bundle_files < 1:
         raise ConfigError("max_bundle_files: must be at least 1")
+    if not 1 <= cfg.admin_max_connections <= 65536:
+        raise ConfigError("admin_max_connections: expected 1 to 65536")
+    if cfg.admin_min_upload_rate and cfg.admin_upload_grace <= 0:
+        raise ConfigError("admin_upload_grace: must be more than 0s (or admin_min_upload_rate 0)")
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -30,7 +30,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from gateway.appspec import AppSpec, BranchSpec, SpecError, is_uploaded_runtime
 from gateway.bundles import DeployError
@@ -57,29 +59,6 @@ KILL_WAIT = 5.0
 LOST_REASON_WAIT = 0.5
 START_ATTEMPTS = 3  # per start: the first, a fresh interpreter, one after a fork-server restart
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-_first_byte_classes: dict[type, type] = {}
-
-
-def first_byte_class(base: type[UpstreamConnection]) -> type[UpstreamConnection]:
-    """`base` plus a note to its instance when the first response bytes have been relayed.
-
-    Only the connection made by the readiness probe (which carries the request that woke the
-    instance) is of this class, so the rest of the data path pays nothing for the timing.
-    """
-    cls = _first_byte_classes.get(base)
-    if cls is None:
-
-        class FirstByte(base):  # type: ignore[valid-type, misc]
-            __slots__ = ()
-
-            def data_received(self, data: bytes) -> None:
-                super().data_received(data)
-                inst = self.inst
-                if inst.first_byte_pending:
-                    inst.first_byte_relayed()
-
-        cls = _first_byte_classes[base] = FirstByte
-    return cls
 
 
 class StaticSite(Protocol):
@@ -245,7 +224,7 @@ class State(enum.Enum):
 
 
 WARM = (State.STARTING, State.READY, State.DRAINING)
-_READY = State.READY  # a module global: one lookup on the per-request path, not two
+_READY: Final = State.READY  # a C static when compiled (setup.py); a module global otherwise
 
 
 class Instance:
@@ -506,6 +485,7 @@ class Instance:
         }
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests record what the data plane asks of it
 class InstanceManager:
     """Owns every Instance: creation, starts, readiness, exits, eviction and shutdown."""
 
@@ -552,6 +532,9 @@ class InstanceManager:
         self._sweeper: asyncio.TimerHandle | None = None
         self.on_change: Callable[[], None] = lambda: None
         self.upstream_factory: Callable[[Instance], UpstreamConnection] | None = None
+        # gateway/runner.py's hook, once registered (an attribute: a compiled class has no
+        # weak references, and no attributes but those its __init__ declares).
+        self.runner_hook: Any = None
         self.static_site: Callable[[Path, AppSpec], StaticSite] | None = None
         bundles = Path(cfg.data_dir) / "bundles"
         self.bundle_path: Callable[[str], Path] = lambda digest: bundles / digest
@@ -710,12 +693,17 @@ class InstanceManager:
     async def _open(self, inst: Instance, *, first: bool = False) -> UpstreamConnection:
         factory: Callable[[Instance], UpstreamConnection] | None = self.upstream_factory
         assert factory is not None
-        if first and isinstance(factory, type):
-            factory = first_byte_class(factory)
+
+        def protocol() -> asyncio.Protocol:
+            conn = factory(inst)
+            conn.first_byte = first  # the probe's: it carries the request that woke the instance
+            return conn  # type: ignore[return-value]  # an asyncio protocol by its methods
+
         loop = asyncio.get_running_loop()
+        conn: UpstreamConnection
         if inst.app.port is None:
             with app_socket(inst.socket_path) as path:  # the tenant's dir: never a symlink
-                _, conn = await loop.create_unix_connection(lambda: factory(inst), path)
+                _, conn = await loop.create_unix_connection(protocol, path)  # type: ignore[assignment]
             return conn
         # A TCP-only app: its 127.0.0.1 is its own network namespace's (sandbox) or the host's.
         sock = tcp_socket(inst.netns_fd)
@@ -724,7 +712,7 @@ class InstanceManager:
         except BaseException:
             sock.close()
             raise
-        _, conn = await loop.create_connection(lambda: factory(inst), sock=sock)
+        _, conn = await loop.create_connection(protocol, sock=sock)  # type: ignore[assignment]
         return conn
 
     # -- starting ---------------------------------------------------------------------------------

@@ -352,7 +352,9 @@ def test_slow_client_times_out(admin: AdminHarness) -> None:
 
 
 def test_keepalive_and_pipelining(admin: AdminHarness) -> None:
-    req = b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n"
+    """With the token: only an authenticated request keeps its connection open."""
+    token = b"authorization: Bearer " + admin.token.encode() + b"\r\n"
+    req = b"GET /v1/health HTTP/1.1\r\nhost: x\r\n" + token + b"\r\n"
     with socket.create_connection(("127.0.0.1", admin.port), timeout=5) as sock:
         sock.sendall(req * 3)
         data = b""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import admin
 from gateway.auth import check_bearer, load_admin_token
 from gateway.config import (
     ConfigError,
@@ -74,6 +75,36 @@ idle_timeout = "1m"
     assert cfg.source == path
 
 
+def test_admin_limits(tmp_path: Path) -> None:
+    """The admin API's connection cap and minimum upload rate: defaults, TOML, DORM_*."""
+    g = load_config(write(tmp_path, "[gateway]\n"), environ={}).gateway
+    assert (g.admin_max_connections, g.admin_min_upload_rate, g.admin_upload_grace) == (
+        256,
+        16 * 1024,
+        10.0,
+    )
+    assert g.admin_max_connections == admin.MAX_CONNECTIONS
+    text = (
+        '[gateway]\nadmin_max_connections = 32\nadmin_min_upload_rate = "64KiB"\n'
+        'admin_upload_grace = "1m"\n'
+    )
+    g = load_config(write(tmp_path, text), environ={}).gateway
+    assert (g.admin_max_connections, g.admin_min_upload_rate, g.admin_upload_grace) == (
+        32,
+        64 * 1024,
+        60.0,
+    )
+    env = {
+        "DORM_ADMIN_MAX_CONNECTIONS": "8",
+        "DORM_ADMIN_MIN_UPLOAD_RATE": "0",
+        "DORM_ADMIN_UPLOAD_GRACE": "0",  # no minimum, so no grace is needed
+    }
+    g = load_config(write(tmp_path, text), environ=env).gateway
+    assert (g.admin_max_connections, g.admin_min_upload_rate, g.admin_upload_grace) == (8, 0, 0)
+    with pytest.raises(ConfigError, match="DORM_ADMIN_MIN_UPLOAD_RATE"):
+        load_config(write(tmp_path, text), environ={"DORM_ADMIN_MIN_UPLOAD_RATE": "-1"})
+
+
 def test_environment_overrides_every_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[gateway]\nlisten = "127.0.0.1:9000"\nlog_keep = 1\n')
     env = {
@@ -111,6 +142,10 @@ def test_environment_overrides_every_key(tmp_path: Path) -> None:
         ("[gateway]\ndomains = []\n", "domains"),
         ('[gateway]\ndomains = "x.com"\n', "domains: expected a list"),
         ("[gateway]\nmax_warm_instances = 0\n", "max_warm_instances"),
+        ("[gateway]\nadmin_max_connections = 0\n", "admin_max_connections: expected 1 to"),
+        ('[gateway]\nadmin_min_upload_rate = "fast"\n', "admin_min_upload_rate"),
+        ('[gateway]\nadmin_upload_grace = "later"\n', "admin_upload_grace"),
+        ("[gateway]\nadmin_upload_grace = 0\n", "admin_upload_grace: must be more than 0s"),
         ('[gateway]\nuid_range = "99-200"\n', "uid_range: must lie within"),
         ('[gateway]\nuid_range = "2147480000-2147489999"\n', "must not contain 2147483646"),
         ('[runner]\nuid_range = "2147483646-2147483646"\n', "must not contain 2147483646"),
