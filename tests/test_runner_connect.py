@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -29,6 +29,7 @@ from tests.test_runner import (
     start_runner_gateway,
     stop_gateway,
 )
+from tests.test_runner_limits import KEY, make_keyed
 
 pytestmark = pytest.mark.skipif(
     __import__("os").geteuid() != 0, reason="the runner needs root (a sandbox per execution)"
@@ -67,12 +68,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 class Client:
     """A Piston interactive client over one WebSocket."""
 
-    def __init__(self, gw: Gateway, path: str = "/api/v2/connect") -> None:
+    def __init__(
+        self, gw: Gateway, path: str = "/api/v2/connect", headers: dict[str, str] | None = None
+    ) -> None:
         self.ws: ClientConnection = ws_connect(
             f"ws://{RUNNER_HOST}:{gw.port}{path}",
             sock=gw.connect(),
             open_timeout=10,
             max_size=None,
+            additional_headers=headers,
         ).__enter__()  # the context manager form (websockets 17 warns otherwise); closed below
 
     def send(self, **message: Any) -> None:
@@ -189,8 +193,10 @@ def test_exit_by_signal_and_client_signals(gw: Gateway) -> None:
     c = Client(gw)
     c.init(
         "python",
-        "import signal, sys, time\n"
-        "signal.signal(signal.SIGUSR1, lambda *a: (print('got USR1', flush=True), sys.exit(7)))\n"
+        # os.write and os._exit: a print in the handler could land inside the main print's
+        # flush (a reentrant call Python refuses).
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: (os.write(1, b'got USR1\\n'), os._exit(7)))\n"
         "print('waiting', flush=True)\n"
         "time.sleep(60)\n",
     )
@@ -408,3 +414,27 @@ def test_c_compile_stage(gw: Gateway) -> None:
 def test_execute_still_works_and_nothing_left(gw: Gateway, tmp_path: Path) -> None:
     assert_healthy(gw)
     assert sandbox_cgroups(gw) == []
+
+
+def test_api_keys_and_per_client_concurrency(tmp_path: Path) -> None:
+    """The upgrade needs an API key like /execute; a session counts as one of the client's
+    executions from its init."""
+    gw = make_keyed(tmp_path, f'[runner]\napi_keys = ["{KEY}"]\nmax_per_client = 1\n')
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            Client(gw)
+        assert refused.value.response.status_code == 401
+        first = Client(gw, headers={"Authorization": f"Bearer {KEY}"})
+        first.init("python", SLEEPER)
+        first.expect({"type": "runtime"}, {"type": "stage"}, {"type": "data"}, timeout=60)
+        second = Client(gw, headers={"Authorization": KEY})
+        second.init("python", "print(1)")
+        code, reason, got = second.closed()
+        assert (code, reason) == (4002, "Notified Error")
+        assert got == [
+            {"type": "error", "message": "too many concurrent executions from this client (max 1)"}
+        ]
+        first.close()
+        wait_no_runner_processes()
+    finally:
+        stop_gateway(gw)
