@@ -8,7 +8,10 @@ STAMP  := $(VENV)/.installed
 	bench-runner bench-locust \
 	bench-registry clean
 
-$(STAMP): pyproject.toml setup.py gateway/_heads.c
+# The compiled sources too: an editable install builds them in place (setup.py), and a build
+# older than its source would shadow it.
+$(STAMP): pyproject.toml setup.py gateway/_heads.c gateway/proxy.py gateway/upstream.py \
+	gateway/instances.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

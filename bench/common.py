@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from types import FrameType
 
+from gateway import compiled
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 DOCS_TITLE = "# Benchmarks"
@@ -269,6 +271,7 @@ def machine_info() -> dict[str, str]:
         .removeprefix("nginx version: ")
         .removeprefix("nginx/"),
         "wrk": _cmd_version(["wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
+        "relay": compiled.describe(),
     }
 
 

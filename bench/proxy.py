@@ -788,28 +788,24 @@ def _dorm_loop() -> Callable[[int], None]:
     """
     from gateway.appspec import BranchSpec, parse_app_spec
     from gateway.config import GatewayConfig
-    from gateway.instances import Instance, State
+    from gateway.instances import Instance, InstanceManager, State
     from gateway.proxy import DataPlane
     from gateway.upstream import UpstreamConnection
 
-    class Manager:
-        on_change: object = None
-        inst: object = None
-
-        def get(self, app: str, branch: str) -> object:
-            return self.inst
-
-    manager = Manager()
+    # A real manager (the classes are native when compiled: no stand-in passes for one); it
+    # starts nothing until start(), and its registry is only asked for runtimes.
+    no_registry = type("NoRegistry", (), {"runtimes": {}})()
+    manager = InstanceManager(GatewayConfig(), no_registry)
     app = parse_app_spec("bench", {"command": ["true"]})
-    inst = Instance(manager, app, BranchSpec(app="bench", name="main"))  # type: ignore[arg-type]
+    inst = Instance(manager, app, BranchSpec(app="bench", name="main"))
     inst.state = State.READY
-    manager.inst = inst
+    manager.instances[("bench", "main")] = inst  # what every Host routes to
     up = UpstreamConnection(inst)
     up_t, client_t = _NullTransport(), _NullTransport()
     up.connection_made(up_t)  # type: ignore[arg-type]
     inst.idle.append(up)
     inst.connections = 1
-    plane = DataPlane(GatewayConfig(), manager)  # type: ignore[arg-type]
+    plane = DataPlane(GatewayConfig(), manager)
     client = plane.protocol()
     client.connection_made(client_t)  # type: ignore[arg-type]
     c, u = client.data_received, up.data_received
@@ -1254,7 +1250,7 @@ TCP loopback. Interleaved rounds (the order rotates each round); medians across 
 - **Date:** {started}; dorm at commit {revision}
 - **Machine:** {info["cpus"]} CPUs ({info["cpu_model"]}), kernel {info["kernel"]}
 - **Software:** Python {info["python"]}, uvloop {info["uvloop"]}, httptools {info["httptools"]},
-  nginx {info["nginx"]}, wrk {info["wrk"]}
+  nginx {info["nginx"]}, wrk {info["wrk"]}; dorm's {info["relay"]}
 - **Command:** `make bench-proxy`, i.e. `{cmd}`
 - **Load:** `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency -H "Host: {HOST}"`;
   {args.rounds} rounds x {len(TARGETS)} paths after an unrecorded {WARMUP_SECONDS:g} s warm-up

@@ -25,13 +25,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from gateway import heads
 from gateway.config import GatewayConfig
-from gateway.heads import plain_request
 from gateway.http11 import CONTINUE_100, FORWARDED, HOP_BY_HOP, LAST_CHUNK, error_response
 from gateway.routing import HostCache, parse_host
 
@@ -44,15 +43,24 @@ log = logging.getLogger("dorm.proxy")
 _REQ_SPECIAL = HOP_BY_HOP | FORWARDED | {b"host", b"content-length", b"expect"}
 BUFFER_LIMIT = 64 * 1024  # request body bytes held while a request waits for its upstream
 # Deadline kinds.
-IDLE, HEAD, BODY, RESPONSE, LINGER = range(5)
+IDLE: Final = 0
+HEAD: Final = 1
+BODY: Final = 2
+RESPONSE: Final = 3
+LINGER: Final = 4
 LINGER_TIMEOUT = 2.0
 # Reasons reading from the client is paused (a bit mask: resume only when none is left).
-PAUSED_BY_UPSTREAM, PAUSED_BUFFERING = 1, 2
-_NOT_FOUND = object()
+PAUSED_BY_UPSTREAM: Final = 1
+PAUSED_BUFFERING: Final = 2
+# Final: compiled by mypyc (setup.py), a Final name is a C static, not a dict lookup per read;
+# so are the two functions called on every request, bound here rather than imported.
+_NOT_FOUND: Final = object()
+monotonic: Final = time.monotonic
+plain_request: Final = heads.plain_request
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-_NO_BODY: list[bytes] = []  # Exchange.buffer of a request without body bytes; never appended to
-_UNSPLIT: list[bytes] = []  # Exchange.lines of a fast-path request not split yet; never appended to
-_new_exchange = object.__new__  # an Exchange without running __init__ (one Python call less)
+_NO_BODY: Final[list[bytes]] = []  # Exchange.buffer of a request without body; never appended to
+_UNSPLIT: Final[list[bytes]] = []  # Exchange.lines of a fast-path request not split yet; ditto
+_NO_NAMES: Final[frozenset[bytes]] = frozenset()  # Exchange.forwarded_given with none given
 
 
 def _chunked_last(ex: Exchange) -> bool:
@@ -133,8 +141,8 @@ class DataPlane:
 class Exchange:
     """One request and its response, from the head being parsed to the last byte relayed."""
 
-    # Defaults live on the class: a request sets only what it has, so creating an Exchange
-    # costs three attribute writes, not thirty (this runs once per request).
+    # Defaults live on the class: a request sets only what it has (this runs once per request;
+    # compiled by mypyc, the defaults are stored into the new object's fields in C).
     url = b""
     method = b""
     head_size = 0
@@ -146,7 +154,7 @@ class Exchange:
     connection_tokens = b""
     upgrade_value = b""
     xff = b""
-    forwarded_given: frozenset[bytes] | set[bytes] = frozenset()
+    forwarded_given: frozenset[bytes] | set[bytes]  # set in __init__ (mypyc: not a constant)
     http10 = False
     keep_alive = True
     # The response may take the raw path (gateway/upstream.py): not HEAD, not HTTP/1.0, not an
@@ -176,8 +184,14 @@ class Exchange:
     # (never appended to).
     buffer: list[bytes] = _NO_BODY
 
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
+    client: ClientConnection
+
+    def __init__(self, client: ClientConnection | None) -> None:
+        if client is not None:
+            self.client = client
+        self.forwarded_given = _NO_NAMES
+        self.lines = _UNSPLIT
+        self.buffer = _NO_BODY
 
     @property
     def parts(self) -> list[bytes]:
@@ -290,11 +304,13 @@ class Exchange:
 
 # ClientConnection.parsing once the stream is broken after a complete request that is still being
 # answered: nothing more is read (see protocol_error).
-_BROKEN: Exchange = _new_exchange(Exchange)
+_BROKEN: Final = Exchange(None)
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client TCP connection; a uvicorn-style Protocol with no task per request."""
+class ClientConnection:
+    """One client TCP connection; a uvicorn-style Protocol with no task per request (an asyncio
+    protocol by its methods: gateway/upstream.py's UpstreamConnection says why it does not
+    subclass one)."""
 
     __slots__ = (
         "active",
@@ -383,19 +399,19 @@ class ClientConnection(asyncio.Protocol):
             plain = plain_request(data, plane.max_header_size, self.forwarded)
             if plain is not None:
                 method, url, host, head = plain
-                inst = plane.host_entries.get(host)
-                if inst is None:
-                    inst = plane.route(host)  # the first request for this (lowercased) Host
-                if inst is not None and inst is not _NOT_FOUND:
-                    ex = _new_exchange(Exchange)
-                    ex.client = self
+                found = plane.host_entries.get(host)
+                if found is None:
+                    found = plane.route(host)  # the first request for this (lowercased) Host
+                if found is not None and found is not _NOT_FOUND:
+                    inst = cast("Instance", found)  # typed: a direct call when compiled
+                    ex = Exchange(self)
                     ex.method = method
                     ex.url = url
                     ex.host = host
                     ex.raw_head = data
                     ex.forward_head = head
                     ex.request_done = True
-                    ex.instance = inst  # type: ignore[assignment]
+                    ex.instance = inst
                     # Read on every response: set on the instance, not left to the class
                     # defaults, because CPython 3.11 specializes attribute reads only for
                     # instance attributes (a class default costs a generic lookup each time).
@@ -406,9 +422,9 @@ class ClientConnection(asyncio.Protocol):
                     self.deadline = now + plane.upstream_timeout
                     if self.active is None and not self.pending:
                         self.active = ex
-                        conn = inst.checkout(now)  # type: ignore[attr-defined]
+                        conn = inst.checkout(now)
                         if conn is None:
-                            inst.acquire(ex, now)  # type: ignore[attr-defined]
+                            inst.acquire(ex, now)
                             return
                         # Exchange.attach, inlined for its fast-path case: the client is
                         # ours (we are in its data_received), the request has no body.

@@ -27,7 +27,6 @@ import os
 import secrets
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -55,8 +54,6 @@ POOL_WAKE_TIMEOUT = 30.0  # a PUT starts a cold runner (its pools live in its sp
 # (<data_dir>/pool-overrides.json): an operator's PUT survives runner and gateway restarts alike.
 OVERRIDES_FILE = "runner-pool-overrides.json"
 
-_HOOKS: weakref.WeakKeyDictionary[InstanceManager, RunnerHook] = weakref.WeakKeyDictionary()
-
 
 class RunnerUnavailable(Exception):
     """The runner should have answered a pool request but could not (the gateway says 503)."""
@@ -65,7 +62,8 @@ class RunnerUnavailable(Exception):
 def hook_for(manager: InstanceManager) -> RunnerHook | None:
     """The registered (enabled) runner of this manager, if any: how the pool routes find it
     without a reference being threaded through the server's start-up."""
-    return _HOOKS.get(manager)
+    hook: RunnerHook | None = manager.runner_hook
+    return hook
 
 
 def runner_unavailable(manager: InstanceManager) -> str | None:
@@ -117,7 +115,7 @@ class RunnerHook:
             },
         )
         self.instance = self.manager.add_internal(spec)
-        _HOOKS[self.manager] = self
+        self.manager.runner_hook = self
         log.info("code runner at %s.<domain> (and /api/v2/* on the admin listener)", runner.host)
         return True
 

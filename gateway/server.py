@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 
+from gateway import compiled
 from gateway.admin import start_admin_server
 from gateway.auth import load_admin_token
 from gateway.bundles import BundleLimits, BundleStore
@@ -123,7 +124,7 @@ async def _run(config: Config) -> int:
     await manager.start()
     plane.start()
     loop = asyncio.get_running_loop()
-    public = await loop.create_server(plane.protocol, sock=public_sock)
+    public = await loop.create_server(plane.protocol, sock=public_sock)  # type: ignore[arg-type]
     coldstarts = ColdStartApi(manager)  # start timing and warm pools
     routes = [*deploys.routes(), *runtimes.routes(), *runner.routes(), *coldstarts.routes()]
     admin = await start_admin_server(cfg, registry, manager, token, extra_routes=routes)
@@ -133,12 +134,13 @@ async def _run(config: Config) -> int:
     gc.collect()
     gc.freeze()
     log.info(
-        "dorm serving %s on http://%s (admin http://%s, data %s, db %s)",
+        "dorm serving %s on http://%s (admin http://%s, data %s, db %s; %s)",
         ", ".join(cfg.domains),
         cfg.listen,
         cfg.admin_listen,
         cfg.data_dir,
         db_path,
+        compiled.describe(),
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

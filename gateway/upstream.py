@@ -10,12 +10,13 @@ flushed before a response completes so pipelined responses can never be reordere
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.heads import plain_response, reason_ok
+from gateway import heads
+from gateway.heads import reason_ok
 from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
 from gateway.proxy import IDLE
 
@@ -23,8 +24,14 @@ if TYPE_CHECKING:
     from gateway.instances import Instance
     from gateway.proxy import ClientConnection, Exchange
 
+# Called on every response: bound here, Final (a C static when compiled, see gateway/proxy.py).
+monotonic: Final = time.monotonic
+plain_response: Final = heads.plain_response
 # Body framing towards the client.
-NONE, LENGTH, CHUNKED, CLOSE = range(4)
+NONE: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+CLOSE: Final = 3
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 
@@ -33,7 +40,7 @@ class _Unsolicited(Exception):
     the same read (the gateway never pipelines requests to an app, so nobody asked for it)."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     __slots__ = (
         "_1xx",
         "_close_delimited",
@@ -51,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_wbuf",
         "closed",
         "exchange",
+        "first_byte",
         "inst",
         "parser",
         "reading_paused",
@@ -67,6 +75,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.closed = False
+        # The readiness probe's connection, which carries the request that woke the instance:
+        # the instance notes when the first response bytes have been relayed (cold-start timing).
+        self.first_byte = False
         self.tunnel: ClientConnection | None = None
         self.reading_paused = False
         self.write_paused = False
@@ -94,6 +105,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.first_byte:
+            self.first_byte = False
+            self.data_received(data)
+            inst = self.inst
+            if inst.first_byte_pending:
+                inst.first_byte_relayed()
+            return
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return

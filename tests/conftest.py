@@ -30,6 +30,20 @@ ROOT = Path(__file__).resolve().parent.parent
 ECHO_APP = str(ROOT / "tests" / "apps" / "echo.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test a compiled relay older than its source (gateway/compiled.py): the tests
+    would pass or fail for code that is not what the tree says."""
+    from gateway import compiled
+
+    if stale := compiled.stale():
+        pytest.exit(
+            "stale compiled modules: "
+            + "; ".join(stale)
+            + ". Rebuild with `make test` (or `.venv/bin/pip install -e .`).",
+            returncode=2,
+        )
+
+
 # The end of a test app's source (a string a test writes to main.py) that serves its
 # `async def handle(reader, writer)` on the instance's socket, as a command app must.
 SERVE_ON_DORM_SOCKET = """

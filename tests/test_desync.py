@@ -24,12 +24,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from httptools import HttpParserError, HttpRequestParser
 
 from gateway import heads
-from gateway.instances import MAX_UPSTREAM_CONNECTIONS
+from gateway.instances import MAX_UPSTREAM_CONNECTIONS, Instance, InstanceManager
 from gateway.proxy import Exchange, _chunked_last
 from tests.conftest import SERVE_ON_DORM_SOCKET, Gateway, make_gateway
 from tests.test_fastpath import Harness as _Harness
@@ -45,17 +46,26 @@ EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
 # -- in process: responses -----------------------------------------------------------------------
 
 
+class RecordingManager(InstanceManager):
+    """An instance manager that records the new upstream connections asked for (a request that
+    finds no pooled connection asks for one) instead of opening them, and wakes nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connects: list[Any] = []
+
+    def connect(self, inst: Instance, waiter: Any) -> None:
+        self.connects.append(waiter)
+
+    def wake(self, inst: Instance) -> None:
+        pass
+
+
 class Harness(_Harness):
-    """tests/test_fastpath.py's harness, whose instance manager also records the new upstream
-    connections asked for (a request that finds no pooled connection asks for one) and queues."""
+    """tests/test_fastpath.py's harness with a RecordingManager."""
 
     def __init__(self) -> None:
-        super().__init__()
-        manager = self.plane.manager
-        manager.connects = []  # type: ignore[attr-defined]
-        manager.connect = lambda inst, waiter: manager.connects.append(waiter)  # type: ignore[attr-defined]
-        manager._sweepable = set()  # type: ignore[attr-defined]
-        manager.wake = lambda inst: None  # type: ignore[attr-defined]
+        super().__init__(RecordingManager)
 
 
 # Responses (in one read) followed by bytes nobody asked for: each takes the httptools path.

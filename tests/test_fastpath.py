@@ -21,7 +21,7 @@ import pytest
 
 from gateway.appspec import BranchSpec, parse_app_spec
 from gateway.config import GatewayConfig
-from gateway.instances import Instance, State
+from gateway.instances import Instance, InstanceManager, State
 from gateway.proxy import PAUSED_BY_UPSTREAM, ClientConnection, DataPlane
 from gateway.upstream import UpstreamConnection
 
@@ -62,33 +62,35 @@ class Recorder:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
-class _Manager:
-    """What DataPlane and Instance need of the InstanceManager: every host is the one app."""
+class NoRegistry:
+    """The registry as the harness needs it: no runtimes, and no app but the one added."""
 
-    on_change: object = None
+    runtimes: dict[str, object] = {}
 
-    def __init__(self) -> None:
-        self.inst: Instance | None = None
+    def get_app(self, name: str) -> None:
+        return None
 
-    def get(self, app: str, branch: str) -> Instance | None:
-        return self.inst
+    def get_branch(self, app: str, name: str) -> None:
+        return None
 
 
 class Harness:
     """One client connection to a READY instance with one pooled upstream connection."""
 
-    def __init__(self) -> None:
-        manager = _Manager()
+    def __init__(self, manager_class: type[InstanceManager] = InstanceManager) -> None:
+        # A real manager (the classes are native when compiled: no stand-in passes for one);
+        # it starts nothing until start().
+        manager = manager_class(GatewayConfig(), NoRegistry())  # type: ignore[arg-type]
         app = parse_app_spec("bench", {"command": ["true"]})
-        self.inst = Instance(manager, app, BranchSpec(app="bench", name="main"))  # type: ignore[arg-type]
+        self.inst = Instance(manager, app, BranchSpec(app="bench", name="main"))
         self.inst.state = State.READY
-        manager.inst = self.inst
+        manager.instances[("bench", "main")] = self.inst  # what every Host routes to
         self.up = UpstreamConnection(self.inst)
         self.up_t = Recorder()
         self.up.connection_made(self.up_t)  # type: ignore[arg-type]
         self.inst.idle.append(self.up)
         self.inst.connections = 1
-        self.plane = DataPlane(GatewayConfig(), manager)  # type: ignore[arg-type]
+        self.plane = DataPlane(GatewayConfig(), manager)
         self.client: ClientConnection = self.plane.protocol()
         self.client_t = Recorder()
         self.client.connection_made(self.client_t)  # type: ignore[arg-type]
@@ -384,7 +386,7 @@ def test_malformed_heads_are_400_and_never_forwarded(request_bytes: bytes) -> No
 
 def test_unknown_host_is_404_as_before() -> None:
     h = Harness()
-    h.plane.manager.inst = None  # type: ignore[attr-defined]  # the manager knows no app now
+    h.plane.manager.instances.clear()  # the manager knows no app now
     h.send(b"GET / HTTP/1.1\r\nHost: nope.localhost\r\n\r\n")
     assert h.client_t.take().startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert h.up_t.take() == b""
