@@ -416,25 +416,40 @@ def test_execute_still_works_and_nothing_left(gw: Gateway, tmp_path: Path) -> No
     assert sandbox_cgroups(gw) == []
 
 
-def test_api_keys_and_per_client_concurrency(tmp_path: Path) -> None:
-    """The upgrade needs an API key like /execute; a session counts as one of the client's
-    executions from its init."""
-    gw = make_keyed(tmp_path, f'[runner]\napi_keys = ["{KEY}"]\nmax_per_client = 1\n')
+def test_api_keys_slots_and_per_client_concurrency(tmp_path: Path) -> None:
+    """The upgrade needs an API key like /execute; a session holds one of the client's
+    executions from its init, and an execution slot while it runs; a client that leaves while
+    queued for a slot gives its place up."""
+    config = f'[runner]\napi_keys = ["{KEY}"]\nmax_per_client = 2\nmax_concurrency = 1\n'
+    gw = make_keyed(tmp_path, config)
+    auth = {"Authorization": f"Bearer {KEY}"}
     try:
         with pytest.raises(InvalidStatus) as refused:
             Client(gw)
         assert refused.value.response.status_code == 401
-        first = Client(gw, headers={"Authorization": f"Bearer {KEY}"})
+        first = Client(gw, headers=auth)
         first.init("python", SLEEPER)
         first.expect({"type": "runtime"}, {"type": "stage"}, {"type": "data"}, timeout=60)
-        second = Client(gw, headers={"Authorization": KEY})
-        second.init("python", "print(1)")
-        code, reason, got = second.closed()
+        queued = Client(gw, headers={"Authorization": KEY})  # waits for the only slot
+        queued.init("python", "print(1)")
+        time.sleep(0.3)
+        third = Client(gw, headers=auth)
+        third.init("python", "print(1)")
+        code, reason, got = third.closed()
         assert (code, reason) == (4002, "Notified Error")
         assert got == [
-            {"type": "error", "message": "too many concurrent executions from this client (max 1)"}
+            {"type": "error", "message": "too many concurrent executions from this client (max 2)"}
         ]
+        queued.close()  # gone while queued
         first.close()
         wait_no_runner_processes()
+        # The slot and the client's count are free again: a session runs at once.
+        again = Client(gw, headers=auth)
+        again.init("python", "print('again')")
+        again.expect(
+            {"type": "runtime"}, {"type": "stage"}, {"type": "data", "data": "again\n"}, timeout=10
+        )
+        code, _, got = again.closed()
+        assert code == 4999 and got[-1]["code"] == 0
     finally:
         stop_gateway(gw)

@@ -139,6 +139,7 @@ class Session(Live):
         self.max_message = service.settings.max_body
         self.initialized = False
         self.job_task: asyncio.Task[None] | None = None
+        self.running = False  # the execution has its slot
         self.close_deadline: float | None = None
         self.wakeup: asyncio.Future[None] | None = None
         self.gone = False
@@ -194,8 +195,13 @@ class Session(Live):
         task = self.job_task
         if task is None or task.done():
             return
+        if not self.running:  # still waiting for a slot: stop waiting
+            task.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(task), JOB_GRACE)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
         except Exception:  # logged by the task itself
             log.warning("an interactive execution did not end %.0f s after its kill", JOB_GRACE)
 
@@ -335,6 +341,7 @@ class Session(Live):
             except TimeoutError:
                 self.error(f"the runner is busy: no execution slot within {SLOT_TIMEOUT:.0f} s")
                 return
+            self.running = True
             try:
                 if self.killed:
                     return
