@@ -411,9 +411,27 @@ def test_c_compile_stage(gw: Gateway) -> None:
     wait_no_runner_processes()
 
 
+def test_stdin_to_a_program_that_closed_it(gw: Gateway) -> None:
+    c = Client(gw)
+    c.init(
+        "python",
+        "import os, time\nos.close(0)\nprint('closed', flush=True)\n"
+        "time.sleep(0.5)\nprint('end')\n",
+    )
+    c.expect({"type": "runtime"}, {"type": "stage"}, {"type": "data", "data": "closed\n"})
+    for _ in range(3):
+        c.send(type="data", stream="stdin", data="nobody reads this\n")
+    code, _, messages = c.closed()
+    assert code == 4999
+    assert [m["type"] for m in messages] == ["data", "exit"] and messages[-1]["code"] == 0
+
+
 def test_execute_still_works_and_nothing_left(gw: Gateway, tmp_path: Path) -> None:
     assert_healthy(gw)
     assert sandbox_cgroups(gw) == []
+    # Bad input never became a traceback or an error in the runner's log.
+    log = (gw.data_dir / "logs" / "run" / "main" / "instance.log").read_text()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 
 def test_api_keys_slots_and_per_client_concurrency(tmp_path: Path) -> None:
