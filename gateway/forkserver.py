@@ -404,9 +404,12 @@ class ForkServer:
         }
         if member is not None:
             timing["uid"] = member.uid
+        said: dict[str, Any] = {"ev": "spawned", "id": instance_id, "pid": pid, **timing}
+        if req.get("netns") and self._send_netns(instance_id, pid):
+            said["netns"] = True
         # Told before the bookkeeping below: the gateway's readiness probe (and a claimed
         # member's import) run meanwhile. Nothing after this point can fail the start.
-        self.send({"ev": "spawned", "id": instance_id, "pid": pid, **timing})
+        self.send(said)
         log = _open_log(req)
         fcntl.fcntl(log_r, fcntl.F_SETFL, os.O_NONBLOCK)
         child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
@@ -420,6 +423,28 @@ class ForkServer:
         what = req.get("call") or " ".join(req["argv"])
         log.write(f"[dorm] started pid {pid} ({how}, {path}): {what[:500]}\n".encode())
         return child
+
+    def _send_netns(self, instance_id: str, pid: int) -> bool:
+        """Pass the instance's network namespace to the gateway, over the environment channel
+        and before "spawned" (which says it was sent), for an app it reaches on TCP inside it.
+        Opened here, by pid, without a race: this process is the instance's parent and reaps it
+        only in its own loop, so the pid is the instance's until then. False if it could not be
+        sent (the gateway then kills the instance: it would be unreachable)."""
+        if self.env_channel is None:
+            return False
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            _say(f"cannot open the network namespace of {instance_id}: {exc}")
+            return False
+        try:
+            socket.send_fds(self.env_channel, [instance_id.encode()], [fd])
+        except OSError as exc:
+            _say(f"cannot pass the network namespace of {instance_id}: {exc}")
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def _spawn_sandboxed(
         self, req: dict[str, Any], run_dir: Path, log_w: int
@@ -486,11 +511,14 @@ class ForkServer:
                 ids = (member.uid, member.uid)
                 self._fill_name_files(member.names, spec.hostname)  # before it can read them
                 self.sandboxes.attach(member.pid, binds, spec.hostname.encode(), ids)
+                # "watched": the gateway sees the member go live by itself (inotify), so the
+                # member's own word can wait until its first response is out.
+                told: dict[str, Any] = {"argv": req["argv"], "watched": bool(req.get("watched"))}
                 if req["env_fd"] >= 0:  # the member reads it: see `_receive_env`
-                    claim = orjson.dumps({"argv": req["argv"]})
+                    claim = orjson.dumps(told)
                     socket.send_fds(member.channel, [claim], [log_w, req["env_fd"]])
                 else:
-                    claim = orjson.dumps({"env": req["env"], "argv": req["argv"]})
+                    claim = orjson.dumps({**told, "env": req["env"]})
                     socket.send_fds(member.channel, [claim], [log_w])
                 member.channel.setblocking(False)
                 # The gateway connects to <run_dir>/http.sock, the member's socket dir, once it

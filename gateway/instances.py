@@ -880,6 +880,7 @@ class InstanceManager:
             cwd=code_dir,
             sandbox=sandbox,
             pool=app.runtime if sandbox is not None and self._poolable(app, call) else None,
+            netns=sandbox is not None and app.port is not None,
         )
         attempt_at = time.monotonic()
         self.running[instance_id] = inst
@@ -894,7 +895,8 @@ class InstanceManager:
                 inst.uid, inst.uid_from_pool = spawned.uid, True
             if sandboxed and app.port is not None:
                 # Held while it runs: connections to the app are made inside this namespace.
-                inst.netns_fd = os.open(f"/proc/{inst.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                # Passed by the fork server (never opened here by pid: it may be reused).
+                inst.netns_fd = spawned.netns_fd
         except LaunchError as exc:
             self.running.pop(instance_id, None)
             inst.id = None

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -123,6 +124,9 @@ class LaunchSpec:
     call: str | None = None  # zygote mode: "module:qualname" called in the forked child
     sandbox: dict[str, Any] | None = field(default=None)
     pool: str | None = None  # the runtime whose warm-pool bounds apply (sandboxed only)
+    # Sandboxed only: pass back the instance's network namespace (`Spawned.netns_fd`), for an
+    # app the gateway reaches on TCP inside it.
+    netns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,84 @@ class Spawned:
     claim_ms: float  # taking the idle child, or forking one
     confine_ms: float  # confinement until the tenant code was about to run
     uid: int | None = None  # a claimed pool member runs as its own uid (from the pool's range)
+    # With `LaunchSpec.netns`: the instance's network namespace, an fd the caller now owns. The
+    # fork server opens it (it is the instance's parent and reaps it only in its own loop, so
+    # the pid cannot name another process yet) and passes it over the environment channel
+    # just before "spawned"; by pid from here, the pid could have been reused by then.
+    netns_fd: int = -1
+
+
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x80
+IN_ONLYDIR = 0x1000000
+IN_Q_OVERFLOW = 0x4000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+class LiveWatch:
+    """Learns that a claimed pool member is live from the kernel, not from the fork server.
+
+    A member goes live by renaming its socket to ``http.sock`` (runtimes/python.py) and then
+    says so on its claim channel, which the fork server forwards: two more processes to wake
+    on the way to the gateway, each a cross-CPU wake-up (0.1-0.5 ms here), and the fork server
+    is busy with the claim's bookkeeping just then. An inotify watch on the instance's run dir
+    (a symlink the fork server made to the member's socket dir, followed here) wakes the
+    gateway's own loop at the rename. The forwarded word stays: it carries the member's import
+    time, and it still says "live" if inotify is unavailable or its queue overflowed. An event
+    only makes the readiness probe try now; readiness is still the socket accepting (pinned,
+    `app_socket`), so a tenant that makes names in its dir gains nothing but early tries."""
+
+    def __init__(self, on_live: Callable[[str], None]) -> None:
+        import ctypes  # here, not at module import: the CLI imports this module too
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._ctypes = ctypes
+        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.fd = fd
+        self._on_live = on_live
+        self._by_wd: dict[int, str] = {}
+        self._by_id: dict[str, int] = {}
+        asyncio.get_running_loop().add_reader(fd, self._read)
+
+    def watch(self, instance_id: str, run_dir: str) -> None:
+        """Watch `run_dir` for `http.sock` appearing; on failure, the fork server's word does."""
+        mask = IN_MOVED_TO | IN_CREATE | IN_ONLYDIR
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(run_dir), mask)
+        if wd >= 0:
+            self._by_wd[wd] = instance_id
+            self._by_id[instance_id] = wd
+
+    def forget(self, instance_id: str) -> None:
+        wd = self._by_id.pop(instance_id, None)
+        if wd is not None:
+            self._by_wd.pop(wd, None)
+            self._libc.inotify_rm_watch(self.fd, wd)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            return
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
+            offset += _EVENT.size + size
+            if mask & IN_Q_OVERFLOW or name != b"http.sock":
+                continue
+            instance_id = self._by_wd.get(wd)
+            if instance_id is not None:
+                self.forget(instance_id)
+                self._on_live(instance_id)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
+        self._by_wd.clear()
+        self._by_id.clear()
 
 
 class LaunchError(RuntimeError):
@@ -177,6 +259,7 @@ class Launcher:
         self._send_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Spawned]] = {}
+        self._want_netns: set[str] = set()  # pending spawns whose netns fd must come back
         self._running: set[str] = set()
         # Each spawn's run dir, until the fork server has removed it: if it dies first, the
         # gateway does (a sandbox's run dir is a tmpfs mounted on the host).
@@ -192,12 +275,18 @@ class Launcher:
         self._retry_at: float | None = None
         self._start_error: str | None = None
         self._watchers: list[asyncio.Future[None]] = []  # wait_running calls, woken on news
+        self._live_watch: LiveWatch | None = None  # claimed members' sockets (see LiveWatch)
 
     async def start(self) -> None:
         """Start the fork server. Raises OSError if it cannot be started (its interpreter cannot
         be executed, no more processes or descriptors): at boot that stops the gateway; after a
         death, `_read_loop` keeps trying."""
         self._started_at = asyncio.get_running_loop().time()
+        if self._cgroup_parent is not None and self._live_watch is None:
+            try:
+                self._live_watch = LiveWatch(lambda instance_id: self._on_live(instance_id, None))
+            except OSError as exc:  # the fork server's "live" word still comes
+                log.warning("no inotify for pool members' sockets: %s", exc)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Tenants' environments go over their own channel, as memfds (see `spawn`).
         env_ours, env_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -273,6 +362,8 @@ class Launcher:
             **{k: getattr(spec, k) for k in LaunchSpec.__slots__ if k != "env"},
             "env_memfd": True,
             "path": spec.env.get("PATH"),
+            # A claimed member's socket is watched here (LiveWatch): its "live" word may wait.
+            "watched": self._live_watch is not None,
         }
         # Encoded first: once its environment is sent, nothing may stop the frame from following
         # (an environment without its frame would put every later spawn out of step).
@@ -283,6 +374,8 @@ class Launcher:
                 raise LaunchError("the fork server died", lost=True)
             future: asyncio.Future[Spawned] = loop.create_future()
             self._pending[spec.id] = future
+            if spec.netns:
+                self._want_netns.add(spec.id)
             self._run_dirs[spec.id] = spec.run_dir
             self._writer.write(frame)
         if spec.sandbox is not None and spec.pool is not None:
@@ -294,6 +387,7 @@ class Launcher:
             raise LaunchError("the fork server did not answer in time", unanswered=True) from None
         finally:
             self._pending.pop(spec.id, None)
+            self._want_netns.discard(spec.id)
 
     async def _send_env(self, instance_id: str, env: dict[str, str], deadline: float) -> None:
         """Send the spawn's environment as a memfd. When the channel is full (a few hundred
@@ -478,7 +572,11 @@ class Launcher:
                 query.set_result(message)
         elif ev == "spawned":
             self._running.add(instance_id)
+            # Taken off the channel whatever happens next: the next one's must not meet it.
+            netns_fd = self._take_netns(instance_id) if message.get("netns") else -1
             future = self._pending.get(instance_id)
+            if netns_fd >= 0 and (future is None or future.done()):
+                os.close(netns_fd)
             if future is None or future.done():
                 # Started after `spawn` stopped waiting (SPAWN_TIMEOUT): its start has already
                 # failed, nobody will route to it or stop it, and the uid it runs as may be
@@ -487,7 +585,25 @@ class Launcher:
                     "instance %s started after its start was given up: killing it", instance_id
                 )
                 self.signal(instance_id, signal.SIGKILL)
+            elif instance_id in self._want_netns and netns_fd < 0:
+                # Unreachable without it (a socket made outside it would reach the host's own
+                # 127.0.0.1): it must not run, and its uid is not free until it is reported gone.
+                log.error(
+                    "instance %s started without its network namespace: killing it", instance_id
+                )
+                self._abandoned.add(instance_id)
+                self.signal(instance_id, signal.SIGKILL)
+                future.set_exception(
+                    LaunchError(
+                        "the fork server did not pass the instance's network namespace",
+                        unanswered=True,
+                    )
+                )
             else:
+                if message.get("path") == "pool" and self._live_watch is not None:
+                    run_dir = self._run_dirs.get(instance_id)
+                    if run_dir is not None:  # before the start task's first probe runs
+                        self._live_watch.watch(instance_id, run_dir)
                 future.set_result(
                     Spawned(
                         int(message["pid"]),
@@ -495,9 +611,12 @@ class Launcher:
                         float(message.get("claim_ms", 0.0)),
                         float(message.get("confine_ms", 0.0)),
                         message.get("uid"),
+                        netns_fd,
                     )
                 )
         elif ev == "live":
+            if self._live_watch is not None:
+                self._live_watch.forget(instance_id)
             took = message.get("import_ms")
             self._on_live(instance_id, float(took) if isinstance(took, (int, float)) else None)
         elif ev == "spawn_failed":
@@ -509,10 +628,29 @@ class Launcher:
                 self._on_exit(instance_id, ExitInfo(None, None))
             self._run_dirs.pop(instance_id, None)
         elif ev == "exited":
+            if self._live_watch is not None:
+                self._live_watch.forget(instance_id)
             self._run_dirs.pop(instance_id, None)
             self._running.discard(instance_id)
             self._abandoned.discard(instance_id)
             self._on_exit(instance_id, ExitInfo(message["code"], message["signal"], message["oom"]))
+
+    def _take_netns(self, instance_id: str) -> int:
+        """The network namespace fd the fork server sent for `instance_id` just before its
+        "spawned" frame (so it is already queued: no waiting); -1 if it is not there."""
+        channel = self._env_channel
+        if channel is None:
+            return -1
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(channel, 256, 1)
+        except OSError:
+            return -1
+        if msg == instance_id.encode() and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        log.error("network namespace for %s out of step (got %r)", instance_id, msg[:40])
+        return -1
 
     def _fail_all(self) -> list[str]:
         """Fail whatever waits on the dead fork server; returns the run dirs left to remove."""
@@ -529,6 +667,8 @@ class Launcher:
         running, self._running = self._running, set()
         abandoned, self._abandoned = self._abandoned, set()
         for instance_id in running | abandoned:  # the fork server's sandboxes die with it
+            if self._live_watch is not None:
+                self._live_watch.forget(instance_id)
             self._on_exit(instance_id, ExitInfo(None, None, lost=True))
         # The dead fork server cannot remove their run dirs any more: the gateway does, on a
         # thread (a tenant may have filled one; it is no work for the event loop).
@@ -560,3 +700,6 @@ class Launcher:
         if self._writer is not None:
             self._writer.close()
         await self._reap_proc()
+        if self._live_watch is not None:
+            self._live_watch.close()
+            self._live_watch = None

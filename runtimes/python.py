@@ -45,6 +45,7 @@ INTERFACES = ("asgi", "wsgi")
 MEMBER_SOCKET = ".member.sock"  # a member listens here until its claim is complete
 MAX_CLAIM = 1 << 20  # bytes of one claim message (the tenant's environment)
 LIVE = b"L"  # sent back on the claim channel once the socket has its real name, + import ms
+LIVE_WORD_DELAY = 0.05  # seconds: when a member the gateway watches itself says "live"
 HOST_PACKAGES = frozenset({"gateway", "sandboxes"})  # the fork server's, not the runtime's
 
 
@@ -264,11 +265,11 @@ def replace_environment(env: dict[str, str]) -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
+def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str], bool]:
     """Read the claim from fd 0: the tenant's argv, its log fd, which becomes stdout and stderr,
     and its environment: a memfd read here and closed (an EnvFile: it never passed through the
-    fork server's memory), or in the message. fd 0 then becomes /dev/null, as in any other
-    instance."""
+    fork server's memory), or in the message; and whether the gateway watches the socket dir
+    itself (see `_member`). fd 0 then becomes /dev/null, as in any other instance."""
     message, fds, _flags, _addr = socket.recv_fds(channel, MAX_CLAIM, 2)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -288,7 +289,7 @@ def _take_claim(channel: socket.socket) -> tuple[dict[str, str], list[str]]:
             os.close(fds[1])
     else:
         env = dict(claim["env"])
-    return env, list(claim["argv"])
+    return env, list(claim["argv"]), bool(claim.get("watched"))
 
 
 def read_env(fd: int) -> dict[str, str]:
@@ -330,7 +331,7 @@ async def _member(late: LateApp, socket_dir: str) -> None:
     try:
         began = time.perf_counter()
         channel.setblocking(True)
-        env, argv = _take_claim(channel)
+        env, argv, watched = _take_claim(channel)
         replace_environment(env)
         sys.argv = argv
         os.chdir("/app")
@@ -344,10 +345,23 @@ async def _member(late: LateApp, socket_dir: str) -> None:
         await late.claim(app)
         took = (time.perf_counter() - began) * 1000
         os.rename(os.path.join(socket_dir, MEMBER_SOCKET), env["DORM_SOCKET"])
-        with contextlib.suppress(OSError):  # "live": the gateway may connect now, no polling
-            channel.send(LIVE + f"{took:.3f}".encode())  # and how long the app took to load
-        channel.close()
-        print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
+
+        def say_live() -> None:
+            with contextlib.suppress(OSError):  # "live", and how long the app took to load
+                channel.send(LIVE + f"{took:.3f}".encode())
+            channel.close()
+            print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
+
+        if watched:
+            # The gateway saw the rename itself (inotify: gateway/launcher.py, LiveWatch) and
+            # is connecting: the word, and this log line, would wake the fork server and then
+            # the gateway again just while the first request and its response go through.
+            # Said a little later; it still carries the import time. (Said once the first
+            # response was handed to granian, it was still on that response's way out, and
+            # measured slower than saying it at once.)
+            loop.call_later(LIVE_WORD_DELAY, say_live)
+        else:  # the gateway connects when it hears this word, relayed by the fork server
+            say_live()
     except ClaimError as exc:
         _end_claim(2, f"dorm python runtime: {exc}")
     except SystemExit as exc:  # the app's import (or lifespan) exits, as a script may

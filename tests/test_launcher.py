@@ -280,3 +280,102 @@ def test_a_spawn_whose_frame_cannot_be_encoded_sends_no_environment(tmp_path: Pa
             await launcher.close()
 
     asyncio.run(scenario())
+
+
+def test_the_fork_server_passes_the_instance_network_namespace(tmp_path: Path) -> None:
+    """`LaunchSpec.netns`: the instance's network namespace comes back as an fd with "spawned"
+    (for a TCP app the gateway connects to inside it), opened by the fork server, its parent,
+    not by pid in the gateway (a pid that may name another process by then). A spawn that
+    does not ask gets none, and the environment channel stays in step for the next ones."""
+    script = "import time; time.sleep(60)"
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda _id, _info: None)
+        await launcher.start()
+        try:
+            for n, netns in enumerate((True, False, True)):
+                spec = python_spec(tmp_path, f"ns{n}", script)
+                spawned = await launcher.spawn(dataclasses.replace(spec, netns=netns))
+                try:
+                    if not netns:
+                        assert spawned.netns_fd == -1
+                        continue
+                    assert spawned.netns_fd >= 0
+                    held = os.fstat(spawned.netns_fd)
+                    named = os.stat(f"/proc/{spawned.pid}/ns/net")
+                    assert (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+                finally:
+                    if spawned.netns_fd >= 0:
+                        os.close(spawned.netns_fd)
+                    launcher.signal(spec.id, signal.SIGKILL)
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_spawn_whose_network_namespace_did_not_come_is_killed(tmp_path: Path) -> None:
+    """A TCP app whose namespace the fork server could not pass would be unreachable (and a
+    socket made outside it would reach the host's own 127.0.0.1): the start fails, the
+    instance is killed, and its uid stays reserved until its exit is reported (unanswered)."""
+    spec = python_spec(tmp_path, "nonetns", "import time; time.sleep(60)")
+    exits: list[tuple[str, ExitInfo]] = []
+
+    async def scenario() -> None:
+        launcher = Launcher(lambda instance_id, info: exits.append((instance_id, info)))
+        await launcher.start()
+        try:
+            # The fork server answers with the namespace; the gateway is made to miss it.
+            launcher._take_netns = lambda instance_id: -1  # type: ignore[method-assign]
+            with pytest.raises(LaunchError, match="network namespace") as caught:
+                await launcher.spawn(dataclasses.replace(spec, netns=True))
+            assert caught.value.unanswered
+            deadline = time.monotonic() + 10
+            while not exits and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert [(i, info.signal) for i, info in exits] == [("nonetns", signal.SIGKILL)]
+        finally:
+            await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_live_watch_hears_a_member_socket_get_its_name(tmp_path: Path) -> None:
+    """A claimed member goes live by renaming its socket to http.sock; the gateway hears it from
+    inotify on the run dir (a symlink to the member's socket dir, followed), for that instance
+    only, once, and other names in the dir are not "live"."""
+    from gateway.launcher import LiveWatch
+
+    members = tmp_path / "member"
+    members.mkdir()
+    run_dir = tmp_path / "i1"
+    run_dir.symlink_to(members)
+    heard: list[str] = []
+
+    async def scenario() -> None:
+        watch = LiveWatch(heard.append)
+        try:
+            watch.watch("i1", str(run_dir))
+            (members / "other").write_bytes(b"")
+            (members / ".member.sock").write_bytes(b"")
+            await asyncio.sleep(0.05)
+            assert heard == []
+            os.rename(members / ".member.sock", members / "http.sock")
+            deadline = time.monotonic() + 5
+            while not heard and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert heard == ["i1"]
+            os.rename(members / "http.sock", members / ".member.sock")
+            os.rename(members / ".member.sock", members / "http.sock")
+            await asyncio.sleep(0.05)
+            assert heard == ["i1"]  # forgotten once heard
+            watch.watch("i1", str(run_dir))
+            watch.forget("i1")
+            os.unlink(members / "http.sock")
+            (members / "http.sock").write_bytes(b"")
+            await asyncio.sleep(0.05)
+            assert heard == ["i1"]
+        finally:
+            watch.close()
+
+    asyncio.run(scenario())
