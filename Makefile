@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # The compiled sources too: an editable install builds them in place (setup.py), and a build
 # older than its source would shadow it.
 $(STAMP): pyproject.toml setup.py gateway/_heads.c gateway/proxy.py gateway/upstream.py \
-	gateway/instances.py
+	gateway/instance.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

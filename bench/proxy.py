@@ -789,7 +789,8 @@ def _dorm_loop() -> Callable[[int], None]:
     """
     from gateway.appspec import BranchSpec, parse_app_spec
     from gateway.config import GatewayConfig
-    from gateway.instances import Instance, InstanceManager, State
+    from gateway.instance import Instance, State
+    from gateway.instances import InstanceManager
     from gateway.proxy import DataPlane
     from gateway.upstream import UpstreamConnection
 
@@ -868,12 +869,12 @@ CALLGRIND_HISTORY = (
     "after) brought it to 16.4k (17.2k before __slots__ on Instance); the clock read twice a "
     "request instead of four times (02966de) and the pooled connection checked out without the "
     "acquire -> attach call (b3eb6d6) to 15.0k, and compiling the relay and the instance "
-    "bookkeeping with mypyc (f354074 and d51b64d: native classes, no bytecode per request; "
-    "setup.py) to the count above (16.3k when the same code runs interpreted, "
-    "DORM_INTERPRETED=1). Counted over the whole gateway process under wrk instead (`python -m "
-    "bench.proxy_profile --live`: uvloop, libuv and the transports too, user space only), the "
-    "last two of those steps took it from 21.05k to 19.58k instructions per request and the "
-    "mypyc build from 19.7k to 10.4k."
+    "bookkeeping with mypyc (f354074, d51b64d, then gateway/instance.py: native classes, no "
+    "bytecode per request; setup.py) to the count above (16.3k when the same code runs "
+    "interpreted, DORM_INTERPRETED=1). Counted over the whole gateway process under wrk "
+    "instead (`python -m bench.proxy_profile --live`: uvloop, libuv and the transports too, "
+    "user space only), the last two of those steps took it from 21.05k to 19.58k instructions "
+    "per request and the mypyc build from 19.7k to 10.4k."
 )
 
 

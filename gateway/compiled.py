@@ -21,7 +21,7 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec, PathFinder, Sour
 from pathlib import Path
 from types import ModuleType
 
-MODULES = ("gateway.proxy", "gateway.upstream", "gateway.instances")
+MODULES = ("gateway.proxy", "gateway.upstream", "gateway.instance")
 INTERPRETED_ENV = "DORM_INTERPRETED"
 
 
@@ -61,8 +61,15 @@ def is_compiled(name: str) -> bool:
 
 
 def stale() -> list[str]:
-    """Compiled modules whose .py beside them is newer than the build."""
+    """Compiled modules whose .py beside them is newer than the build, and builds of modules
+    that are no longer compiled (left by an older checkout, they would shadow the source)."""
     found = []
+    package = Path(__file__).parent
+    expected = {name.rpartition(".")[2] for name in MODULES} | {"_heads"}
+    for built in sorted(package.iterdir()):
+        stem = built.name.split(".", 1)[0].removesuffix("__mypyc")
+        if built.name.endswith(tuple(EXTENSION_SUFFIXES)) and stem not in expected:
+            found.append(f"{built.name} (a build of a module no longer compiled: remove it)")
     for name in MODULES:
         origin = _origin(name)
         if origin is None or not is_compiled(name):

@@ -35,7 +35,8 @@ from gateway.http11 import CONTINUE_100, FORWARDED, HOP_BY_HOP, LAST_CHUNK, erro
 from gateway.routing import HostCache, parse_host
 
 if TYPE_CHECKING:
-    from gateway.instances import Instance, InstanceManager
+    from gateway.instance import Instance
+    from gateway.instances import InstanceManager
     from gateway.upstream import UpstreamConnection
 
 log = logging.getLogger("dorm.proxy")

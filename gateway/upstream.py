@@ -21,7 +21,7 @@ from gateway.http11 import HOP_BY_HOP, LAST_CHUNK
 from gateway.proxy import IDLE
 
 if TYPE_CHECKING:
-    from gateway.instances import Instance
+    from gateway.instance import Instance
     from gateway.proxy import ClientConnection, Exchange
 
 # Called on every response: bound here, Final (a C static when compiled, see gateway/proxy.py).

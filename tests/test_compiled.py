@@ -20,11 +20,11 @@ def test_the_relay_is_compiled_where_mypyc_is_installed() -> None:
         pytest.skip(f"{compiled.INTERPRETED_ENV}=1: this run tests the interpreted relay")
     if importlib.util.find_spec("mypyc") is None:
         pytest.skip("mypyc is not installed here: the relay runs interpreted")
-    import gateway.instances
+    import gateway.instance
     import gateway.proxy
     import gateway.upstream
 
-    for module in (gateway.proxy, gateway.upstream, gateway.instances):
+    for module in (gateway.proxy, gateway.upstream, gateway.instance):
         assert module.__file__ is not None
         assert module.__file__.endswith(tuple(EXTENSION_SUFFIXES)), compiled.describe()
     assert compiled.describe().startswith("relay compiled by mypyc")

@@ -30,7 +30,8 @@ import pytest
 from httptools import HttpParserError, HttpRequestParser
 
 from gateway import heads
-from gateway.instances import MAX_UPSTREAM_CONNECTIONS, Instance, InstanceManager
+from gateway.instance import MAX_UPSTREAM_CONNECTIONS, Instance
+from gateway.instances import InstanceManager
 from gateway.proxy import Exchange, _chunked_last
 from tests.conftest import SERVE_ON_DORM_SOCKET, Gateway, make_gateway
 from tests.test_fastpath import Harness as _Harness

@@ -21,7 +21,8 @@ import pytest
 
 from gateway.appspec import BranchSpec, parse_app_spec
 from gateway.config import GatewayConfig
-from gateway.instances import Instance, InstanceManager, State
+from gateway.instance import Instance, State
+from gateway.instances import InstanceManager
 from gateway.proxy import PAUSED_BY_UPSTREAM, ClientConnection, DataPlane
 from gateway.upstream import UpstreamConnection
 
