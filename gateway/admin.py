@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import re
+import socket
 import sqlite3
 import time
 import weakref
@@ -48,6 +49,10 @@ MAX_REQUESTS_PER_CONNECTION = 1000
 _WRITE_PIECE = 64 * 1024
 # A connection the server closes while the client may still be sending is drained this long.
 _LINGER = 1.0
+# TCP keep-alive probes (idle seconds, interval, count): a peer that vanished without a FIN
+# (a dropped link) is noticed within about two minutes even while nothing is sent to it, e.g.
+# a `follow=1` stream of a quiet log, which would otherwise hold its slot forever.
+_TCP_KEEPALIVE = (60, 10, 6)
 # Reads are no bigger than the head cap, so h11 sees an over-long head while it is incomplete
 # (it only enforces max_incomplete_event_size then) and answers 431.
 _READ_SIZE = MAX_HEAD
@@ -703,6 +708,7 @@ class AdminServer:
         """Serve requests on one connection until it closes, times out or errs."""
         slot = _Slot(asyncio.current_task(), time.monotonic())
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        _probe_peer(writer)
         try:
             if not self._admit(slot):
                 slot.linger = True
@@ -730,8 +736,12 @@ class AdminServer:
             if lingering and not slot.evicted:
                 await self._linger(reader, writer)
             writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            try:
+                await asyncio.wait_for(writer.wait_closed(), _LINGER)
+            except Exception:
+                # A close waits for the unsent answer to flush, which never happens for a
+                # client that stopped reading: drop it, or the socket and its buffer stay.
+                writer.transport.abort()
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Half-close and discard what the client is still sending, briefly.
@@ -1142,6 +1152,19 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 writer.write(conn.send(h11.EndOfMessage()))
                 await asyncio.wait_for(writer.drain(), self.cfg.body_timeout)
+
+
+def _probe_peer(writer: asyncio.StreamWriter) -> None:
+    """Turn on TCP keep-alive probes (`_TCP_KEEPALIVE`) for a TCP connection."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = _TCP_KEEPALIVE
+    with contextlib.suppress(OSError, AttributeError):  # the TCP_* names are Linux's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def _client_closes(event: h11.Request) -> bool:

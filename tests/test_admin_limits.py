@@ -8,6 +8,7 @@ stops reading is cut off. Every deadline is set small here, so no test waits lon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -314,6 +315,7 @@ def test_a_follow_whose_reader_stops_reading_is_cut_off(tmp_path: Path) -> None:
             follow = b"GET /v1/apps/demo/logs?follow=1&tail=0 HTTP/1.1\r\nhost: x\r\n"
             sock.sendall(follow + auth(h) + b"\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 200 ")
+            (server_side,) = h.run(_server_sockets(h, sock))
             threading.Thread(target=grow, daemon=True).start()
             start = time.monotonic()
             wait_until(
@@ -322,8 +324,86 @@ def test_a_follow_whose_reader_stops_reading_is_cut_off(tmp_path: Path) -> None:
                 what="the stalled follow to be closed",
             )
             elapsed = time.monotonic() - start
+            # The socket is closed too, not left open to flush what was buffered to a reader
+            # that never reads.
+            wait_until(lambda: server_side.fileno() == -1, timeout=3, what="the socket to close")
         assert elapsed < 6
         assert path.stat().st_size < 64 * 1024**2  # it was still growing when cut off
     finally:
         stop.set()
+        h.stop()
+
+
+def test_connections_probe_a_vanished_peer(paced: UploadHarness) -> None:
+    """A follow of a quiet log sends nothing, so only TCP keep-alive probes can tell that the
+    peer is gone without a FIN (a dropped link): they are on for every admin connection."""
+    with paced.connect() as sock:
+        wait_until(lambda: paced.run(_server_sockets(paced, sock)), what="the connection")
+        (server_side,) = paced.run(_server_sockets(paced, sock))
+        assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        options = [socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT]
+        got = tuple(server_side.getsockopt(socket.IPPROTO_TCP, opt) for opt in options)
+        assert got == gateway.admin._TCP_KEEPALIVE
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0  # ours: untouched
+
+
+async def _server_sockets(h: AdminHarness, client: socket.socket) -> list[Any]:
+    """The server-side socket of `client`'s connection, if it is being served (a list of
+    it, or an empty one)."""
+    out = []
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        if getattr(coro, "__qualname__", "") == "AdminServer.handle_connection":
+            server_side = coro.cr_frame.f_locals["writer"].get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                if server_side.getpeername() == client.getsockname():
+                    out.append(server_side)
+    return out
+
+
+def test_a_reader_slower_than_the_minimum_is_cut_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 10 MiB log tail read at ~20 KB/s, under a 256 KiB/s minimum: closed once it falls
+    below (body_timeout, 5 s, is never reached: the reader never stops). The server-side
+    send buffer is made small, as on a real network, so the kernel does not soak up MiBs."""
+    caplog.set_level(logging.INFO, logger="dorm.admin")
+    h = AdminHarness(
+        tmp_path, body_timeout=5.0, admin_min_upload_rate=256 * 1024, admin_upload_grace=0.5
+    )
+    h.start()
+    try:
+        with h.client() as client:
+            client.call("PUT", "/v1/apps/demo", SPEC)
+        path = h.data_dir / "logs" / "demo" / "main" / "instance.log"
+        path.parent.mkdir(parents=True)
+        path.write_bytes((b"x" * 1023 + b"\n") * 10_000)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", h.port))
+        with sock:
+            wait_until(lambda: h.run(_server_sockets(h, sock)), what="the connection")
+            (server_side,) = h.run(_server_sockets(h, sock))
+            server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.sendall(b"GET /v1/apps/demo/logs?tail=10000 HTTP/1.1\r\nhost: x\r\n" + auth(h))
+            sock.sendall(b"\r\n")
+            start, got = time.monotonic(), 0
+            while time.monotonic() - start < 15:
+                try:
+                    data = sock.recv(1024)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                got += len(data)
+                time.sleep(0.05)
+            elapsed = time.monotonic() - start
+        # Cut off within ~1 s of the grace period, plus 1 s for the close to flush (it
+        # cannot: what was buffered is dropped).
+        assert elapsed < 4, (elapsed, got)
+        assert got < 1024**2
+        assert any("too slow" in r.getMessage() for r in caplog.records)
+        wait_until(lambda: h.run(_connection_count(h)) == 0, what="the connection to end")
+    finally:
         h.stop()
