@@ -179,6 +179,9 @@ class ForkServer:
         self.last_maintain = 0.0
         self.last_spawn = 0.0
         self.builds: list[Build] = []  # serving members on their way (see `advance_build`)
+        # Claimed members whose "live" word is read when convenient, not on its wake-up: the
+        # gateway watches their sockets itself (see `member_live`).
+        self.unheard: list[Child] = []
         self.build_failed_at = -BUILD_BACKOFF
         self.control.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -415,7 +418,10 @@ class ForkServer:
         child = Child(instance_id, pid, pidfd, run_dir, log, log_r, sandbox, timing=timing)
         child.member = member
         if member is not None:  # it says when it is live (see `member_live`)
-            self.selector.register(member.channel, selectors.EVENT_READ, ("live", child))
+            if req.get("watched"):
+                self.unheard.append(child)
+            else:
+                self.selector.register(member.channel, selectors.EVENT_READ, ("live", child))
         self.children[instance_id] = child
         self.selector.register(log_r, selectors.EVENT_READ, child)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", child))
@@ -690,22 +696,34 @@ class ForkServer:
         remove_tree(build.socket_dir)
         self._free_member_uid(build.uid)
 
-    def member_live(self, child: Child) -> None:
+    def member_live(self, child: Child, *, watched: bool = False, final: bool = False) -> bool:
         """A claimed member's channel spoke (its socket is live) or closed (it failed, or died):
-        either way the channel is done; "live" is forwarded so the gateway connects at once."""
+        either way the channel is done; "live" is forwarded so the gateway connects at once.
+
+        `watched`: the gateway sees the member go live by itself (inotify, gateway/launcher.py
+        LiveWatch), so the channel is not in the selector: the member's word would wake this
+        process, and it the gateway, just while the first request and response go through.
+        It is read by `maintain` (every MAINTAIN_EVERY) or at the exit (`final`); it still
+        carries the import time. Returns whether the channel is done."""
         assert child.member is not None
         channel = child.member.channel
         try:
             said = channel.recv(64)
+        except BlockingIOError:
+            if not final:
+                return False
+            said = b""
         except OSError:
             said = b""
-        self.selector.unregister(channel)
+        if not watched:
+            self.selector.unregister(channel)
         channel.close()
         if said[:1] == b"L":  # "L<ms>": live, after loading the app for <ms>
             live: dict[str, Any] = {"ev": "live", "id": child.id}
             with contextlib.suppress(ValueError):
                 live["import_ms"] = round(float(said[1:]), 3)
             self.send(live)
+        return True
 
     def member_died(self, member: Member) -> None:
         """An idle serving member exited (OOM killer, operator): drop it; refill replaces it."""
@@ -982,6 +1000,7 @@ class ForkServer:
         for build in [b for b in self.builds if now - b.started > BUILD_TIMEOUT]:
             print("dorm fork server: member build timed out", file=sys.stderr, flush=True)
             self._abandon_build(build)
+        self.unheard = [c for c in self.unheard if not self.member_live(c, watched=True)]
         pool = importlib.import_module("sandboxes.prefork").POOL
         if pool.reap_dead():
             self.refill_pending = True
@@ -1135,6 +1154,9 @@ class ForkServer:
             how += " (out of memory: the kernel killed it at its memory limit)"
         child.log.write(f"[dorm] pid {child.pid} {how}\n".encode())
         child.log.close()
+        if child in self.unheard:  # its word (if it said it) before its exit
+            self.unheard.remove(child)
+            self.member_live(child, watched=True, final=True)
         del self.children[child.id]
         self.send(info)  # before the teardown: unmounting its tree waits for an RCU grace period
         if child.sandbox is not None:

@@ -45,7 +45,7 @@ INTERFACES = ("asgi", "wsgi")
 MEMBER_SOCKET = ".member.sock"  # a member listens here until its claim is complete
 MAX_CLAIM = 1 << 20  # bytes of one claim message (the tenant's environment)
 LIVE = b"L"  # sent back on the claim channel once the socket has its real name, + import ms
-LIVE_WORD_DELAY = 0.05  # seconds: when a member the gateway watches itself says "live"
+LIVE_WORD_DELAY = 0.05  # seconds the "claimed" log line of a member the gateway watches waits
 HOST_PACKAGES = frozenset({"gateway", "sandboxes"})  # the fork server's, not the runtime's
 
 
@@ -345,23 +345,18 @@ async def _member(late: LateApp, socket_dir: str) -> None:
         await late.claim(app)
         took = (time.perf_counter() - began) * 1000
         os.rename(os.path.join(socket_dir, MEMBER_SOCKET), env["DORM_SOCKET"])
-
-        def say_live() -> None:
-            with contextlib.suppress(OSError):  # "live", and how long the app took to load
-                channel.send(LIVE + f"{took:.3f}".encode())
-            channel.close()
-            print(f"dorm python runtime: claimed; app loaded in {took:.1f} ms", file=sys.stderr)
-
+        with contextlib.suppress(OSError):  # "live", and how long the app took to load
+            channel.send(LIVE + f"{took:.3f}".encode())
+        channel.close()  # nothing of the fork server's is left to the tenant
+        line = f"dorm python runtime: claimed; app loaded in {took:.1f} ms"
         if watched:
-            # The gateway saw the rename itself (inotify: gateway/launcher.py, LiveWatch) and
-            # is connecting: the word, and this log line, would wake the fork server and then
-            # the gateway again just while the first request and its response go through.
-            # Said a little later; it still carries the import time. (Said once the first
-            # response was handed to granian, it was still on that response's way out, and
-            # measured slower than saying it at once.)
-            loop.call_later(LIVE_WORD_DELAY, say_live)
-        else:  # the gateway connects when it hears this word, relayed by the fork server
-            say_live()
+            # The gateway saw the rename itself (inotify: gateway/launcher.py, LiveWatch), and
+            # the fork server reads the word above when convenient, not woken by it: this log
+            # line, which would wake it (it pumps the log), waits as well, off the way of the
+            # first request and its response.
+            loop.call_later(LIVE_WORD_DELAY, lambda: print(line, file=sys.stderr))
+        else:  # the gateway connects when it hears the word, relayed by the fork server
+            print(line, file=sys.stderr)
     except ClaimError as exc:
         _end_claim(2, f"dorm python runtime: {exc}")
     except SystemExit as exc:  # the app's import (or lifespan) exits, as a script may
