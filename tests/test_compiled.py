@@ -73,3 +73,20 @@ def test_interpreted_relay_passes_the_data_plane_tests(tmp_path: object) -> None
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_compiled_modules_hold_no_coroutines() -> None:
+    """Only synchronous code is compiled (docs/architecture.md, "The compiled relay"): compiled
+    code trusts mypy's narrowing of an attribute across an `await`, where another task may have
+    changed it, and raises TypeError where the interpreter would go on."""
+    import ast
+
+    for name in compiled.MODULES:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text(), str(path))
+        found = [
+            f"{path.name}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncFor | ast.AsyncWith)
+        ]
+        assert found == [], f"coroutine code in a compiled module: {found}"
