@@ -217,6 +217,9 @@ def test_anonymous_connections_give_their_slots_to_newcomers(tmp_path: Path) -> 
     until one goes."""
     h = harness(tmp_path, header_timeout=30.0, keepalive_timeout=30.0, admin_max_connections=4)
     try:
+        # The setup's own (authenticated) connection must be gone first: still counted when the
+        # fourth anonymous one arrives, it would make that one evict the first.
+        wait_until(lambda: h.run(_connection_count(h)) == 0, what="the setup's connection to end")
         anonymous = [h.connect(timeout=5) for _ in range(4)]
         wait_until(lambda: h.run(_admin_slots(h)) == 4, what="the 4 connections to be admitted")
         with h.client() as client:
