@@ -22,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 
 MODULES = ("gateway.proxy", "gateway.upstream", "gateway.instance")
+_COMPILED_STEMS = frozenset(name.rpartition(".")[2] for name in MODULES)
+PACKAGE = Path(__file__).parent
 INTERPRETED_ENV = "DORM_INTERPRETED"
 
 
@@ -60,23 +62,19 @@ def is_compiled(name: str) -> bool:
     return origin is not None and any(origin.name.endswith(s) for s in EXTENSION_SUFFIXES)
 
 
-def stale() -> list[str]:
-    """Compiled modules whose .py beside them is newer than the build, and builds of modules
-    that are no longer compiled (left by an older checkout, they would shadow the source)."""
+def stale(package: Path = PACKAGE) -> list[str]:
+    """Builds in `package` (gateway/) that are older than their module's .py, or that build a
+    module no longer compiled (left by an older checkout): either would shadow the source."""
     found = []
-    package = Path(__file__).parent
-    expected = {name.rpartition(".")[2] for name in MODULES} | {"_heads"}
     for built in sorted(package.iterdir()):
-        stem = built.name.split(".", 1)[0].removesuffix("__mypyc")
-        if built.name.endswith(tuple(EXTENSION_SUFFIXES)) and stem not in expected:
-            found.append(f"{built.name} (a build of a module no longer compiled: remove it)")
-    for name in MODULES:
-        origin = _origin(name)
-        if origin is None or not is_compiled(name):
+        if not built.name.endswith(tuple(EXTENSION_SUFFIXES)):
             continue
-        source = origin.with_name(name.rpartition(".")[2] + ".py")
-        if source.exists() and source.stat().st_mtime > origin.stat().st_mtime:
-            found.append(f"{name} ({origin.name} is older than {source.name})")
+        stem = built.name.split(".", 1)[0].removesuffix("__mypyc")
+        source = package / f"{stem}.py"
+        if stem not in _COMPILED_STEMS and stem != "_heads":
+            found.append(f"{built.name} (a build of a module no longer compiled: remove it)")
+        elif source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            found.append(f"{built.name} is older than {source.name}")
     return found
 
 

@@ -7,7 +7,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,27 @@ def test_compiled_modules_hold_no_coroutines() -> None:
             if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncFor | ast.AsyncWith)
         ]
         assert found == [], f"coroutine code in a compiled module: {found}"
+
+
+def test_stale_and_orphan_builds_are_reported(tmp_path: Path) -> None:
+    """What tests/conftest.py refuses to run against: a build older than its source, and the
+    build of a module no longer compiled; fresh builds and the C head check are fine."""
+    suffix = EXTENSION_SUFFIXES[0]
+    for name, age in [
+        ("proxy.py", 0),
+        (f"proxy{suffix}", 60),  # built a minute before the source changed
+        (f"proxy__mypyc{suffix}", 60),
+        ("upstream.py", 60),
+        (f"upstream{suffix}", 0),
+        (f"instances{suffix}", 0),  # compiled by an older version
+        (f"_heads{suffix}", 0),
+        ("notes.txt", 0),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert compiled.stale(tmp_path) == [
+        f"instances{suffix} (a build of a module no longer compiled: remove it)",
+        f"proxy{suffix} is older than proxy.py",
+        f"proxy__mypyc{suffix} is older than proxy.py",
+    ]
