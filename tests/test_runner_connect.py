@@ -471,3 +471,38 @@ def test_api_keys_slots_and_per_client_concurrency(tmp_path: Path) -> None:
         assert code == 4999 and got[-1]["code"] == 0
     finally:
         stop_gateway(gw)
+
+
+def test_stdin_beyond_its_bound_is_an_error(gw: Gateway) -> None:
+    """A program that never reads stdin: past MAX_PENDING_STDIN (1 MiB) of it waiting, the
+    session answers an error naming the bound and closes (4002); the program is killed."""
+    c = Client(gw)
+    c.init("python", SLEEPER)
+    c.expect({"type": "runtime"}, {"type": "stage"}, {"type": "data", "data": "started\n"})
+    chunk = "y" * (300 << 10)
+    for _ in range(6):  # 1.8 MiB: more than the bound plus what the pipe itself holds
+        c.send(type="data", stream="stdin", data=chunk)
+    code, _, messages = c.closed()
+    assert code == 4002
+    errors = [m["message"] for m in messages if m["type"] == "error"]
+    assert errors and "bytes of stdin are waiting for the program to read" in errors[0], messages
+    wait_no_runner_processes()
+
+
+def test_a_client_that_does_not_read_is_dropped(tmp_path: Path) -> None:
+    """With an output cap above MAX_OUTBOX (4 MiB), a client that stops reading is dropped once
+    that much waits for it, and its program is killed, rather than the runner buffering the
+    whole output for it."""
+    gw = start_runner_gateway(tmp_path, CONFIG + 'output_max_size = "32MiB"\n')
+    try:
+        c = Client(gw)
+        c.init("python", "import sys\nsys.stdout.write('z' * (32 << 20))\nsys.stdout.flush()\n")
+        log = gw.data_dir / "logs" / "run" / "main" / "instance.log"
+        deadline = time.monotonic() + 20
+        while "does not read its output" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "dropping an interactive client that does not read its output" in log.read_text()
+        wait_no_runner_processes()
+        c.ws.close_socket()
+    finally:
+        stop_gateway(gw)
